@@ -1,0 +1,463 @@
+"""FlorCallback: records a Lightning run (every logged value, checkpoints, code version)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import lightning
+import torch
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from flor_lightning import _lightning, rng, store
+from flor_lightning.checkpoints import CheckpointInfo, CheckpointStore, snapshot
+from flor_lightning.errors import ConfigError, FlorError, GitError
+from flor_lightning.locate import Location, checkpoint_root, ignore_flor_folder, locate
+from flor_lightning.shadow import DEFAULT_MAX_FILE_BYTES
+from flor_lightning.shadow import snapshot as shadow_snapshot
+
+if TYPE_CHECKING:
+    import sqlite3
+
+    import lightning.pytorch as pl
+
+log = logging.getLogger(__name__)
+_warned_no_git = False
+
+STAGES = {"train": "train", "validate": "validate", "sanity_check": None, "test": "test", "predict": None}
+
+
+def new_run_id(now: float) -> str:
+    """A sortable, unique run id such as ``20261128-120501-3f9a1c``."""
+    return f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class _Session:
+    """What one fit/validate/test call records into."""
+
+    run_id: str
+    replay_id: str | None
+    conn: sqlite3.Connection
+    writer: store.LogWriter
+    checkpoints: CheckpointStore | None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class FlorCallback(Callback):
+    """Records a training run for hindsight logging.
+
+    Every ``self.log`` value (every step, independent of ``log_every_n_steps`` and of
+    ``logger=False``), the epoch aggregates, hyperparameters, Trainer settings and versions
+    go to the sqlite log store ``.flor/flor.db`` at the git repository root; the full training
+    state is checkpointed in the background after every ``checkpoint_every``-th epoch (and
+    the last one); the code is committed to the ``flor.shadow`` branch.
+
+    The checkpoint of epoch ``e`` is the state once epoch ``e`` is entirely done (its
+    validation, epoch-end hooks and scheduler step included): it is taken as epoch ``e + 1``
+    starts, or as training ends.
+
+    Args:
+        checkpoint_every: checkpoint every this many epochs (the final epoch always is).
+        checkpoint_dir: checkpoint root, a local path or fsspec URL; default
+            ``$FLOR_HOME/<project>`` or ``~/.flor/<project>``.
+        max_file_bytes: files larger than this stay out of the code snapshot.
+        flush_interval: seconds between background flushes of logged values.
+
+    Example:
+        >>> import lightning as L
+        >>> import flor_lightning as flor
+        >>> trainer = L.Trainer(max_epochs=3, callbacks=[flor.FlorCallback()])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        *,
+        checkpoint_every: int = 1,
+        checkpoint_dir: str | None = None,
+        max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+        flush_interval: float = 1.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool) or checkpoint_every < 1:
+            raise ConfigError(f"checkpoint_every must be a whole number >= 1, got {checkpoint_every!r}")
+        if flush_interval <= 0:
+            raise ConfigError(f"flush_interval must be > 0 seconds, got {flush_interval!r}")
+        if checkpoint_dir is not None and "://" not in checkpoint_dir and not Path(checkpoint_dir).parent.is_dir():
+            raise ConfigError(
+                f"checkpoint_dir {checkpoint_dir!r}: its parent folder does not exist; create it or choose another"
+            )
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_dir = checkpoint_dir
+        self.max_file_bytes = max_file_bytes
+        self.flush_interval = flush_interval
+        self._clock = clock
+        self.run_id: str | None = None
+        self.replay_id: str | None = None  # set by replay: values then land beside the recording
+        self.location: Location | None = None
+        self._session: _Session | None = None
+        self._batch_idx: int | None = None
+        self._epoch_started = 0.0
+        self._val_started = 0.0
+        self._val_seconds = 0.0
+        self._rng_at_validation: dict[str, Any] | None = None
+        self._log_owner: pl.LightningModule | None = None
+        self._epoch_level_names: set[str] = set()
+        self._checkpoint_epochs: set[int] = set()
+
+    # ---- session life cycle -------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        mine = [cb for cb in trainer.callbacks if isinstance(cb, FlorCallback)]  # type: ignore[attr-defined]
+        if len(mine) > 1:
+            raise ConfigError(
+                f"{len(mine)} FlorCallback instances are attached to one Trainer; attach exactly one "
+                "(flor.Trainer attaches its own, so do not pass another to it)."
+            )
+        self._install_log_hook(pl_module)
+        if not trainer.is_global_zero and self.replay_id is None:
+            return
+        if self._session is None:
+            self._session = self._open(trainer, pl_module, fitting=stage == "fit")
+
+    def _open(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, fitting: bool) -> _Session:
+        self.location = loc = locate()
+        self._checkpoint_epochs = set()
+        ignore_flor_folder(loc.db_path.parent)
+        conn = store.connect(loc.db_path)
+        checkpoints = None
+        if fitting and self.replay_id is None:
+            self.run_id = new_run_id(self._clock())
+            checkpoints = CheckpointStore(checkpoint_root(loc.project, self.checkpoint_dir))
+            checkpoints.check_writable(f"{checkpoints.root}/{self.run_id}")
+            self._insert_run(conn, trainer, pl_module, loc, checkpoints.url)
+        elif self.run_id is None:  # validate/test with no fit before it: a run of its own
+            self.run_id = new_run_id(self._clock())
+            self._insert_run(conn, trainer, pl_module, loc, None)
+        writer = store.LogWriter(lambda: store.connect(loc.db_path), interval=self.flush_interval)
+        return _Session(self.run_id, self.replay_id, conn, writer, checkpoints)
+
+    def _insert_run(
+        self,
+        conn: sqlite3.Connection,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        loc: Location,
+        ckpt_url: str | None,
+    ) -> None:
+        assert self.run_id is not None
+        script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+        rel_script = _relative(script, loc.root) if script else None
+        version = self._commit_code(loc, f"flor run {self.run_id}: {rel_script}")
+        store.insert(
+            conn,
+            "runs",
+            {
+                "run_id": self.run_id,
+                "project": loc.project,
+                "script": rel_script,
+                "argv": list(sys.argv[1:]),
+                "started": self._clock(),
+                "status": "running",
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "hparams": hyperparameters(pl_module, trainer),
+                "settings": trainer_settings(trainer),
+                "versions": {
+                    "torch": torch.__version__,
+                    "lightning": lightning.__version__,
+                    "python": platform.python_version(),
+                },
+                "shadow_commit": version[0],
+                "head_commit": version[1],
+                "branch": version[2],
+                "checkpoint_root": ckpt_url,
+            },
+        )
+
+    def _commit_code(self, loc: Location, message: str) -> tuple[str | None, str | None, str | None]:
+        global _warned_no_git
+        if not loc.in_git:
+            if not _warned_no_git:
+                log.warning("flor: %s is not in a git repository; recording without a code snapshot", loc.root)
+                _warned_no_git = True
+            return None, None, None
+        try:
+            v = shadow_snapshot(loc.root, message=message, max_file_bytes=self.max_file_bytes)
+        except GitError as err:
+            log.warning("flor: the code snapshot failed (%s); recording without it", err)
+            return None, None, None
+        if v.skipped:
+            log.warning("flor: left out of the code snapshot (over %d bytes): %s", self.max_file_bytes, v.skipped)
+        return v.shadow_commit, v.head_commit, v.branch
+
+    def _close(self, status: str | None) -> None:
+        session, self._session = self._session, None
+        if session is None:
+            return
+        errors: list[BaseException] = []
+        if session.checkpoints is not None:
+            try:
+                session.checkpoints.wait()
+            except FlorError as err:
+                errors.append(err)
+        try:
+            session.writer.close()
+        except FlorError as err:
+            errors.append(err)
+        if status is not None and session.replay_id is None:
+            store.update(session.conn, "runs", {"run_id": session.run_id}, {"status": status, "ended": self._clock()})
+        session.conn.close()
+        if errors:
+            raise errors[0]
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_log_hook()
+        self._close("finished" if stage == "fit" else None)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove_log_hook()
+        self._close("failed")
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass  # a run's id is chosen when it starts; replay and resume set it explicitly
+
+    # ---- capturing self.log ----------------------------------------------------------------
+
+    def _install_log_hook(self, pl_module: pl.LightningModule) -> None:
+        """Wrap ``pl_module.log`` on this instance so every call is seen, whatever the logger settings."""
+        if self._log_owner is pl_module:
+            return
+        self._remove_log_hook()
+        original = pl_module.log
+
+        def log_and_record(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+            original(name, value, *args, **kwargs)
+            self._record_step_value(pl_module, name, value)
+
+        pl_module.__dict__["log"] = log_and_record
+        self._log_owner = pl_module
+
+    def _remove_log_hook(self) -> None:
+        if self._log_owner is not None:
+            self._log_owner.__dict__.pop("log", None)
+            self._log_owner = None
+
+    def _record_step_value(self, pl_module: pl.LightningModule, name: str, value: Any) -> None:
+        session = self._session
+        if session is None:
+            return
+        trainer = pl_module.trainer
+        stage = STAGES.get(trainer.state.stage.value) if trainer.state.stage else None
+        if stage is None:
+            return
+        if isinstance(value, torch.Tensor):
+            value = value.detach()
+        # Outside a batch (an epoch-end hook) a value is its own epoch aggregate.
+        level = "step" if self._batch_idx is not None else "epoch"
+        if level == "epoch":
+            self._epoch_level_names.add(name)
+        session.writer.add(
+            (
+                session.run_id,
+                session.replay_id,
+                stage,
+                level,
+                trainer.current_epoch,
+                trainer.global_step,
+                self._batch_idx,
+                name,
+                value,
+            )
+        )
+
+    def _record_epoch_values(self, trainer: pl.Trainer, stage: str) -> None:
+        session = self._session
+        if session is None or trainer.sanity_checking:
+            return
+        for name, value in _lightning.epoch_values(trainer).items():
+            if name in self._epoch_level_names:
+                continue  # logged from an epoch-end hook: already stored as it was logged
+            session.writer.add(
+                (
+                    session.run_id,
+                    session.replay_id,
+                    stage,
+                    "epoch",
+                    trainer.current_epoch,
+                    trainer.global_step,
+                    None,
+                    name,
+                    value,
+                )
+            )
+        self._epoch_level_names.clear()
+        session.writer.flush(wait=False)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch_idx = batch_idx
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._batch_idx = batch_idx
+
+    @override
+    def on_test_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._batch_idx = batch_idx
+
+    # Batch-end hooks run before the module's own batch-end hook, so the batch index is cleared at
+    # the start of the next epoch-level phase instead of here.
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._batch_idx = None
+        if trainer.current_epoch > 0 and trainer.current_epoch % self.checkpoint_every == 0:
+            self._checkpoint(trainer)
+        self._epoch_started = self._clock()
+        self._val_seconds = 0.0
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch > 0 and not self._checkpointed(trainer.current_epoch - 1):
+            self._checkpoint(trainer)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._batch_idx = None
+        if not trainer.sanity_checking:
+            self._val_started = self._clock()
+            if self._session is not None and self._session.checkpoints is not None:
+                self._rng_at_validation = rng.capture()
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._batch_idx = None
+        self._record_epoch_values(trainer, "validate")
+        if not trainer.sanity_checking:
+            self._val_seconds += self._clock() - self._val_started
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._batch_idx = None
+
+    @override
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._batch_idx = None
+        self._record_epoch_values(trainer, "test")
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Runs before the module's on_train_epoch_end: what that hook logs is stored as it is logged.
+        self._batch_idx = None
+        self._record_epoch_values(trainer, "train")
+        session = self._session
+        if session is not None and session.checkpoints is not None:
+            store.insert(
+                session.conn,
+                "epochs",
+                {
+                    "run_id": session.run_id,
+                    "epoch": trainer.current_epoch,
+                    "started": self._epoch_started,
+                    "ended": self._clock(),
+                    "val_seconds": self._val_seconds,
+                },
+            )
+
+    def _checkpointed(self, epoch: int) -> bool:
+        return epoch in self._checkpoint_epochs
+
+    def _checkpoint(self, trainer: pl.Trainer) -> None:
+        """Snapshot the state of the epoch just completed and write it in the background."""
+        session = self._session
+        if session is None or session.checkpoints is None:
+            return
+        state = _lightning.dump_state(trainer)
+        state["flor"] = {"run_id": session.run_id, "rng": rng.capture(), "rng_at_validation": self._rng_at_validation}
+        epoch, step = trainer.current_epoch - 1, trainer.global_step
+        self._checkpoint_epochs.add(epoch)
+
+        def index(info: CheckpointInfo) -> None:
+            with session.lock:
+                store.insert(
+                    session.conn,
+                    "checkpoints",
+                    {
+                        "run_id": session.run_id,
+                        "epoch": info.epoch,
+                        "step": info.step,
+                        "path": info.path,
+                        "sha256": info.sha256,
+                        "size": info.size,
+                        "write_seconds": info.write_seconds,
+                        "created": self._clock(),
+                    },
+                )
+
+        session.checkpoints.save(snapshot(state), session.run_id, epoch, step, index)
+
+    @property
+    def blocked_seconds(self) -> float:
+        """Training-thread seconds spent waiting for an earlier checkpoint write (for benchmarks)."""
+        s = self._session
+        return s.checkpoints.blocked_seconds if s and s.checkpoints else 0.0
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def hyperparameters(pl_module: pl.LightningModule, trainer: pl.Trainer) -> dict[str, Any]:
+    """The module's saved hyperparameters merged with the datamodule's (prefixed on a clash)."""
+    out: dict[str, Any] = dict(pl_module.hparams)
+    dm = getattr(trainer, "datamodule", None)
+    for key, value in (dict(dm.hparams) if dm is not None else {}).items():
+        out[f"datamodule.{key}" if key in out else key] = value
+    return out
+
+
+def trainer_settings(trainer: pl.Trainer) -> dict[str, Any]:
+    """Trainer settings that decide whether a replay can reproduce the run."""
+    return {
+        "max_epochs": trainer.max_epochs,
+        "seed": os.environ.get("PL_GLOBAL_SEED"),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "precision": str(trainer.precision),
+        "accumulate_grad_batches": trainer.accumulate_grad_batches,
+        "world_size": trainer.world_size,
+        "num_nodes": trainer.num_nodes,
+        "num_devices": trainer.num_devices,
+        "limit_train_batches": trainer.limit_train_batches,
+        "limit_val_batches": trainer.limit_val_batches,
+        "check_val_every_n_epoch": trainer.check_val_every_n_epoch,
+        "val_check_interval": trainer.val_check_interval,
+        "gradient_clip_val": trainer.gradient_clip_val,
+    }

@@ -1,0 +1,229 @@
+"""The checkpoint store: full training state per epoch, written in the background through fsspec.
+
+A checkpoint is taken in two halves. :func:`snapshot` runs on the training thread and copies
+every tensor once into CPU memory (pinned, when it comes from a GPU), so training may go on
+changing its weights. :meth:`CheckpointStore.save` hands that copy to one writer thread, which
+serializes it straight into the destination file under a temporary name while hashing the
+bytes, makes it durable, renames it into place and only then reports it (path, sha256, size).
+A reader therefore never sees half a file, and the index never names a file that is not there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import torch
+from fsspec import AbstractFileSystem
+
+from flor_lightning.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+_LEAVES = (int, float, bool, str, type(None), bytes)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """Where a written checkpoint lies and how to verify it."""
+
+    epoch: int
+    step: int
+    path: str
+    sha256: str
+    size: int
+    write_seconds: float
+
+
+def snapshot(state: Any) -> Any:
+    """Copy ``state`` so that later training cannot change it; tensors land on the CPU.
+
+    Containers are rebuilt as plain dicts/lists/tuples and any object that
+    ``torch.load(weights_only=True)`` could not read back is replaced by its ``repr``, so
+    every checkpoint stays loadable as data.
+    """
+    pending: list[torch.Tensor] = []
+    copy = _copy(state, pending)
+    if pending:  # device-to-host copies were issued non-blocking; wait for them once
+        torch.cuda.synchronize()
+    return copy
+
+
+def _copy(obj: Any, pending: list[torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        obj = obj.detach()
+        if obj.device.type == "cpu":
+            return obj.clone()
+        out = torch.empty(obj.shape, dtype=obj.dtype, device="cpu", pin_memory=torch.cuda.is_available())
+        out.copy_(obj, non_blocking=True)
+        pending.append(out)
+        return out
+    if isinstance(obj, _LEAVES):
+        return obj
+    if isinstance(obj, Mapping):
+        return {k: _copy(v, pending) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [_copy(v, pending) for v in obj]
+        return items if isinstance(obj, list) else tuple(items)
+    if isinstance(obj, torch.Size):
+        return tuple(obj)
+    return repr(obj)
+
+
+class _HashingWriter(io.RawIOBase):
+    """A write-only file that hashes what passes through it."""
+
+    def __init__(self, f: Any) -> None:
+        self._f = f
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        view = memoryview(b)
+        self.sha256.update(view)
+        self._f.write(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+
+def open_fs(url: str) -> tuple[AbstractFileSystem, str]:
+    """The fsspec filesystem and root path for ``url`` (a local path or any fsspec URL)."""
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as err:
+        raise ConfigError(
+            f"cannot use checkpoint location {url!r}: {err}. Install the fsspec backend for that protocol "
+            "(e.g. s3fs for s3://) or pass a local path."
+        ) from err
+    return fs, root.rstrip("/")
+
+
+class CheckpointStore:
+    """Writes and reads checkpoints under one root (``~/.flor/<project>`` by default).
+
+    Args:
+        url: root folder, local path or fsspec URL (``memory://flor``, ``s3://bucket/flor``).
+        clock: returns seconds; injected so tests can control write timings.
+    """
+
+    def __init__(self, url: str, *, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.url = url
+        self.fs, self.root = open_fs(url)
+        self._clock = clock
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.blocked_seconds = 0.0  # training-thread time spent waiting for an earlier write
+        self.writer_cpu_seconds = 0.0  # CPU time of the writer thread
+
+    def check_writable(self, run_dir: str) -> None:
+        """Create ``run_dir`` and prove a file can be written there, before training starts."""
+        probe = f"{run_dir}/.probe-{uuid.uuid4().hex}"
+        try:
+            self.fs.makedirs(run_dir, exist_ok=True)
+            with self.fs.open(probe, "wb") as f:
+                f.write(b"ok")
+            self.fs.rm(probe)
+        except (OSError, ValueError) as err:
+            raise ConfigError(
+                f"cannot write checkpoints to {run_dir!r}: {err}. Point FLOR_HOME or "
+                "FlorCallback(checkpoint_dir=...) at a writable location."
+            ) from err
+
+    def path(self, run_id: str, epoch: int) -> str:
+        """Final path of the checkpoint of ``run_id`` at the end of ``epoch``."""
+        return f"{self.root}/{run_id}/epoch={epoch:05d}.ckpt"
+
+    def save(self, state: Any, run_id: str, epoch: int, step: int, on_done: Callable[[CheckpointInfo], None]) -> None:
+        """Write ``state`` (already a :func:`snapshot`) in the background, then call ``on_done``.
+
+        One write is in flight at a time: a new save waits for the previous one, which bounds
+        memory to two snapshots. Errors of a write are raised by the next ``save`` or ``wait``.
+        """
+        self.wait()
+        self._thread = threading.Thread(
+            target=self._write, args=(state, run_id, epoch, step, on_done), name="flor-checkpoint-writer", daemon=True
+        )
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Block until the write in flight (if any) is done; raise its error."""
+        if self._thread is not None:
+            start = self._clock()
+            self._thread.join()
+            self.blocked_seconds += self._clock() - start
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise CheckpointError(f"writing a checkpoint failed: {err}") from err
+
+    def _write(self, state: Any, run_id: str, epoch: int, step: int, on_done: Callable[[CheckpointInfo], None]) -> None:
+        cpu = time.thread_time()
+        start = self._clock()
+        final = self.path(run_id, epoch)
+        tmp = f"{final}.tmp-{uuid.uuid4().hex}"
+        try:
+            self.fs.makedirs(f"{self.root}/{run_id}", exist_ok=True)
+            with self.fs.open(tmp, "wb") as f:
+                writer = _HashingWriter(f)
+                torch.save(state, writer)  # type: ignore[arg-type]  # a binary file-like object
+                _fsync(f)
+            self.fs.mv(tmp, final)
+            _fsync_dir(self.fs, f"{self.root}/{run_id}")
+            info = CheckpointInfo(epoch, step, final, writer.sha256.hexdigest(), writer.size, self._clock() - start)
+            on_done(info)
+        except BaseException as err:
+            self._error = err
+            try:
+                if self.fs.exists(tmp):
+                    self.fs.rm(tmp)
+            except OSError:
+                log.warning("could not remove the partial checkpoint %s", tmp)
+        finally:
+            self.writer_cpu_seconds += time.thread_time() - cpu
+
+    def load(self, path: str, sha256: str | None) -> dict[str, Any]:
+        """Read a checkpoint as data (``weights_only=True``), verifying its checksum first.
+
+        Raises:
+            CheckpointError: the file is missing, its checksum differs, or it is not a checkpoint.
+        """
+        try:
+            data = self.fs.cat_file(path)
+        except FileNotFoundError as err:
+            raise CheckpointError(f"checkpoint {path!r} is missing") from err
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            raise CheckpointError(f"checkpoint {path!r} is corrupt: its sha256 differs from the one recorded")
+        try:
+            state: dict[str, Any] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise CheckpointError(f"checkpoint {path!r} cannot be read as a flor checkpoint: {err}") from err
+        return state
+
+
+def _fsync(f: Any) -> None:
+    try:
+        f.flush()
+        os.fsync(f.fileno())
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        pass  # not a local file: the object store makes it durable on close
+
+
+def _fsync_dir(fs: AbstractFileSystem, path: str) -> None:
+    if getattr(fs, "protocol", None) in ("file", ("file", "local")):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

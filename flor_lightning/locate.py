@@ -1,0 +1,61 @@
+"""Where flor keeps things: the log store, the checkpoint root and the project name."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from flor_lightning.errors import ConfigError
+from flor_lightning.shadow import find_repo_root
+
+
+@dataclass(frozen=True)
+class Location:
+    """The folders a run uses.
+
+    Attributes:
+        root: the git repository root, or the working directory outside git.
+        in_git: whether ``root`` is a git work tree.
+        db_path: the sqlite log store (``<root>/.flor/flor.db`` unless ``FLOR_DB`` is set).
+        project: the project name (the root folder's name), used under the checkpoint root.
+    """
+
+    root: Path
+    in_git: bool
+    db_path: Path
+    project: str
+
+
+def locate(cwd: Path | None = None, env: Mapping[str, str] | None = None) -> Location:
+    """Find the project root and log store for ``cwd`` (default: the working directory)."""
+    env = os.environ if env is None else env
+    cwd = Path.cwd() if cwd is None else cwd
+    repo = find_repo_root(cwd)
+    root = repo if repo is not None else cwd.resolve()
+    db = Path(env["FLOR_DB"]) if env.get("FLOR_DB") else root / ".flor" / "flor.db"
+    return Location(root=root, in_git=repo is not None, db_path=db, project=root.name or "project")
+
+
+def checkpoint_root(project: str, override: str | None = None, env: Mapping[str, str] | None = None) -> str:
+    """The checkpoint root URL for ``project``: ``override``, else ``$FLOR_HOME/<project>``, else ``~/.flor/<project>``.
+
+    Raises:
+        ConfigError: ``FLOR_HOME`` names an existing file.
+    """
+    if override:
+        return override.rstrip("/")
+    env = os.environ if env is None else env
+    home = env.get("FLOR_HOME") or str(Path.home() / ".flor")
+    if "://" not in home and Path(home).is_file():
+        raise ConfigError(f"FLOR_HOME={home!r} is a file; it must be a folder (or an fsspec URL) for checkpoints.")
+    return f"{home.rstrip('/')}/{project}"
+
+
+def ignore_flor_folder(folder: Path) -> None:
+    """Create ``folder`` with a ``.gitignore`` of ``*`` so git (and the shadow branch) skip it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / ".gitignore"
+    if not marker.exists():
+        marker.write_text("# created by flor_lightning: the log store is not source code\n*\n")

@@ -1,0 +1,226 @@
+"""Commit a snapshot of the user's working tree to the ``flor.shadow`` branch.
+
+A snapshot is built with git plumbing only: the files go into a *temporary* index
+(``GIT_INDEX_FILE`` in a temp folder), ``git write-tree`` turns it into a tree and
+``git commit-tree`` makes a commit whose only parent is the previous shadow tip, so the
+shadow branch is a linear history of snapshots. The user's HEAD, current branch, index
+and working files are never touched; only new objects and the shadow ref are written.
+
+What goes in: tracked files that still exist plus untracked files that ``.gitignore`` does
+not ignore, as they are on disk (staged or not). Left out: paths under an ``exclude``
+prefix, regular files over ``max_file_bytes`` (reported in :attr:`CodeVersion.skipped`),
+and anything that is not a regular file or a symlink (submodules, nested repositories,
+sockets). Symlinks are committed as links (mode ``120000``), as ``git add`` would; their
+targets are not followed.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import git
+
+from flor_lightning.errors import ConfigError, GitError
+
+SHADOW_BRANCH = "flor.shadow"
+DEFAULT_MAX_FILE_BYTES = 5 * 1024 * 1024
+
+_ATTEMPTS = 10  # compare-and-swap tries before giving up on a busy shadow branch
+_DEFAULT_IDENTITY = (("name", "flor"), ("email", "flor@localhost"))
+
+
+@dataclass(frozen=True)
+class CodeVersion:
+    """The code a run was started with.
+
+    Attributes:
+        shadow_commit: sha of the new commit on the shadow branch.
+        head_commit: the user's HEAD sha, or None in a repository with no commits.
+        branch: the user's current branch name, or None when HEAD is detached.
+        skipped: repo-relative paths left out because they exceed ``max_file_bytes``.
+    """
+
+    shadow_commit: str
+    head_commit: str | None
+    branch: str | None
+    skipped: tuple[str, ...]
+
+
+def find_repo_root(path: Path) -> Path | None:
+    """Top of the git work tree containing ``path``, or None outside git (no exception)."""
+    try:
+        with git.Repo(path, search_parent_directories=True) as repo:
+            top = repo.working_tree_dir
+    except git.exc.GitError:  # GitPython's base: not a repository, no such path, ...
+        return None
+    return None if top is None else Path(top).resolve()
+
+
+def snapshot(
+    repo_root: Path,
+    *,
+    message: str,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    branch: str = SHADOW_BRANCH,
+    exclude: tuple[str, ...] = (".flor/",),
+) -> CodeVersion:
+    """Commit the working tree to ``branch`` and return the version.
+
+    Args:
+        repo_root: a folder inside the git work tree to snapshot.
+        message: the commit message (its subject line).
+        max_file_bytes: files larger than this are left out and listed in ``skipped``.
+        branch: the shadow branch name; created on the first snapshot.
+        exclude: repo-relative folders or files to leave out; ``"data"`` and ``"data/"``
+            both exclude ``data/...`` but not ``database.py``.
+
+    Raises:
+        ConfigError: ``max_file_bytes`` is negative.
+        GitError: ``repo_root`` is not in a git work tree, ``branch`` is checked out, or git failed.
+    """
+    if max_file_bytes < 0:
+        raise ConfigError(f"max_file_bytes must be >= 0, got {max_file_bytes}; use e.g. {DEFAULT_MAX_FILE_BYTES}.")
+    try:
+        with git.Repo(repo_root, search_parent_directories=True) as repo:
+            if repo.working_tree_dir is None:
+                raise GitError(f"{repo_root} is a bare repository; snapshot a folder with a working tree.")
+            head, current = _head(repo)
+            if current == branch:
+                raise GitError(
+                    f"branch {branch!r} is checked out in {repo.working_tree_dir}; flor moves that branch on "
+                    "every run. Check out your own branch (git switch -) or pass another shadow branch name."
+                )
+            files, skipped = _select(Path(repo.working_tree_dir), _listed(repo), exclude, max_file_bytes)
+            with tempfile.TemporaryDirectory(prefix="flor-index-") as tmp:
+                tree = _write_tree(repo, files, Path(tmp))
+            trailers = [f"Flor-Head: {head}"] if head else []
+            trailers += [f"Flor-Branch: {current}"] if current else []
+            messages = [message, "\n".join(trailers)] if trailers else [message]
+            commit = _advance(repo, f"refs/heads/{branch}", tree, messages, _identity_env(repo))
+    except git.exc.GitError as err:
+        raise GitError(
+            f"could not commit a code snapshot of {repo_root} to branch {branch!r}: {err}. "
+            "Expected a git work tree where git runs; run 'git status' there to see what is wrong, "
+            "or run without code snapshots."
+        ) from err
+    return CodeVersion(shadow_commit=commit, head_commit=head, branch=current, skipped=tuple(skipped))
+
+
+def read_file(repo_root: Path, commit: str, path: str) -> str | None:
+    """Text of ``path`` (repo-relative, posix) at ``commit``, or None if absent.
+
+    Bytes that are not UTF-8 are replaced with U+FFFD. A folder at ``path`` counts as absent.
+
+    Raises:
+        GitError: ``commit`` is not in the repository, or git failed.
+    """
+    try:
+        with git.Repo(repo_root, search_parent_directories=True) as repo:
+            if not _verify(repo, f"{commit}^{{commit}}"):
+                raise GitError(
+                    f"commit {commit!r} is not in the repository at {repo_root}; expected a commit of the "
+                    f"{SHADOW_BRANCH!r} branch. Fetch it (git fetch origin {SHADOW_BRANCH}) or pick a recorded commit."
+                )
+            spec = f"{commit}:{path.lstrip('/')}"
+            if repo.git.cat_file("-t", spec, with_exceptions=False) != "blob":
+                return None
+            data = repo.git.cat_file("blob", spec, stdout_as_string=False, strip_newline_in_stdout=False)
+    except git.exc.GitError as err:
+        raise GitError(f"could not read {path!r} at {commit!r} in {repo_root}: {err}. Run 'git status' there.") from err
+    return bytes(data).decode("utf-8", errors="replace")
+
+
+def _verify(repo: git.Repo, rev: str) -> str | None:
+    """The sha ``rev`` names, or None when it names nothing (``rev-parse`` exits 1 quietly)."""
+    return repo.git.rev_parse("-q", "--verify", rev, with_exceptions=False) or None
+
+
+def _head(repo: git.Repo) -> tuple[str | None, str | None]:
+    """The user's HEAD sha (None before the first commit) and branch (None when detached)."""
+    branch = repo.git.symbolic_ref("-q", "--short", "HEAD", with_exceptions=False) or None
+    return _verify(repo, "HEAD^{commit}"), branch
+
+
+def _listed(repo: git.Repo) -> list[str]:
+    """Tracked paths plus untracked, non-ignored ones, as git lists them (may include deleted files)."""
+    out = repo.git.ls_files("--cached", "--others", "--exclude-standard", "-z", strip_newline_in_stdout=False)
+    return sorted({p for p in out.split("\0") if p})  # unmerged paths are listed once per stage
+
+
+def _select(root: Path, paths: Iterable[str], exclude: Iterable[str], max_bytes: int) -> tuple[list[str], list[str]]:
+    """Split ``paths`` into (to commit, too big), dropping excluded, missing and special files."""
+    prefixes = tuple(e.strip("/") for e in exclude if e.strip("/"))
+    keep: list[str] = []
+    skipped: list[str] = []
+    for path in paths:
+        if any(path == p or path.startswith(p + "/") for p in prefixes):
+            continue
+        try:
+            info = os.lstat(root / path)
+        except OSError:  # deleted since git listed it, or a tracked file removed from disk
+            continue
+        if stat.S_ISLNK(info.st_mode):
+            keep.append(path)
+        elif stat.S_ISREG(info.st_mode):
+            (keep if info.st_size <= max_bytes else skipped).append(path)
+    return keep, skipped
+
+
+def _write_tree(repo: git.Repo, paths: list[str], tmp: Path) -> str:
+    """Hash ``paths`` into a fresh index under ``tmp`` and return its tree sha."""
+    env = {"GIT_INDEX_FILE": str(tmp / "index")}  # never the user's .git/index
+    listing = tmp / "paths"
+    listing.write_bytes(b"".join(os.fsencode(p) + b"\0" for p in paths))
+    with listing.open("rb") as stdin:
+        # --remove: a file deleted between listing and hashing is dropped instead of failing.
+        repo.git.update_index("--add", "--remove", "-z", "--stdin", istream=stdin, env=env)
+    return str(repo.git.write_tree(env=env))
+
+
+def _tip(repo: git.Repo, ref: str) -> str | None:
+    return _verify(repo, f"{ref}^{{commit}}")  # None: the branch does not exist yet
+
+
+def _advance(repo: git.Repo, ref: str, tree: str, messages: list[str], env: dict[str, str]) -> str:
+    """Commit ``tree`` on top of ``ref`` and move ``ref`` to it with compare-and-swap.
+
+    If another process moves ``ref`` in between, the commit is rebuilt on the new tip,
+    so concurrent snapshots all stay on the branch, one after another.
+    """
+    error = ""
+    for attempt in range(_ATTEMPTS):
+        parent = _tip(repo, ref)
+        args = [tree, "--no-gpg-sign", *(["-p", parent] if parent else [])]
+        for text in messages:
+            args += ["-m", text]
+        new = str(repo.git.commit_tree(*args, env=env))
+        old = parent or "0" * len(new)  # all zeros: the ref must not exist yet
+        status, _, error = repo.git.update_ref(
+            "-m", "flor: code snapshot", ref, new, old, with_exceptions=False, with_extended_output=True
+        )
+        if status == 0:
+            return new
+        time.sleep(0.01 * (attempt + 1))  # let the process holding the ref lock finish
+    raise GitError(
+        f"could not move {ref} after {_ATTEMPTS} tries; it kept changing or could not be locked: {error.strip()}. "
+        f"Check that no other git process is stuck holding {ref}.lock, then run again."
+    )
+
+
+def _identity_env(repo: git.Repo) -> dict[str, str]:
+    """Author/committer defaults for when git has no ``user.name``/``user.email`` configured."""
+    env: dict[str, str] = {}
+    for key, default in _DEFAULT_IDENTITY:
+        if repo.git.config("--get", f"user.{key}", with_exceptions=False):
+            continue
+        for role in ("AUTHOR", "COMMITTER"):
+            var = f"GIT_{role}_{key.upper()}"
+            if not os.environ.get(var):
+                env[var] = default
+    return env

@@ -1,0 +1,298 @@
+"""The log store: one sqlite file (WAL mode) holding runs, logged values, checkpoints and replays.
+
+Recorded and replayed values share the ``logs`` table; a recorded value has ``replay_id`` NULL,
+a replayed one carries the id of its replay, so nothing replayed ever overwrites a recording.
+Values arrive through :class:`LogWriter`, a background thread that batches inserts so that
+``self.log`` never waits on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from flor_lightning.errors import StoreError
+
+# Named, ordered migrations: each runs once, in order, inside one transaction.
+MIGRATIONS: tuple[tuple[str, str], ...] = (
+    (
+        "0001_initial",
+        """
+        CREATE TABLE runs (
+            run_id TEXT PRIMARY KEY,
+            project TEXT NOT NULL,
+            script TEXT,
+            argv TEXT,
+            started REAL NOT NULL,
+            ended REAL,
+            status TEXT NOT NULL,
+            pid INTEGER,
+            host TEXT,
+            hparams TEXT,
+            settings TEXT,
+            versions TEXT,
+            shadow_commit TEXT,
+            head_commit TEXT,
+            branch TEXT,
+            checkpoint_root TEXT
+        );
+        CREATE TABLE replays (
+            replay_id TEXT PRIMARY KEY,
+            run_id TEXT NOT NULL REFERENCES runs(run_id),
+            started REAL NOT NULL,
+            ended REAL,
+            status TEXT NOT NULL,
+            shadow_commit TEXT,
+            plan TEXT,
+            report TEXT
+        );
+        CREATE TABLE logs (
+            run_id TEXT NOT NULL,
+            replay_id TEXT,
+            stage TEXT NOT NULL,
+            level TEXT NOT NULL,
+            epoch INTEGER NOT NULL,
+            step INTEGER NOT NULL,
+            batch_idx INTEGER,
+            name TEXT NOT NULL,
+            value REAL,
+            text TEXT
+        );
+        CREATE INDEX logs_by_run ON logs (run_id, replay_id, name, epoch, step);
+        CREATE INDEX logs_by_name ON logs (name, run_id);
+        CREATE TABLE checkpoints (
+            run_id TEXT NOT NULL,
+            epoch INTEGER NOT NULL,
+            step INTEGER NOT NULL,
+            path TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            write_seconds REAL NOT NULL,
+            created REAL NOT NULL,
+            PRIMARY KEY (run_id, epoch)
+        );
+        CREATE TABLE epochs (
+            run_id TEXT NOT NULL,
+            epoch INTEGER NOT NULL,
+            started REAL NOT NULL,
+            ended REAL NOT NULL,
+            val_seconds REAL NOT NULL,
+            PRIMARY KEY (run_id, epoch)
+        );
+        """,
+    ),
+)
+
+LOG_COLUMNS = ("run_id", "replay_id", "stage", "level", "epoch", "step", "batch_idx", "name", "value", "text")
+LogRow = tuple[str, "str | None", str, str, int, int, "int | None", str, Any]
+
+
+def connect(path: Path | str) -> sqlite3.Connection:
+    """Open (creating if needed) the log store at ``path`` and bring its schema up to date.
+
+    Raises:
+        StoreError: the file is not a sqlite database, belongs to another program, or its
+            folder cannot be written.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        _migrate(conn)
+    except (sqlite3.DatabaseError, OSError) as err:
+        raise StoreError(
+            f"cannot open the flor log store {str(path)!r}: {err}. If the file is damaged or not flor's, "
+            "move it aside (flor starts a new store there) or set FLOR_DB to another path."
+        ) from err
+    return conn
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("CREATE TABLE IF NOT EXISTS flor_migrations (name TEXT PRIMARY KEY, applied REAL)")
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        done = {r[0] for r in conn.execute("SELECT name FROM flor_migrations")}
+        if not done and tables - {"flor_migrations"}:
+            raise sqlite3.DatabaseError(f"it holds tables flor did not create: {sorted(tables)}")
+        for name, sql in MIGRATIONS:
+            if name not in done:
+                for statement in sql.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute("INSERT INTO flor_migrations VALUES (?, julianday('now'))", (name,))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def encode_value(value: Any) -> tuple[float | None, str | None]:
+    """Split a logged value into the (value, text) columns.
+
+    Numbers (and one-element tensors/arrays) go to ``value``; NaN is stored as text 'nan'
+    because sqlite turns a NaN REAL into NULL; anything else is stored as its text.
+    """
+    if hasattr(value, "detach"):
+        value = value.detach()
+        value = value.item() if value.numel() == 1 else value.tolist()
+    elif hasattr(value, "item") and getattr(value, "size", 0) == 1:
+        value = value.item()
+    if isinstance(value, bool):
+        return float(value), None
+    if isinstance(value, (int, float)):
+        return (None, "nan") if math.isnan(value) else (float(value), None)
+    return None, value if isinstance(value, str) else json.dumps(value, default=repr)
+
+
+def decode_value(value: float | None, text: str | None) -> Any:
+    """Inverse of :func:`encode_value` for one row."""
+    if value is not None:
+        return value
+    if text == "nan":
+        return math.nan
+    return text
+
+
+class LogWriter:
+    """Batches log rows in memory and writes them from a background thread.
+
+    ``add`` is a deque append (atomic, no lock, no I/O); the thread flushes every ``interval`` seconds
+    and whenever :meth:`flush` is called. Rows are written in one transaction per batch, so a
+    process killed at any moment leaves every earlier batch complete and no partial one.
+
+    Args:
+        connect_fn: opens the sqlite connection (called once, inside the writer thread).
+        interval: seconds between automatic flushes.
+    """
+
+    def __init__(self, connect_fn: Callable[[], sqlite3.Connection], *, interval: float = 1.0) -> None:
+        self._connect = connect_fn
+        self._interval = interval
+        self._pending: deque[tuple[Any, ...]] = deque()
+        self._wake = threading.Event()
+        self._flushed = threading.Condition()
+        self._requested = 0
+        self._done = 0
+        self._closing = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="flor-log-writer", daemon=True)
+        self._thread.start()
+
+    def add(self, row: tuple[Any, ...]) -> None:
+        """Queue one row ``(run_id, replay_id, stage, level, epoch, step, batch_idx, name, raw_value)``."""
+        self._pending.append(row)
+
+    @property
+    def backlog(self) -> int:
+        """Rows queued and not yet written."""
+        return len(self._pending)
+
+    def flush(self, *, wait: bool = True) -> None:
+        """Write everything queued so far; with ``wait`` block until it is committed."""
+        with self._flushed:
+            self._requested += 1
+            ticket = self._requested
+        self._wake.set()
+        if wait:
+            with self._flushed:
+                self._flushed.wait_for(lambda: self._done >= ticket or not self._thread.is_alive())
+            self._raise_if_failed()
+
+    def close(self) -> None:
+        """Flush, stop the thread and raise any error the thread met."""
+        self._closing = True
+        self.flush()
+        self._thread.join()
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise StoreError(f"the flor log writer failed: {self._error}") from self._error
+
+    def _loop(self) -> None:
+        try:
+            conn = self._connect()
+        except BaseException as err:  # reported to the training thread at the next flush
+            self._error = err
+            return
+        try:
+            while True:
+                self._wake.wait(self._interval)
+                self._wake.clear()
+                with self._flushed:
+                    ticket = self._requested
+                self._write(conn)
+                with self._flushed:
+                    self._done = ticket
+                    self._flushed.notify_all()
+                if self._closing and ticket == self._requested:
+                    return
+        except BaseException as err:
+            self._error = err
+        finally:
+            conn.close()
+            with self._flushed:
+                self._flushed.notify_all()
+
+    def _write(self, conn: sqlite3.Connection) -> None:
+        # popleft, not a list swap: an append racing with the swap could land in a list already written.
+        pending = self._pending
+        rows = [(*row[:8], *encode_value(row[8])) for row in (pending.popleft() for _ in range(len(pending)))]
+        if not rows:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(f"INSERT INTO logs VALUES ({', '.join('?' * len(LOG_COLUMNS))})", rows)
+        conn.execute("COMMIT")
+
+
+def insert(conn: sqlite3.Connection, table: str, row: dict[str, Any]) -> None:
+    """Insert one row given as a dict; dict/list values are stored as JSON."""
+    cols = ", ".join(row)
+    marks = ", ".join("?" * len(row))
+    values = [json.dumps(v, default=repr) if isinstance(v, (dict, list)) else v for v in row.values()]
+    with conn:
+        conn.execute(f"INSERT OR REPLACE INTO {table} ({cols}) VALUES ({marks})", values)
+
+
+def update(conn: sqlite3.Connection, table: str, key: dict[str, Any], values: dict[str, Any]) -> None:
+    """Update the row of ``table`` matching ``key`` with ``values``."""
+    sets = ", ".join(f"{c} = ?" for c in values)
+    where = " AND ".join(f"{c} = ?" for c in key)
+    params = [json.dumps(v, default=repr) if isinstance(v, (dict, list)) else v for v in values.values()]
+    with conn:
+        conn.execute(f"UPDATE {table} SET {sets} WHERE {where}", [*params, *key.values()])
+
+
+def fetch(conn: sqlite3.Connection, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
+    """Rows of a query as dicts."""
+    cur = conn.execute(sql, params)
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+
+def pid_alive(pid: int | None, host: str | None, this_host: str) -> bool:
+    """Whether process ``pid`` on ``host`` may still run (a process on another host is assumed alive)."""
+    if pid is None or host != this_host:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def placeholders(values: Iterable[Any]) -> str:
+    """``?, ?, ?`` for an IN clause over ``values``."""
+    return ", ".join("?" for _ in values)

@@ -1,0 +1,107 @@
+"""The sqlite log store: schema, migrations, typed values, the background writer."""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import threading
+
+import pytest
+import torch
+
+from flor_lightning import store
+from flor_lightning.errors import StoreError
+
+
+def test_connect_creates_wal_store_with_migrations(tmp_path):
+    conn = store.connect(tmp_path / "sub" / "flor.db")
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    names = [r[0] for r in conn.execute("SELECT name FROM flor_migrations")]
+    assert names == [name for name, _ in store.MIGRATIONS]
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"runs", "logs", "checkpoints", "replays", "epochs"} <= tables
+    conn.close()
+    # reopening applies nothing twice
+    conn = store.connect(tmp_path / "sub" / "flor.db")
+    assert conn.execute("SELECT count(*) FROM flor_migrations").fetchone()[0] == len(store.MIGRATIONS)
+
+
+def test_connect_rejects_garbage_and_foreign_databases(tmp_path):
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError, match="move it aside"):
+        store.connect(garbage)
+    foreign = tmp_path / "foreign.db"
+    sqlite3.connect(foreign).execute("CREATE TABLE customers (id INTEGER)").connection.commit()
+    with pytest.raises(StoreError, match="flor did not create"):
+        store.connect(foreign)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (3, 3.0),
+        (2.5, 2.5),
+        (True, 1.0),
+        (torch.tensor(1.25), 1.25),
+        (torch.tensor([7.0]), 7.0),
+        (float("inf"), float("inf")),
+        ("hello", "hello"),
+        (torch.tensor([1.0, 2.0]), "[1.0, 2.0]"),
+    ],
+)
+def test_values_round_trip_typed(raw, expected):
+    assert store.decode_value(*store.encode_value(raw)) == expected
+
+
+def test_nan_survives_sqlite(tmp_path):
+    conn = store.connect(tmp_path / "f.db")
+    conn.execute(
+        "INSERT INTO logs VALUES ('r', NULL, 'train', 'step', 0, 0, 0, 'x', ?, ?)", store.encode_value(math.nan)
+    )
+    value, text = conn.execute("SELECT value, text FROM logs").fetchone()
+    assert math.isnan(store.decode_value(value, text))
+
+
+def test_writer_batches_and_flushes_everything(tmp_path):
+    path = tmp_path / "f.db"
+    store.connect(path).close()
+    writer = store.LogWriter(lambda: store.connect(path), interval=60)
+
+    def produce(k: int) -> None:
+        for i in range(5000):
+            writer.add(("r", None, "train", "step", 0, i, i, f"m{k}", float(i)))
+
+    threads = [threading.Thread(target=produce, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    writer.flush()  # racing with the producers: nothing may be lost
+    for t in threads:
+        t.join()
+    writer.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT count(*) FROM logs").fetchone()[0] == 15000
+    assert conn.execute("SELECT count(DISTINCT step) FROM logs WHERE name='m1'").fetchone()[0] == 5000
+
+
+def test_writer_flushes_on_its_own_interval(tmp_path):
+    path = tmp_path / "f.db"
+    store.connect(path).close()
+    writer = store.LogWriter(lambda: store.connect(path), interval=0.05)
+    writer.add(("r", None, "train", "step", 0, 0, 0, "x", 1.0))
+    reader = sqlite3.connect(path)
+    for _ in range(200):
+        if reader.execute("SELECT count(*) FROM logs").fetchone()[0] == 1:
+            break
+        threading.Event().wait(0.02)
+    assert reader.execute("SELECT count(*) FROM logs").fetchone()[0] == 1
+    writer.close()
+
+
+def test_writer_reports_a_failure_to_the_caller(tmp_path):
+    def broken() -> sqlite3.Connection:
+        raise OSError("disk on fire")
+
+    writer = store.LogWriter(broken, interval=60)
+    with pytest.raises(StoreError, match="disk on fire"):
+        writer.close()
