@@ -6,9 +6,20 @@ integration tests; the rest of the package uses public Lightning API only.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from lightning.pytorch.loops.fit_loop import _FitLoop
+from lightning.pytorch.loops.loop import _Loop
+from lightning.pytorch.loops.progress import _ProcessedTracker
+from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+from lightning.pytorch.trainer import call
 from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultCollection
+from typing_extensions import override
+
+from flor_lightning import rng
+from flor_lightning.errors import CheckpointError
+from flor_lightning.planner import EpochStep
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -53,3 +64,163 @@ def epoch_values(trainer: pl.Trainer) -> dict[str, Tensor]:
             _, name = results._forked_name(metric, on_step=False)
             out[name] = value
     return out
+
+
+class ReplayFitLoop(_FitLoop):
+    """A fit loop that walks a replay plan instead of ``range(max_epochs)``.
+
+    For a ``restore`` step it loads the epoch's checkpoint, runs validation (with the RNG
+    state the recording had when its validation started) and the epoch-end hooks, and skips
+    the training batches; for a ``train`` step it loads the checkpoint before the epoch (when
+    the plan says so) and runs the epoch as Lightning would. Epoch and step counters come from
+    the checkpoints, so every value logged carries the recorded run's epoch and global step.
+
+    Args:
+        trainer: the Trainer this loop runs in.
+        steps: the plan for this process.
+        load: returns the checkpoint of an epoch (``-1`` = initial state), already verified.
+        on_start: called once the data is set up, before the first step (checks against the recording).
+        on_step_done: called after each step (progress and bookkeeping).
+    """
+
+    def __init__(
+        self,
+        trainer: pl.Trainer,
+        steps: Sequence[EpochStep],
+        load: Callable[[int], dict[str, Any]],
+        on_start: Callable[[pl.Trainer], None],
+        on_step_done: Callable[[EpochStep], None],
+    ) -> None:
+        original = trainer.fit_loop
+        super().__init__(trainer, min_epochs=original.min_epochs, max_epochs=original.max_epochs)
+        self.epoch_loop = _TrainingEpochLoop(
+            trainer, min_steps=original.epoch_loop.min_steps, max_steps=original.epoch_loop.max_steps
+        )
+        self._steps = list(steps)
+        self._load = load
+        self._on_start = on_start
+        self._on_step_done = on_step_done
+        self._next = 0
+        self._end_rng: dict[str, Any] | None = None
+        self._validation_rng: dict[str, Any] | None = None
+
+    @property
+    def _step(self) -> EpochStep:
+        return self._steps[self._next]
+
+    @property
+    def done(self) -> bool:
+        return self._next >= len(self._steps)
+
+    @override
+    def on_run_start(self) -> None:
+        self._on_start(self.trainer)
+        super().on_run_start()
+
+    @override
+    def on_advance_start(self) -> None:
+        step = self._step
+        if step.load is not None:
+            self._restore(step.load, step)
+        if step.action == "train":
+            super().on_advance_start()
+            return
+        self.setup_data()
+        bar = self.trainer.progress_bar_callback
+        if bar is not None:
+            bar.on_train_epoch_start(self.trainer, self.trainer.lightning_module)
+
+    @override
+    def advance(self) -> None:
+        if self._step.action == "train":
+            super().advance()
+            return
+        trainer = self.trainer
+        if self._validation_rng is not None:
+            rng.restore(self._validation_rng)
+        if self._validates_this_epoch():
+            trainer.validating = True
+            first_loop_iter = trainer._logger_connector._first_loop_iter
+            self.epoch_loop.val_loop.run()
+            trainer.training = True
+            trainer._logger_connector._first_loop_iter = first_loop_iter
+        if self._end_rng is not None:
+            rng.restore(self._end_rng)
+
+    @override
+    def on_advance_end(self) -> None:
+        step = self._step
+        if step.action == "train":
+            super().on_advance_end()
+        else:
+            self._restored_epoch_end()
+        self._next += 1
+        self._on_step_done(step)
+
+    def _restored_epoch_end(self) -> None:
+        """Lightning's epoch end without the scheduler step: the restored state already has it."""
+        trainer = self.trainer
+        trainer._logger_connector.epoch_end_reached()
+        self.epoch_progress.increment_processed()
+        call._call_callback_hooks(trainer, "on_train_epoch_end", monitoring_callbacks=False)
+        call._call_lightning_module_hook(trainer, "on_train_epoch_end")
+        call._call_callback_hooks(trainer, "on_train_epoch_end", monitoring_callbacks=True)
+        trainer._logger_connector.on_epoch_end()
+        self.epoch_loop._batches_that_stepped -= 1
+        trainer._logger_connector.update_train_epoch_metrics()
+        self.epoch_loop._batches_that_stepped += 1
+        self.epoch_progress.increment_completed()
+
+    def _validates_this_epoch(self) -> bool:
+        trainer = self.trainer
+        every = trainer.check_val_every_n_epoch
+        return bool(trainer.enable_validation) and (every is None or (trainer.current_epoch + 1) % every == 0)
+
+    def _restore(self, epoch: int, step: EpochStep) -> None:
+        """Load checkpoint ``epoch`` into the model, optimizers, schedulers, callbacks and counters."""
+        trainer = self.trainer
+        state = self._load(epoch)
+        connector = trainer._checkpoint_connector
+        connector._loaded_checkpoint = state
+        try:
+            connector.restore_datamodule()
+            connector.restore_model()
+            connector.restore_callbacks()
+            connector.restore_precision_plugin_state()
+            connector.restore_optimizers_and_schedulers()
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise CheckpointError(
+                f"the checkpoint of epoch {epoch} does not fit the model or optimizers being replayed: {err}. "
+                "Replay with the model, optimizers and hyperparameters the run was recorded with "
+                "(flor.runs() shows its hparams; the shadow commit holds its code)."
+            ) from err
+        finally:
+            connector._loaded_checkpoint = {}
+        self.load_state_dict(state["loops"]["fit_loop"])
+        self._clear_restart_flags(self)
+        flor = state.get("flor", {})
+        self._end_rng = flor.get("rng")
+        self._validation_rng = flor.get("rng_at_validation")
+        if self._end_rng is not None:
+            rng.restore(self._end_rng)
+        progress = self.epoch_progress
+        if step.action == "restore":
+            # the checkpoint was taken as epoch `epoch + 1` began; step back into epoch `epoch`,
+            # its training batches done
+            for p in (progress.current, progress.total):
+                assert isinstance(p, _ProcessedTracker)
+                p.ready = p.started = epoch + 1
+                p.processed = p.completed = epoch
+        else:
+            for p in (progress.current, progress.total):
+                assert isinstance(p, _ProcessedTracker)
+                p.ready = p.started = p.processed = p.completed = epoch + 1
+
+    @staticmethod
+    def _clear_restart_flags(loop: _Loop) -> None:
+        loop.restarting = False
+        for child in [loop, *(v for v in vars(loop).values() if isinstance(v, _Loop))]:
+            child._loaded_from_state_dict = False
+            child._resuming_from_checkpoint = False
+            if child is not loop:
+                ReplayFitLoop._clear_restart_flags(child)

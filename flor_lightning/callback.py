@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -66,7 +67,7 @@ class FlorCallback(Callback):
 
     The checkpoint of epoch ``e`` is the state once epoch ``e`` is entirely done (its
     validation, epoch-end hooks and scheduler step included): it is taken as epoch ``e + 1``
-    starts, or as training ends.
+    starts, or as training ends. Checkpoint ``-1`` is the state before the first epoch.
 
     Args:
         checkpoint_every: checkpoint every this many epochs (the final epoch always is).
@@ -336,10 +337,20 @@ class FlorCallback(Callback):
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._batch_idx = None
-        if trainer.current_epoch > 0 and trainer.current_epoch % self.checkpoint_every == 0:
+        # Epoch 0 too: checkpoint -1 is the initial state, from which replay can re-train epoch 0.
+        if trainer.current_epoch % self.checkpoint_every == 0 and not self._checkpointed(trainer.current_epoch - 1):
             self._checkpoint(trainer)
         self._epoch_started = self._clock()
         self._val_seconds = 0.0
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        session = self._session
+        if session is None or session.checkpoints is None:
+            return
+        row = store.fetch(session.conn, "SELECT settings FROM runs WHERE run_id = ?", [session.run_id])[0]
+        settings = {**json.loads(row["settings"]), **data_sizes(trainer)}
+        store.update(session.conn, "runs", {"run_id": session.run_id}, {"settings": settings})
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -442,6 +453,15 @@ def hyperparameters(pl_module: pl.LightningModule, trainer: pl.Trainer) -> dict[
     for key, value in (dict(dm.hparams) if dm is not None else {}).items():
         out[f"datamodule.{key}" if key in out else key] = value
     return out
+
+
+def data_sizes(trainer: pl.Trainer) -> dict[str, Any]:
+    """Batches per epoch, known once the fit loop has set up its data."""
+    val = trainer.num_val_batches
+    return {
+        "num_training_batches": trainer.num_training_batches,
+        "num_val_batches": list(val) if isinstance(val, list) else val,
+    }
 
 
 def trainer_settings(trainer: pl.Trainer) -> dict[str, Any]:

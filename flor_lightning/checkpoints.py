@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+import numpy as np
 import torch
 from fsspec import AbstractFileSystem
 
@@ -30,6 +31,14 @@ from flor_lightning.errors import CheckpointError, ConfigError
 log = logging.getLogger(__name__)
 
 _LEAVES = (int, float, bool, str, type(None), bytes)
+# Subclasses of the leaf types (numpy.float64, IntEnum, str mixins) pickle as their own class,
+# which weights_only=True refuses to load: they are stored as the plain base type instead.
+_BASES: tuple[tuple[type, Callable[[Any], Any]], ...] = (
+    (float, float),
+    (int, int),
+    (str, str.__str__),  # not str(): a subclass may override __str__ (enum members do)
+    (bytes, bytes),
+)
 
 
 @dataclass(frozen=True)
@@ -67,8 +76,13 @@ def _copy(obj: Any, pending: list[torch.Tensor]) -> Any:
         out.copy_(obj, non_blocking=True)
         pending.append(out)
         return out
-    if isinstance(obj, _LEAVES):
+    if type(obj) in _LEAVES:
         return obj
+    for base, plain in _BASES:
+        if isinstance(obj, base):
+            return plain(obj)
+    if isinstance(obj, np.generic):  # numpy scalars that are no float/int subclass (float32, int64, bool_)
+        return _copy(obj.item(), pending)
     if isinstance(obj, Mapping):
         return {k: _copy(v, pending) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -142,8 +156,9 @@ class CheckpointStore:
             ) from err
 
     def path(self, run_id: str, epoch: int) -> str:
-        """Final path of the checkpoint of ``run_id`` at the end of ``epoch``."""
-        return f"{self.root}/{run_id}/epoch={epoch:05d}.ckpt"
+        """Final path of the checkpoint of ``run_id`` at the end of ``epoch`` (-1: the initial state)."""
+        name = "initial" if epoch < 0 else f"epoch={epoch:05d}"
+        return f"{self.root}/{run_id}/{name}.ckpt"
 
     def save(self, state: Any, run_id: str, epoch: int, step: int, on_done: Callable[[CheckpointInfo], None]) -> None:
         """Write ``state`` (already a :func:`snapshot`) in the background, then call ``on_done``.

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 
 from flor_lightning.callback import FlorCallback
+from flor_lightning.replay import ReplayReport, run_replay
 
 
 class Trainer(pl.Trainer):
@@ -33,3 +35,61 @@ class Trainer(pl.Trainer):
     def flor(self) -> FlorCallback:
         """The attached FlorCallback."""
         return next(cb for cb in self.callbacks if isinstance(cb, FlorCallback))  # type: ignore[attr-defined]
+
+    def replay(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule | None = None,
+        train_dataloaders: Any = None,
+        val_dataloaders: Any = None,
+        *,
+        run: str | None = None,
+        epochs: Sequence[int] | range | None = None,
+        segments: int = 1,
+        segment: int | None = None,
+        train: bool | None = None,
+    ) -> ReplayReport:
+        """Replay a recorded run with the current code, storing what it logs beside the recording.
+
+        Each epoch is restored from its checkpoint and validated (with the epoch-end hooks),
+        or, when new logging sits on the training path, re-trained from the checkpoint before
+        it. Values carry the recorded run's epoch and global step. Recorded values that are
+        logged again are compared bit for bit; the returned report says how many matched.
+
+        Args:
+            model: the LightningModule, built as for the recording (same hyperparameters).
+            datamodule: the datamodule, as for ``fit``.
+            train_dataloaders: training dataloaders, as for ``fit``.
+            val_dataloaders: validation dataloaders, as for ``fit``.
+            run: the run id (default: the latest recorded run of this script).
+            epochs: the recorded epochs to replay (default: all).
+            segments: split the epochs into this many contiguous segments, balanced by the
+                recorded epoch times; in one process they run one after another.
+            segment: replay only this segment (0-based), e.g. one SLURM array task each.
+            train: re-run training batches (True), restore only (False), or decide by comparing
+                the training-path code with the recorded version (None).
+
+        Returns:
+            The replay report (also printed and stored with the replay).
+
+        Raises:
+            ReplayError: no recorded run, unknown run id, epochs outside the recording, bad
+                segment arguments.
+            CheckpointError: the model no longer fits the recorded checkpoints.
+
+        Example:
+            >>> trainer = flor.Trainer(max_epochs=10)  # doctest: +SKIP
+            >>> trainer.replay(model, datamodule=dm, epochs=range(3, 7))  # doctest: +SKIP
+        """
+        return run_replay(
+            self,
+            model,
+            datamodule=datamodule,
+            train_dataloaders=train_dataloaders,
+            val_dataloaders=val_dataloaders,
+            run=run,
+            epochs=epochs,
+            segments=segments,
+            segment=segment,
+            train=train,
+        )

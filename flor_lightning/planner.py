@@ -1,0 +1,172 @@
+"""Replay planning: pure decisions over plain data (no Trainer, no disk, no git).
+
+Checkpoint ``e`` holds the state once epoch ``e`` is entirely done; checkpoint ``-1`` holds
+the state before the first epoch. An epoch is *restored* by loading its own checkpoint and
+running validation and the epoch-end hooks; it is *trained* by loading the checkpoint of the
+epoch before it (or training forward from an earlier one) and running its batches again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from flor_lightning.errors import ReplayError
+
+
+@dataclass(frozen=True)
+class EpochStep:
+    """One epoch of a replay.
+
+    Attributes:
+        epoch: the recorded epoch number this step reproduces.
+        action: ``"restore"`` (load the epoch's checkpoint, validate, run epoch-end hooks) or
+            ``"train"`` (run the epoch's training batches again).
+        load: the checkpoint to load before the step (``-1`` is the initial state), or None to
+            continue from the state the previous step left.
+        wanted: False for an epoch trained only to reach a wanted one (no checkpoint in between).
+    """
+
+    epoch: int
+    action: Literal["restore", "train"]
+    load: int | None
+    wanted: bool = True
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A contiguous slice of the replayed epochs, run by one process or rank."""
+
+    index: int
+    steps: tuple[EpochStep, ...]
+
+    @property
+    def epochs(self) -> tuple[int, ...]:
+        return tuple(s.epoch for s in self.steps if s.wanted)
+
+
+def epoch_list(epochs: Sequence[int] | range | None, recorded: Sequence[int]) -> list[int]:
+    """The sorted epochs to replay; all recorded ones when ``epochs`` is None.
+
+    Raises:
+        ReplayError: an epoch was not recorded (the message names the recorded range).
+    """
+    have = sorted(set(recorded))
+    if not have:
+        raise ReplayError("the run has no completed epoch to replay")
+    if epochs is None:
+        return have
+    wanted = sorted(set(int(e) for e in epochs))
+    missing = [e for e in wanted if e not in set(have)]
+    if missing or not wanted:
+        raise ReplayError(
+            f"epochs {missing or '(none)'} were not recorded; recorded epochs: {describe(have)}. "
+            f"Choose epochs within {describe(have)}."
+        )
+    return wanted
+
+
+def describe(epochs: Sequence[int]) -> str:
+    """``0-5`` for a contiguous list, else the list itself."""
+    if epochs and list(epochs) == list(range(epochs[0], epochs[-1] + 1)):
+        return f"{epochs[0]}-{epochs[-1]}" if len(epochs) > 1 else str(epochs[0])
+    return str(list(epochs))
+
+
+def split_segments(epochs: Sequence[int], segments: int, cost: Mapping[int, float]) -> list[list[int]]:
+    """Split ``epochs`` into ``segments`` contiguous, non-empty groups of balanced total cost.
+
+    Greedy by prefix sums: a group closes once it reaches its share of the remaining cost,
+    while leaving at least one epoch for every later group.
+    """
+    if not 1 <= segments <= len(epochs):
+        raise ReplayError(
+            f"segments must be between 1 and the number of epochs replayed ({len(epochs)}), got {segments}"
+        )
+    groups: list[list[int]] = []
+    rest = list(epochs)
+    for k in range(segments, 0, -1):
+        if k == 1:
+            groups.append(rest)
+            break
+        share = sum(cost.get(e, 1.0) for e in rest) / k
+        group: list[int] = []
+        total = 0.0
+        while rest and len(rest) > k - 1:
+            c = cost.get(rest[0], 1.0)
+            if group and total + c / 2 > share:
+                break
+            group.append(rest.pop(0))
+            total += c
+        groups.append(group)
+    return groups
+
+
+def steps_for(epochs: Sequence[int], checkpoints: Collection[int], *, train: bool) -> list[EpochStep]:
+    """The steps that reproduce ``epochs`` (ascending) from the available ``checkpoints``.
+
+    Raises:
+        ReplayError: an epoch has no checkpoint at or before the one it needs.
+    """
+    have = set(checkpoints)
+    steps: list[EpochStep] = []
+    state: int | None = None  # the epoch whose end state the model holds now
+    for e in epochs:
+        if not train and e in have:
+            steps.append(EpochStep(e, "restore", e))
+            state = e
+            continue
+        if state == e - 1:
+            steps.append(EpochStep(e, "train", e - 1 if e - 1 in have else None))
+        elif e - 1 in have:
+            steps.append(EpochStep(e, "train", e - 1))
+        else:
+            earlier = [c for c in have if c < e]
+            if not earlier:
+                raise ReplayError(
+                    f"no checkpoint at or before epoch {e - 1} to start epoch {e} from; checkpoints exist for "
+                    f"epochs {describe(sorted(have)) if have else '(none)'}. Replay later epochs, or record again."
+                )
+            start = max(earlier)
+            steps.append(EpochStep(start + 1, "train", start, wanted=start + 1 == e))
+            steps += [EpochStep(b, "train", None, wanted=b == e) for b in range(start + 2, e + 1)]
+        state = e
+    return steps
+
+
+def plan_segments(
+    epochs: Sequence[int],
+    checkpoints: Collection[int],
+    *,
+    train: bool,
+    segments: int,
+    cost: Mapping[int, float],
+) -> list[Segment]:
+    """Split the replay of ``epochs`` into ``segments`` segments, each with its own starting checkpoint."""
+    return [
+        Segment(i, tuple(steps_for(group, checkpoints, train=train)))
+        for i, group in enumerate(split_segments(epochs, segments, cost))
+    ]
+
+
+def validate_segment_args(segments: object, segment: object) -> None:
+    """Check ``segments``/``segment`` as given to ``replay`` (before anything runs)."""
+    if not isinstance(segments, int) or isinstance(segments, bool) or segments < 1:
+        raise ReplayError(f"segments must be a whole number >= 1, got {segments!r}")
+    if segment is not None and (
+        not isinstance(segment, int) or isinstance(segment, bool) or not 0 <= segment < segments
+    ):
+        raise ReplayError(f"segment must be a whole number in 0..{segments - 1} (segments={segments}), got {segment!r}")
+
+
+def estimate_seconds(
+    steps: Sequence[EpochStep], train_s: Mapping[int, float], val_s: Mapping[int, float], load_s: float
+) -> float:
+    """Expected replay time from the recorded epoch timings."""
+    total = 0.0
+    for s in steps:
+        total += val_s.get(s.epoch, 0.0) + (load_s if s.load is not None else 0.0)
+        if s.action == "train":
+            total += train_s.get(s.epoch, 0.0)
+    return total
