@@ -1,0 +1,100 @@
+"""The replay planner: pure decisions, no Trainer."""
+
+from __future__ import annotations
+
+import pytest
+
+from flor_lightning.errors import ReplayError
+from flor_lightning.planner import (
+    EpochStep,
+    epoch_list,
+    estimate_seconds,
+    plan_segments,
+    split_segments,
+    steps_for,
+    validate_segment_args,
+)
+
+
+def test_epoch_list_defaults_to_all_recorded_and_rejects_unrecorded():
+    assert epoch_list(None, [2, 0, 1]) == [0, 1, 2]
+    assert epoch_list(range(1, 3), [0, 1, 2, 3]) == [1, 2]
+    with pytest.raises(ReplayError, match=r"epochs \[7\] were not recorded; recorded epochs: 0-5"):
+        epoch_list([4, 7], range(6))
+    with pytest.raises(ReplayError, match="no completed epoch"):
+        epoch_list(None, [])
+
+
+def test_restore_when_every_epoch_has_a_checkpoint():
+    assert steps_for([0, 1, 2], {-1, 0, 1, 2}, train=False) == [
+        EpochStep(0, "restore", 0),
+        EpochStep(1, "restore", 1),
+        EpochStep(2, "restore", 2),
+    ]
+
+
+def test_retrain_loads_the_checkpoint_before_each_epoch():
+    assert steps_for([0, 1, 2], {-1, 0, 1, 2}, train=True) == [
+        EpochStep(0, "train", -1),
+        EpochStep(1, "train", 0),
+        EpochStep(2, "train", 1),
+    ]
+
+
+def test_sparse_checkpoints_restore_the_nearest_earlier_and_train_forward():
+    # checkpoint_every=3: checkpoints -1, 2, 5
+    have = {-1, 2, 5}
+    assert steps_for([4], have, train=False) == [EpochStep(3, "train", 2, wanted=False), EpochStep(4, "train", None)]
+    assert steps_for([2, 3, 4, 5], have, train=False) == [
+        EpochStep(2, "restore", 2),
+        EpochStep(3, "train", 2),  # loads again: the epoch-end hooks of a restored epoch may have run code
+        EpochStep(4, "train", None),
+        EpochStep(5, "restore", 5),
+    ]
+
+
+def test_missing_start_checkpoint_is_an_error_naming_what_exists():
+    with pytest.raises(ReplayError, match=r"no checkpoint at or before epoch 1 .* checkpoints exist for epochs 3-4"):
+        steps_for([2], {3, 4}, train=True)
+
+
+def test_segments_are_contiguous_balanced_and_cover_every_epoch():
+    epochs = list(range(10))
+    groups = split_segments(epochs, 3, {e: 1.0 for e in epochs})
+    assert [e for g in groups for e in g] == epochs
+    assert [len(g) for g in groups] in ([3, 3, 4], [3, 4, 3], [4, 3, 3])
+    # one expensive epoch gets a segment of its own
+    cost = {0: 10.0, 1: 1.0, 2: 1.0, 3: 1.0}
+    assert split_segments([0, 1, 2, 3], 2, cost) == [[0], [1, 2, 3]]
+
+
+@pytest.mark.parametrize("segments", [0, 5])
+def test_segment_count_must_fit_the_epochs(segments):
+    with pytest.raises(ReplayError, match="segments must be between 1 and the number of epochs replayed"):
+        split_segments([0, 1, 2, 3], segments, {})
+
+
+def test_each_segment_starts_from_its_own_checkpoint():
+    plan = plan_segments([0, 1, 2, 3], {-1, 0, 1, 2, 3}, train=True, segments=2, cost={})
+    assert [s.epochs for s in plan] == [(0, 1), (2, 3)]
+    assert plan[1].steps[0] == EpochStep(2, "train", 1)
+
+
+@pytest.mark.parametrize(
+    ("segments", "segment", "message"),
+    [
+        (0, None, "segments must be a whole number >= 1"),
+        (2.5, None, "segments must"),
+        (2, 2, r"segment must .* 0\.\.1"),
+        (2, -1, "segment must"),
+        (True, None, "segments must"),
+    ],
+)
+def test_segment_arguments_are_validated(segments, segment, message):
+    with pytest.raises(ReplayError, match=message):
+        validate_segment_args(segments, segment)
+
+
+def test_estimate_counts_loads_validation_and_training():
+    steps = [EpochStep(0, "restore", 0), EpochStep(1, "train", 0)]
+    assert estimate_seconds(steps, {0: 10.0, 1: 10.0}, {0: 1.0, 1: 1.0}, 0.5) == pytest.approx(0.5 + 1 + 0.5 + 1 + 10)

@@ -1,0 +1,205 @@
+"""trainer.replay(): hindsight logging from memoized checkpoints, end to end with a real Trainer."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import lightning as L
+import pytest
+from helpers import git, rows
+from models import trainer_kwargs
+
+import flor_lightning as flor
+from flor_lightning.errors import CheckpointError, ReplayError
+
+pytestmark = pytest.mark.integration
+
+# The model lives in the project repository, as a user's would, so the shadow branch holds it
+# and replay can compare its training path with the recorded version.
+MODEL_SOURCE = (Path(__file__).parent / "models.py").read_text()
+_names = itertools.count()
+
+
+def load_module(root: Path) -> ModuleType:
+    """Import ``root/model.py`` afresh (as a new process running the edited script would)."""
+    name = f"flor_test_model_{next(_names)}"
+    spec = importlib.util.spec_from_file_location(name, root / "model.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def edit(root: Path, old: str, new: str) -> ModuleType:
+    path = root / "model.py"
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+    return load_module(root)
+
+
+@pytest.fixture
+def recorded(project: Path) -> tuple[Path, str]:
+    """A project whose model.py was recorded for 3 epochs; returns (root, run id)."""
+    (project / "model.py").write_text(MODEL_SOURCE)
+    git(project, "add", "model.py")
+    git(project, "commit", "-q", "-m", "model")
+    m = load_module(project)
+    L.seed_everything(7)
+    trainer = flor.Trainer(**trainer_kwargs())
+    trainer.fit(m.DigitsClassifier(), datamodule=m.DigitsData())
+    return project, trainer.flor.run_id
+
+
+def replay(m: ModuleType, **kwargs) -> flor.replay.ReplayReport:  # type: ignore[name-defined]
+    L.seed_everything(7)
+    trainer = flor.Trainer(**trainer_kwargs(max_epochs=kwargs.pop("max_epochs", 3), **kwargs.pop("trainer", {})))
+    return trainer.replay(m.DigitsClassifier(**kwargs.pop("model", {})), datamodule=m.DigitsData(), **kwargs)
+
+
+VAL_F1 = (
+    'self.log(f"{prefix}_acc", (logits.argmax(1) == y).float().mean())',
+    'self.log(f"{prefix}_acc", (logits.argmax(1) == y).float().mean())\n'
+    '        self.log(f"{prefix}_conf", logits.softmax(1).max(1).values.mean())',
+)
+TRAIN_METRIC = (
+    'self.log("train_loss", loss, on_step=True, on_epoch=True)',
+    'self.log("train_loss", loss, on_step=True, on_epoch=True)\n        self.log("train_loss_x2", loss.detach() * 2)',
+)
+
+
+def test_validation_metric_is_replayed_from_checkpoints_on_the_recorded_rows(recorded):
+    root, run_id = recorded
+    before = flor.records(run=run_id)
+    report = replay(edit(root, *VAL_F1))
+    assert report.train is False and "unchanged" in report.reason
+    assert report.epochs_restored == [0, 1, 2] and report.epochs_trained == []
+    assert report.new_names == ["val_conf"]
+    assert report.rederived > 0 and report.matched == report.rederived and report.mismatched == 0
+    df = flor.query("val_loss", "val_conf", run=run_id)
+    epoch_rows = df.dropna(subset=["val_loss"])
+    assert len(epoch_rows) == 3 and epoch_rows["val_conf"].notna().all()
+    assert list(epoch_rows["step"]) == [4, 8, 12]  # the recorded global steps, not 0
+    after = flor.records(run=run_id)
+    recorded_after = after[after["replay_id"].isna()].drop(columns="replay_id").reset_index(drop=True)
+    assert recorded_after.equals(before.drop(columns="replay_id"))  # recorded values untouched
+    stored = rows(root / ".flor" / "flor.db", "SELECT status, report FROM replays")
+    assert stored[0]["status"] == "finished" and '"matched"' in stored[0]["report"]
+
+
+def test_training_metric_re_trains_every_epoch_bit_for_bit(recorded):
+    root, run_id = recorded
+    report = replay(edit(root, *TRAIN_METRIC))
+    assert report.train is True and "DigitsClassifier.training_step" in report.reason
+    assert report.epochs_trained == [0, 1, 2] and report.epochs_restored == []
+    assert report.new_names == ["train_loss_x2"]
+    # every recorded step value (shuffle=True, dropout, Adam, StepLR) is re-derived bit for bit
+    assert report.rederived >= 3 * 4 + 3 * 2 and report.mismatched == 0 and report.matched == report.rederived
+    df = flor.query("train_loss", "train_loss_x2", run=run_id).dropna(subset=["train_loss"])
+    assert (df["train_loss_x2"] == df["train_loss"] * 2).all()
+
+
+def test_train_false_restores_even_when_the_training_path_changed(recorded):
+    root, _ = recorded
+    report = replay(edit(root, *TRAIN_METRIC), train=False)
+    assert report.train is False and report.epochs_restored == [0, 1, 2]
+    assert "train_loss_x2" not in report.new_names
+
+
+def test_selected_epochs_only(recorded):
+    root, run_id = recorded
+    report = replay(edit(root, *VAL_F1), epochs=range(1, 3))
+    assert report.epochs_restored == [1, 2]
+    df = flor.query("val_conf", run=run_id).dropna(subset=["val_conf"])
+    assert sorted(set(df["epoch"])) == [1, 2]
+
+
+def test_segments_in_one_process_store_the_same_values(recorded):
+    root, run_id = recorded
+    m = edit(root, *VAL_F1)
+    one = replay(m)
+    two = replay(m, segments=2)
+    recs = flor.records("val_conf", run=run_id)
+    by_replay = {r: g.drop(columns="replay_id").reset_index(drop=True) for r, g in recs.groupby("replay_id")}
+    assert by_replay[one.replay_id].equals(by_replay[two.replay_id])
+    only_second = replay(m, segments=2, segment=1)
+    assert only_second.epochs_restored == [2] or only_second.epochs_restored == [1, 2]
+
+
+def test_sparse_checkpoints_train_forward_from_the_nearest_earlier_one(project):
+    (project / "model.py").write_text(MODEL_SOURCE)
+    m = load_module(project)
+    L.seed_everything(7)
+    trainer = flor.Trainer(**trainer_kwargs(callbacks=[flor.FlorCallback(checkpoint_every=2)]))
+    trainer.fit(m.DigitsClassifier(), datamodule=m.DigitsData())
+    epochs = [r["epoch"] for r in rows(project / ".flor" / "flor.db", "SELECT epoch FROM checkpoints ORDER BY epoch")]
+    assert epochs == [-1, 1, 2]
+    report = replay(edit(project, *VAL_F1), trainer={"callbacks": [flor.FlorCallback(checkpoint_every=2)]})
+    assert report.epochs_trained == [0] and report.epochs_restored == [1, 2]
+    assert report.mismatched == 0 and report.matched == report.rederived
+
+
+def test_a_later_fit_on_the_same_trainer_behaves_normally(recorded):
+    root, _ = recorded
+    m = edit(root, *VAL_F1)
+    L.seed_everything(7)
+    trainer = flor.Trainer(**trainer_kwargs())
+    trainer.replay(m.DigitsClassifier(), datamodule=m.DigitsData())
+    trainer.fit(m.DigitsClassifier(), datamodule=m.DigitsData())
+    assert trainer.current_epoch == 3
+    runs = flor.runs()
+    assert len(runs) == 2 and list(runs["status"]) == ["finished", "finished"]
+    new = flor.records(run=runs["run_id"].iloc[-1])
+    assert set(new[new["stage"] == "train"]["epoch"]) == {0, 1, 2}
+
+
+def test_corrupt_checkpoint_is_named_and_worked_around(recorded):
+    root, run_id = recorded
+    path = Path(rows(root / ".flor" / "flor.db", "SELECT path FROM checkpoints WHERE epoch = 1")[0]["path"])
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    report = replay(edit(root, *VAL_F1))
+    assert report.bad_checkpoints == [1]
+    assert report.epochs_restored == [0, 2] and report.epochs_trained == [1]
+    assert report.mismatched == 0 and report.matched == report.rederived
+
+
+def test_changed_model_shape_is_a_clear_error(recorded):
+    root, _ = recorded
+    with pytest.raises(CheckpointError, match="does not fit the model"):
+        replay(load_module(root), model={"hidden": 48})
+
+
+def test_different_data_length_is_refused_when_re_training(recorded):
+    root, _ = recorded
+    with pytest.raises(ReplayError, match="batches per epoch but the recording had 4"):
+        replay(load_module(root), train=True, trainer={"limit_train_batches": 3})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"run": "nope"}, "unknown run id 'nope'"),
+        ({"epochs": [5]}, r"epochs \[5\] were not recorded; recorded epochs: 0-2"),
+        ({"segments": 0}, "segments must be a whole number"),
+        ({"segments": 4}, "segments must be between 1 and the number of epochs"),
+        ({"segments": 2, "segment": 2}, "segment must be a whole number in 0..1"),
+        ({"train": "yes"}, "train must be None"),
+    ],
+)
+def test_bad_arguments(recorded, kwargs, message):
+    root, _ = recorded
+    with pytest.raises(ReplayError, match=message):
+        replay(load_module(root), **kwargs)
+
+
+def test_replay_before_any_recording(project):
+    (project / "model.py").write_text(MODEL_SOURCE)
+    with pytest.raises(ReplayError, match="nothing to replay"):
+        replay(load_module(project))
