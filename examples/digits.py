@@ -85,9 +85,10 @@ def main() -> None:
         trainer.replay(DigitsClassifier(), datamodule=DigitsData())
     else:
         trainer.fit(DigitsClassifier(), datamodule=DigitsData())
-    columns = ["run_id", "epoch", "step", "train_loss_epoch", "val_loss", "val_acc"]
-    df = flor.query(run=trainer.flor.run_id, where="val_loss == val_loss")  # the rows with validation values
-    print(df[[c for c in columns if c in df.columns] + [c for c in df.columns if c.startswith("val_f1")]].to_string())
+    # One row per (run, epoch, step); keep the epoch-end rows, where validation values sit.
+    df = flor.query(run=trainer.flor.run_id, where="val_loss == val_loss")
+    metrics = [c for c in df.columns[df.columns.get_loc("epoch") :] if c != "train_loss"]
+    print(df[["run_id", *metrics]].to_string(index=False))
 
 
 if __name__ == "__main__":

@@ -159,7 +159,7 @@ def test_a_later_fit_on_the_same_trainer_behaves_normally(recorded):
 
 
 def test_corrupt_checkpoint_is_named_and_worked_around(recorded):
-    root, run_id = recorded
+    root, _run_id = recorded
     path = Path(rows(root / ".flor" / "flor.db", "SELECT path FROM checkpoints WHERE epoch = 1")[0]["path"])
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
