@@ -6,15 +6,16 @@ integration tests; the rest of the package uses public Lightning API only.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+import torch
 from lightning.pytorch.loops.fit_loop import _FitLoop
 from lightning.pytorch.loops.loop import _Loop
 from lightning.pytorch.loops.progress import _ProcessedTracker
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 from lightning.pytorch.trainer import call
 from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultCollection
+from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from flor_lightning import rng
@@ -66,6 +67,28 @@ def epoch_values(trainer: pl.Trainer) -> dict[str, Tensor]:
     return out
 
 
+class ReplayHooks(Protocol):
+    """What the replay loop asks of the replay it runs (see ``flor_lightning.replay``)."""
+
+    def steps(self, trainer: pl.Trainer) -> list[EpochStep]:
+        """The steps this process runs (chosen by rank once the processes are up)."""
+
+    def load(self, epoch: int) -> dict[str, Any]:
+        """The verified checkpoint of ``epoch``; raises CheckpointError with ``.epoch`` set."""
+
+    def replan(self, bad_epoch: int, remaining: list[EpochStep]) -> list[EpochStep]:
+        """New steps for ``remaining`` without checkpoint ``bad_epoch``."""
+
+    def on_start(self, trainer: pl.Trainer) -> None:
+        """Called once data is set up, before the first step."""
+
+    def on_step_start(self, trainer: pl.Trainer, step: EpochStep) -> None:
+        """Called before each step."""
+
+    def on_step_done(self, trainer: pl.Trainer, step: EpochStep) -> None:
+        """Called after each step."""
+
+
 class ReplayFitLoop(_FitLoop):
     """A fit loop that walks a replay plan instead of ``range(max_epochs)``.
 
@@ -74,54 +97,56 @@ class ReplayFitLoop(_FitLoop):
     the training batches; for a ``train`` step it loads the checkpoint before the epoch (when
     the plan says so) and runs the epoch as Lightning would. Epoch and step counters come from
     the checkpoints, so every value logged carries the recorded run's epoch and global step.
+    A checkpoint that fails to load is reported to ``hooks.replan`` and the rest of the plan
+    replaced, so the replay goes on from an earlier checkpoint.
 
-    Args:
-        trainer: the Trainer this loop runs in.
-        steps: the plan for this process.
-        load: returns the checkpoint of an epoch (``-1`` = initial state), already verified.
-        on_start: called once the data is set up, before the first step (checks against the recording).
-        on_step_done: called after each step (progress and bookkeeping).
+    Under a multi-process strategy every rank runs its own steps as an independent process:
+    see :func:`isolate_rank`.
     """
 
-    def __init__(
-        self,
-        trainer: pl.Trainer,
-        steps: Sequence[EpochStep],
-        load: Callable[[int], dict[str, Any]],
-        on_start: Callable[[pl.Trainer], None],
-        on_step_done: Callable[[EpochStep], None],
-    ) -> None:
+    def __init__(self, trainer: pl.Trainer, hooks: ReplayHooks) -> None:
         original = trainer.fit_loop
         super().__init__(trainer, min_epochs=original.min_epochs, max_epochs=original.max_epochs)
         self.epoch_loop = _TrainingEpochLoop(
             trainer, min_steps=original.epoch_loop.min_steps, max_steps=original.epoch_loop.max_steps
         )
-        self._steps = list(steps)
-        self._load = load
-        self._on_start = on_start
-        self._on_step_done = on_step_done
+        self._hooks = hooks
+        self._steps: list[EpochStep] | None = None
         self._next = 0
         self._end_rng: dict[str, Any] | None = None
         self._validation_rng: dict[str, Any] | None = None
 
     @property
     def _step(self) -> EpochStep:
+        assert self._steps is not None
         return self._steps[self._next]
 
     @property
     def done(self) -> bool:
-        return self._next >= len(self._steps)
+        return self._steps is not None and self._next >= len(self._steps)
 
     @override
     def on_run_start(self) -> None:
-        self._on_start(self.trainer)
+        isolate_rank(self.trainer)
+        self._steps = self._hooks.steps(self.trainer)
+        self._hooks.on_start(self.trainer)
         super().on_run_start()
 
     @override
     def on_advance_start(self) -> None:
-        step = self._step
-        if step.load is not None:
-            self._restore(step.load, step)
+        while True:
+            step = self._step
+            try:
+                if step.load is not None:
+                    self._restore(step.load, step)
+                break
+            except CheckpointError as err:
+                bad = getattr(err, "epoch", None)
+                if bad is None:
+                    raise
+                assert self._steps is not None
+                self._steps[self._next :] = self._hooks.replan(bad, self._steps[self._next :])
+        self._hooks.on_step_start(self.trainer, step)
         if step.action == "train":
             super().on_advance_start()
             return
@@ -155,7 +180,7 @@ class ReplayFitLoop(_FitLoop):
         else:
             self._restored_epoch_end()
         self._next += 1
-        self._on_step_done(step)
+        self._hooks.on_step_done(self.trainer, step)
 
     def _restored_epoch_end(self) -> None:
         """Lightning's epoch end without the scheduler step: the restored state already has it."""
@@ -179,7 +204,7 @@ class ReplayFitLoop(_FitLoop):
     def _restore(self, epoch: int, step: EpochStep) -> None:
         """Load checkpoint ``epoch`` into the model, optimizers, schedulers, callbacks and counters."""
         trainer = self.trainer
-        state = self._load(epoch)
+        state = self._hooks.load(epoch)
         connector = trainer._checkpoint_connector
         connector._loaded_checkpoint = state
         try:
@@ -224,3 +249,32 @@ class ReplayFitLoop(_FitLoop):
             child._resuming_from_checkpoint = False
             if child is not loop:
                 ReplayFitLoop._clear_restart_flags(child)
+
+
+def isolate_rank(trainer: pl.Trainer) -> None:
+    """Make this rank replay as an independent process.
+
+    Under DDP, replay must not average gradients across ranks (each rank follows its own
+    recorded trajectory), broadcast rank 0's buffers (BatchNorm), sync logged values
+    (``sync_dist`` would mix epoch 0 of one rank with epoch 5 of another) or wait in a
+    collective (ranks run different numbers of batches). So the model is unwrapped from
+    DistributedDataParallel and the process group, needed only to start the ranks, is
+    destroyed: every later barrier, reduce and metric sync is then a no-op.
+    """
+    strategy = trainer.strategy
+    model = strategy.model
+    if isinstance(model, DistributedDataParallel):
+        strategy.model = model.module
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def replay_data_unsharded(trainer: pl.Trainer, enabled: bool) -> bool:
+    """Turn Lightning's automatic distributed sampler off (``enabled=False``); returns the old setting.
+
+    Each replaying rank must see all of its data, as the single-device recording did.
+    """
+    connector = trainer._accelerator_connector
+    old = bool(connector.use_distributed_sampler)
+    connector.use_distributed_sampler = enabled
+    return old

@@ -106,6 +106,7 @@ class FlorCallback(Callback):
         self._clock = clock
         self.run_id: str | None = None
         self.replay_id: str | None = None  # set by replay: values then land beside the recording
+        self.muted = False  # set by replay while it trains an epoch another segment stores
         self.location: Location | None = None
         self._session: _Session | None = None
         self._batch_idx: int | None = None
@@ -265,7 +266,7 @@ class FlorCallback(Callback):
 
     def _record_step_value(self, pl_module: pl.LightningModule, name: str, value: Any) -> None:
         session = self._session
-        if session is None:
+        if session is None or self.muted:
             return
         trainer = pl_module.trainer
         stage = STAGES.get(trainer.state.stage.value) if trainer.state.stage else None
@@ -293,7 +294,7 @@ class FlorCallback(Callback):
 
     def _record_epoch_values(self, trainer: pl.Trainer, stage: str) -> None:
         session = self._session
-        if session is None or trainer.sanity_checking:
+        if session is None or trainer.sanity_checking or self.muted:
             return
         for name, value in _lightning.epoch_values(trainer).items():
             if name in self._epoch_level_names:

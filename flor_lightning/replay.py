@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import sys
 import time
 import uuid
 from collections.abc import Sequence
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,8 +27,6 @@ if TYPE_CHECKING:
     import sqlite3
 
     import lightning.pytorch as pl
-
-    from flor_lightning.callback import FlorCallback
 
 
 @dataclass
@@ -71,12 +72,6 @@ class ReplayReport:
         if self.bad_checkpoints:
             lines.append(f"  checkpoints that failed their checksum and were worked around: {self.bad_checkpoints}")
         return "\n".join(lines)
-
-
-class _BadCheckpoint(CheckpointError):
-    def __init__(self, epoch: int, message: str) -> None:
-        super().__init__(message)
-        self.epoch = epoch
 
 
 def find_run(conn: sqlite3.Connection, run: str | None, script: str | None) -> dict[str, Any]:
@@ -153,33 +148,13 @@ def run_replay(
     train: bool | None,
 ) -> ReplayReport:
     """See :meth:`flor_lightning.Trainer.replay`."""
-    planner.validate_segment_args(segments, segment)
-    if train not in (None, True, False):
-        raise ReplayError(f"train must be None (decide automatically), True or False, got {train!r}")
-    flor: FlorCallback = trainer.flor  # type: ignore[attr-defined]
+    _check_arguments(trainer.world_size, segments, segment, train)
     loc = locate()
-    if not loc.db_path.exists():
-        raise ReplayError(
-            f"nothing to replay: no flor log store at {str(loc.db_path)!r}. Record a run first with "
-            "flor.Trainer(...).fit(...) from this project."
-        )
-    conn = store.connect(loc.db_path)
-    try:
-        rec = find_run(conn, run, _script(loc))
-        ckpt_rows = {
-            r["epoch"]: r for r in store.fetch(conn, "SELECT * FROM checkpoints WHERE run_id = ?", [rec["run_id"]])
-        }
-        timings = store.fetch(conn, "SELECT * FROM epochs WHERE run_id = ? ORDER BY epoch", [rec["run_id"]])
-    finally:
-        conn.close()
+    rec, ckpt_rows, timings = _load_run(loc, run)
     if not rec["checkpoint_root"]:
         raise ReplayError(f"run {rec['run_id']} has no checkpoint location recorded; it cannot be replayed")
     ckpts = CheckpointStore(rec["checkpoint_root"])
     missing = sorted(e for e, r in ckpt_rows.items() if not ckpts.fs.exists(r["path"]))
-    if missing:
-        rank_zero_warn(
-            f"flor: checkpoints of epochs {missing} of run {rec['run_id']} are missing; replay works around them"
-        )
     good = {e for e in ckpt_rows if e not in missing}
     recorded_epochs = [t["epoch"] for t in timings] or sorted(e for e in ckpt_rows if e >= 0)
     wanted = planner.epoch_list(epochs, recorded_epochs)
@@ -192,66 +167,127 @@ def run_replay(
     cost = {e: val_s.get(e, 0.0) + (train_s.get(e, 0.0) if retrain else 0.0) for e in wanted}
     plan = planner.plan_segments(wanted, good, train=retrain, segments=segments, cost=cost)
     chosen = plan if segment is None else [plan[segment]]
-    steps = [s for seg in chosen for s in seg.steps]
-    load_s = max((r["write_seconds"] for r in ckpt_rows.values()), default=0.0)
-    estimate = planner.estimate_seconds(steps, train_s, val_s, load_s)
-    full = sum(train_s.values()) + sum(val_s.values())
-    rank_zero_info(
-        f"flor: replaying run {rec['run_id']} epochs {planner.describe([e for s in chosen for e in s.epochs])}"
-        f"{f' (segment {segment} of {segments})' if segment is not None else ''}: "
-        f"{'re-training' if retrain else 'restoring checkpoints'} because {reason}. "
-        f"Estimated {estimate:.1f}s (the recording took {full:.1f}s)."
-    )
-    report = ReplayReport(
-        replay_id=f"{rec['run_id']}.r{uuid.uuid4().hex[:6]}", run_id=rec["run_id"], train=retrain, reason=reason
-    )
+    replay_id = os.environ.get(REPLAY_ID_ENV) or f"{rec['run_id']}.r{uuid.uuid4().hex[:6]}"
+    report = ReplayReport(replay_id=replay_id, run_id=rec["run_id"], train=retrain, reason=reason)
+    primary, world = trainer.global_rank == 0, trainer.world_size
     started = time.time()
-    version = _commit_code(loc, f"flor replay {report.replay_id} of run {rec['run_id']}")
-    conn = store.connect(loc.db_path)
-    store.insert(
-        conn,
-        "replays",
-        {
-            "replay_id": report.replay_id,
-            "run_id": rec["run_id"],
-            "started": started,
-            "status": "running",
-            "shadow_commit": version,
-            "plan": [asdict(s) for s in steps],
-        },
+    if primary:
+        if missing:
+            rank_zero_warn(
+                f"flor: checkpoints of epochs {missing} of run {rec['run_id']} are missing; replay works around them"
+            )
+        _announce(rec["run_id"], chosen, segment, segments, retrain, reason, train_s, val_s, ckpt_rows)
+        version = _commit_code(loc, f"flor replay {replay_id} of run {rec['run_id']}")
+        with closing(store.connect(loc.db_path)) as c:
+            store.insert(
+                c,
+                "replays",
+                {
+                    "replay_id": replay_id,
+                    "run_id": rec["run_id"],
+                    "started": started,
+                    "status": "running",
+                    "shadow_commit": version,
+                    "plan": [[asdict(st) for st in seg.steps] for seg in chosen],
+                },
+                replace=False,
+            )
+    runner = SegmentRunner(
+        db_path=str(loc.db_path),
+        replay_id=replay_id,
+        run=rec,
+        segments=chosen,
+        total_segments=segments,
+        checkpoint_root=rec["checkpoint_root"],
+        checkpoints=ckpt_rows,
+        good=good,
+        retrain=retrain,
     )
     status = "failed"
     try:
-        for seg in chosen:
-            _run_segment(
-                trainer,
-                model,
-                flor,
-                report,
-                list(seg.steps),
-                ckpts,
-                ckpt_rows,
-                good,
-                rec,
-                retrain,
-                datamodule=datamodule,
-                train_dataloaders=train_dataloaders,
-                val_dataloaders=val_dataloaders,
-            )
+        runner.run(
+            trainer, model, datamodule=datamodule, train_dataloaders=train_dataloaders, val_dataloaders=val_dataloaders
+        )
+        if primary and world > 1:
+            wait_for_segments(str(loc.db_path), replay_id, segments)
         status = "finished"
     finally:
         report.seconds = time.time() - started
-        if status == "finished":
-            _compare(conn, report)
-        store.update(
-            conn,
-            "replays",
-            {"replay_id": report.replay_id},
-            {"status": status, "ended": time.time(), "report": asdict(report)},
-        )
-        conn.close()
+        with closing(store.connect(loc.db_path)) as c:
+            _fill_epochs(c, report)
+            if status == "finished" and primary:
+                _compare(c, report)
+            if primary:
+                store.update(
+                    c,
+                    "replays",
+                    {"replay_id": replay_id},
+                    {"status": status, "ended": time.time(), "report": asdict(report)},
+                )
     rank_zero_info(str(report))
     return report
+
+
+REPLAY_ID_ENV = "FLOR_REPLAY_ID"
+
+
+def _check_arguments(world: int, segments: int, segment: int | None, train: bool | None) -> None:
+    planner.validate_segment_args(segments, segment)
+    if train not in (None, True, False):
+        raise ReplayError(f"train must be None (decide automatically), True or False, got {train!r}")
+    if world > 1 and segment is not None:
+        raise ReplayError(
+            f"segment={segment} runs one segment in a single-device process, but this Trainer starts {world} "
+            f"processes; use segments={world} (one segment per rank) or devices=1 with segment=i"
+        )
+    if world > 1 and segments != world:
+        raise ReplayError(
+            f"segments={segments} but this Trainer runs {world} processes (devices x num_nodes); multi-process "
+            f"replay runs one segment per rank: pass segments={world}"
+        )
+
+
+def _load_run(loc: Location, run: str | None) -> tuple[dict[str, Any], dict[int, dict[str, Any]], list[dict[str, Any]]]:
+    """The run to replay, its checkpoint index by epoch, and its epoch timings."""
+    if not loc.db_path.exists():
+        raise ReplayError(
+            f"nothing to replay: no flor log store at {str(loc.db_path)!r}. Record a run first with "
+            "flor.Trainer(...).fit(...) from this project."
+        )
+    with closing(store.connect(loc.db_path)) as conn:
+        rec = find_run(conn, run, _script(loc))
+        rows = store.fetch(conn, "SELECT * FROM checkpoints WHERE run_id = ?", [rec["run_id"]])
+        timings = store.fetch(conn, "SELECT * FROM epochs WHERE run_id = ? ORDER BY epoch", [rec["run_id"]])
+    return rec, {r["epoch"]: r for r in rows}, timings
+
+
+def _announce(
+    run_id: str,
+    chosen: list[planner.Segment],
+    segment: int | None,
+    segments: int,
+    retrain: bool,
+    reason: str,
+    train_s: dict[int, float],
+    val_s: dict[int, float],
+    ckpt_rows: dict[int, dict[str, Any]],
+) -> None:
+    steps = [s for seg in chosen for s in seg.steps]
+    load_s = max((r["write_seconds"] for r in ckpt_rows.values()), default=0.0)
+    estimate = planner.estimate_seconds(steps, train_s, val_s, load_s)
+    if segments > 1 and segment is None:
+        estimate = max(planner.estimate_seconds(seg.steps, train_s, val_s, load_s) for seg in chosen)
+    full = sum(train_s.values()) + sum(val_s.values())
+    which = (
+        f" (segment {segment} of {segments})"
+        if segment is not None
+        else (f" in {segments} segments" if segments > 1 else "")
+    )
+    rank_zero_info(
+        f"flor: replaying run {run_id} epochs {planner.describe([e for s in chosen for e in s.epochs])}{which}: "
+        f"{'re-training' if retrain else 'restoring checkpoints'} because {reason}. "
+        f"Estimated {estimate:.1f}s (the recording took {full:.1f}s)."
+    )
 
 
 def _commit_code(loc: Location, message: str) -> str | None:
@@ -264,59 +300,200 @@ def _commit_code(loc: Location, message: str) -> str | None:
         return None
 
 
-def _run_segment(
-    trainer: pl.Trainer,
-    model: pl.LightningModule,
-    flor: FlorCallback,
-    report: ReplayReport,
-    steps: list[planner.EpochStep],
-    ckpts: CheckpointStore,
-    ckpt_rows: dict[int, dict[str, Any]],
-    good: set[int],
-    rec: dict[str, Any],
-    retrain: bool,
-    **data: Any,
-) -> None:
-    """Run ``steps`` with the replay loop; on a corrupt checkpoint, re-plan around it and go on."""
-    settings = json.loads(rec["settings"] or "{}")
+class SegmentRunner:
+    """Runs this process's replay segments with :class:`ReplayFitLoop` and keeps their records.
 
-    def load(epoch: int) -> dict[str, Any]:
-        row = ckpt_rows[epoch]
+    Plain data only, so that a spawning strategy can pickle it to its ranks. Each process
+    records its segment's status in ``replay_segments``: the process that launched the ranks
+    learns from there whether every segment finished, since nothing held in a rank's memory
+    comes back to it.
+    """
+
+    def __init__(
+        self,
+        *,
+        db_path: str,
+        replay_id: str,
+        run: dict[str, Any],
+        segments: list[planner.Segment],
+        total_segments: int,
+        checkpoint_root: str,
+        checkpoints: dict[int, dict[str, Any]],
+        good: set[int],
+        retrain: bool,
+    ) -> None:
+        self.db_path = db_path
+        self.replay_id = replay_id
+        self.run_id: str = run["run_id"]
+        self.settings: dict[str, Any] = json.loads(run["settings"] or "{}")
+        self.segments = segments
+        self.total_segments = total_segments
+        self.checkpoint_root = checkpoint_root
+        self.checkpoints = checkpoints
+        self.good = set(good)
+        self.retrain = retrain
+        self._store: CheckpointStore | None = None
+        self._segment: planner.Segment | None = None
+
+    def run(self, trainer: pl.Trainer, model: pl.LightningModule, **data: Any) -> None:
+        flor = trainer.flor  # type: ignore[attr-defined]
+        original_loop, sanity = trainer.fit_loop, trainer.num_sanity_val_steps
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        flor.run_id, flor.replay_id = self.run_id, self.replay_id
+        # Replay re-derives values, not models: Lightning's checkpoint callbacks would write (and could
+        # overwrite) model files the recording already made.
+        trainer.callbacks = [cb for cb in callbacks if not isinstance(cb, Checkpoint)]  # type: ignore[attr-defined]
+        sampler = _lightning.replay_data_unsharded(trainer, False)
+        launched_env = os.environ.get(REPLAY_ID_ENV)
+        os.environ[REPLAY_ID_ENV] = self.replay_id  # ranks started by the launcher join this replay
         try:
-            return ckpts.load(row["path"], row["sha256"])
+            if trainer.world_size > 1:
+                self._run_fit(trainer, model, data, None)
+            else:
+                for seg in self.segments:
+                    self._run_fit(trainer, model, data, seg)
+        finally:
+            trainer.fit_loop, trainer.num_sanity_val_steps = original_loop, sanity
+            trainer.callbacks = callbacks  # type: ignore[attr-defined]
+            _lightning.replay_data_unsharded(trainer, sampler)
+            flor.replay_id, flor.muted = None, False
+            if launched_env is None:
+                os.environ.pop(REPLAY_ID_ENV, None)
+
+    def _run_fit(
+        self, trainer: pl.Trainer, model: pl.LightningModule, data: dict[str, Any], segment: planner.Segment | None
+    ) -> None:
+        self._segment = segment
+        trainer.fit_loop = _lightning.ReplayFitLoop(trainer, self)
+        trainer.num_sanity_val_steps = 0
+        try:
+            trainer.fit(model, **data)
+        except BaseException as err:
+            if self._segment is not None:
+                self._mark(trainer, "failed", error=f"{type(err).__name__}: {err}")
+            raise
+        self._mark(trainer, "finished")
+
+    # ---- ReplayHooks ------------------------------------------------------------------------
+
+    def steps(self, trainer: pl.Trainer) -> list[planner.EpochStep]:
+        if self._segment is None:  # one segment per rank
+            self._segment = self.segments[trainer.global_rank]
+        return list(self._segment.steps)
+
+    def load(self, epoch: int) -> dict[str, Any]:
+        if self._store is None:
+            self._store = CheckpointStore(self.checkpoint_root)
+        row = self.checkpoints.get(epoch)
+        if row is None or epoch not in self.good:
+            raise BadCheckpoint(epoch, f"checkpoint of epoch {epoch} of run {self.run_id} is missing")
+        try:
+            return self._store.load(row["path"], row["sha256"])
         except CheckpointError as err:
-            raise _BadCheckpoint(epoch, str(err)) from err
+            raise BadCheckpoint(epoch, str(err)) from err
 
-    def on_start(tr: pl.Trainer) -> None:
-        _check_like_recording(tr, settings, retrain)
+    def replan(self, bad_epoch: int, remaining: list[planner.EpochStep]) -> list[planner.EpochStep]:
+        self.good.discard(bad_epoch)
+        rank_zero_warn(f"flor: checkpoint of epoch {bad_epoch} is unusable; re-planning from an earlier one")
+        with closing(store.connect(self.db_path)) as c:
+            c.execute(
+                "UPDATE replays SET report = json_set(coalesce(report, '{}'), '$.bad_' || ?, 1) WHERE replay_id = ?",
+                [str(bad_epoch), self.replay_id],
+            )
+        return planner.steps_for([s.epoch for s in remaining if s.wanted], self.good, train=self.retrain)
 
-    def on_step_done(step: planner.EpochStep) -> None:
-        done.append(step)
-        (report.epochs_trained if step.action == "train" else report.epochs_restored).append(step.epoch)
+    def on_start(self, trainer: pl.Trainer) -> None:
+        _check_like_recording(trainer, self.settings, self.retrain)
+        self._mark(trainer, "running")
 
-    original_loop, sanity, callbacks = trainer.fit_loop, trainer.num_sanity_val_steps, trainer.callbacks  # type: ignore[attr-defined]
-    flor.run_id, flor.replay_id = rec["run_id"], report.replay_id
-    # Replay re-derives values, not models: Lightning's checkpoint callbacks would write (and could
-    # overwrite) model files the recording already made.
-    trainer.callbacks = [cb for cb in callbacks if not isinstance(cb, Checkpoint)]  # type: ignore[attr-defined]
-    try:
-        while steps:
-            done: list[planner.EpochStep] = []
-            trainer.fit_loop = _lightning.ReplayFitLoop(trainer, steps, load, on_start, on_step_done)
-            trainer.num_sanity_val_steps = 0
-            try:
-                trainer.fit(model, **data)
-                return
-            except _BadCheckpoint as err:
-                good.discard(err.epoch)
-                report.bad_checkpoints.append(err.epoch)
-                rank_zero_warn(f"flor: {err}; re-planning from an earlier checkpoint")
-                remaining = [s.epoch for s in steps[len(done) :] if s.wanted]
-                steps = planner.steps_for(remaining, good, train=retrain)
-    finally:
-        trainer.fit_loop, trainer.num_sanity_val_steps = original_loop, sanity
-        trainer.callbacks = callbacks  # type: ignore[attr-defined]
-        flor.replay_id = None
+    def on_step_start(self, trainer: pl.Trainer, step: planner.EpochStep) -> None:
+        # An epoch trained only to reach a wanted one belongs to another segment: do not store it twice.
+        trainer.flor.muted = not step.wanted  # type: ignore[attr-defined]
+
+    def on_step_done(self, trainer: pl.Trainer, step: planner.EpochStep) -> None:
+        trainer.flor.muted = False  # type: ignore[attr-defined]
+        with closing(store.connect(self.db_path)) as c:
+            store.insert(
+                c,
+                "replay_epochs",
+                {"replay_id": self.replay_id, "epoch": step.epoch, "action": step.action, "wanted": int(step.wanted)},
+            )
+
+    def _mark(self, trainer: pl.Trainer, status: str, error: str | None = None) -> None:
+        seg = self._segment
+        assert seg is not None
+        with closing(store.connect(self.db_path)) as c:
+            row = {
+                "replay_id": self.replay_id,
+                "segment": seg.index,
+                "segments": self.total_segments,
+                "rank": trainer.global_rank,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "status": status,
+                "epochs": list(seg.epochs),
+                "error": error,
+            }
+            if status == "running":
+                store.insert(c, "replay_segments", {**row, "started": time.time()})
+            else:
+                store.update(
+                    c,
+                    "replay_segments",
+                    {"replay_id": self.replay_id, "segment": seg.index},
+                    {"status": status, "ended": time.time(), "error": error},
+                )
+
+
+class BadCheckpoint(CheckpointError):
+    """A checkpoint that is missing or fails its checksum; ``epoch`` names it."""
+
+    def __init__(self, epoch: int, message: str) -> None:
+        super().__init__(message)
+        self.epoch = epoch
+
+
+def wait_for_segments(
+    db_path: str, replay_id: str, segments: int, *, poll: float = 0.5, timeout: float = 3600.0
+) -> None:
+    """Block until every segment of ``replay_id`` finished; raise naming any that failed or died."""
+    deadline = time.monotonic() + timeout
+    host = socket.gethostname()
+    while True:
+        with closing(store.connect(db_path)) as c:
+            rows = {
+                r["segment"]: r
+                for r in store.fetch(c, "SELECT * FROM replay_segments WHERE replay_id = ?", [replay_id])
+            }
+        failed = {
+            i: r
+            for i, r in rows.items()
+            if r["status"] == "failed" or (r["status"] == "running" and not store.pid_alive(r["pid"], r["host"], host))
+        }
+        if failed:
+            detail = "; ".join(
+                f"segment {i} (rank {r['rank']}): {r['error'] or 'its process died'}" for i, r in sorted(failed.items())
+            )
+            raise ReplayError(
+                f"replay {replay_id}: {detail}. Its values so far are kept; re-run it alone with "
+                f"trainer.replay(..., run=..., segment=<i>, segments={segments}) on one device."
+            )
+        if len(rows) == segments and all(r["status"] == "finished" for r in rows.values()):
+            return
+        if time.monotonic() > deadline:
+            raise ReplayError(f"replay {replay_id}: segments {sorted(set(range(segments)) - set(rows))} never started")
+        time.sleep(poll)
+
+
+def _fill_epochs(conn: sqlite3.Connection, report: ReplayReport) -> None:
+    done = store.fetch(
+        conn, "SELECT DISTINCT epoch, action FROM replay_epochs WHERE replay_id = ? ORDER BY epoch", [report.replay_id]
+    )
+    report.epochs_restored = [r["epoch"] for r in done if r["action"] == "restore"]
+    report.epochs_trained = [r["epoch"] for r in done if r["action"] == "train"]
+    row = store.fetch(conn, "SELECT report FROM replays WHERE replay_id = ?", [report.replay_id])
+    marks = json.loads(row[0]["report"] or "{}") if row else {}
+    report.bad_checkpoints = sorted(int(k[4:]) for k in marks if k.startswith("bad_"))
 
 
 def _check_like_recording(trainer: pl.Trainer, settings: dict[str, Any], retrain: bool) -> None:

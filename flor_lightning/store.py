@@ -88,6 +88,31 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         );
         """,
     ),
+    (
+        "0002_replay_segments",
+        """
+        CREATE TABLE replay_segments (
+            replay_id TEXT NOT NULL,
+            segment INTEGER NOT NULL,
+            segments INTEGER NOT NULL,
+            rank INTEGER NOT NULL,
+            pid INTEGER,
+            host TEXT,
+            status TEXT NOT NULL,
+            epochs TEXT,
+            started REAL NOT NULL,
+            ended REAL,
+            error TEXT,
+            PRIMARY KEY (replay_id, segment)
+        );
+        CREATE TABLE replay_epochs (
+            replay_id TEXT NOT NULL,
+            epoch INTEGER NOT NULL,
+            action TEXT NOT NULL,
+            wanted INTEGER NOT NULL
+        );
+        """,
+    ),
 )
 
 LOG_COLUMNS = ("run_id", "replay_id", "stage", "level", "epoch", "step", "batch_idx", "name", "value", "text")
@@ -255,13 +280,15 @@ class LogWriter:
         conn.execute("COMMIT")
 
 
-def insert(conn: sqlite3.Connection, table: str, row: dict[str, Any]) -> None:
-    """Insert one row given as a dict; dict/list values are stored as JSON."""
+def insert(conn: sqlite3.Connection, table: str, row: dict[str, Any], *, replace: bool = True) -> None:
+    """Insert one row given as a dict (replacing one with the same key, or keeping it when
+    ``replace`` is False); dict/list values are stored as JSON."""
     cols = ", ".join(row)
     marks = ", ".join("?" * len(row))
     values = [json.dumps(v, default=repr) if isinstance(v, (dict, list)) else v for v in row.values()]
     with conn:
-        conn.execute(f"INSERT OR REPLACE INTO {table} ({cols}) VALUES ({marks})", values)
+        verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+        conn.execute(f"{verb} INTO {table} ({cols}) VALUES ({marks})", values)
 
 
 def update(conn: sqlite3.Connection, table: str, key: dict[str, Any], values: dict[str, Any]) -> None:
