@@ -16,6 +16,7 @@ from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 from lightning.pytorch.trainer import call
 from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultCollection
 from torch.nn.parallel import DistributedDataParallel
+from torchmetrics import Metric
 from typing_extensions import override
 
 from flor_lightning import rng
@@ -45,6 +46,15 @@ def dump_state(trainer: pl.Trainer) -> dict[str, Any]:
     for key in _USER_OBJECT_KEYS:
         state.pop(key, None)
     return state
+
+
+def step_value(value: Any) -> Any:
+    """What Lightning logs for one ``self.log`` call at this step: a detached tensor, the value of a
+    torchmetrics ``Metric`` at this step (its forward cache, as Lightning reads it), or the value
+    as given; None for a Metric that was not called this step."""
+    if isinstance(value, Metric):
+        value = value._forward_cache
+    return value.detach() if isinstance(value, torch.Tensor) else value
 
 
 def epoch_values(trainer: pl.Trainer) -> dict[str, Tensor]:
@@ -266,6 +276,7 @@ def isolate_rank(trainer: pl.Trainer) -> None:
     if isinstance(model, DistributedDataParallel):
         strategy.model = model.module
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank is past its last collective before any leaves the group
         torch.distributed.destroy_process_group()
 
 

@@ -116,6 +116,7 @@ class FlorCallback(Callback):
         self._rng_at_validation: dict[str, Any] | None = None
         self._log_owner: pl.LightningModule | None = None
         self._epoch_level_names: set[str] = set()
+        self._owns_run_until: str | None = None  # "fit" or "stage" while this callback's run is open
         self._checkpoint_epochs: set[int] = set()
 
     # ---- session life cycle -------------------------------------------------------------
@@ -138,36 +139,43 @@ class FlorCallback(Callback):
         self.location = loc = locate()
         self._checkpoint_epochs = set()
         ignore_flor_folder(loc.db_path.parent)
-        conn = store.connect(loc.db_path)
         checkpoints = None
+        run_id = self.run_id
         if fitting and self.replay_id is None:
-            self.run_id = new_run_id(self._clock())
+            run_id = new_run_id(self._clock())
             checkpoints = CheckpointStore(checkpoint_root(loc.project, self.checkpoint_dir))
-            checkpoints.check_writable(f"{checkpoints.root}/{self.run_id}")
-            self._insert_run(conn, trainer, pl_module, loc, checkpoints.url)
-        elif self.run_id is None:  # validate/test with no fit before it: a run of its own
-            self.run_id = new_run_id(self._clock())
-            self._insert_run(conn, trainer, pl_module, loc, None)
+            checkpoints.check_writable(f"{checkpoints.root}/{run_id}")  # before anything is written
+        conn = store.connect(loc.db_path)
+        self._owns_run_until = None
+        if checkpoints is not None or run_id is None:  # a fit, or validate/test with no fit before it
+            run_id = run_id or new_run_id(self._clock())
+            try:
+                self._insert_run(conn, run_id, trainer, pl_module, loc, checkpoints.url if checkpoints else None)
+            except BaseException:
+                conn.close()
+                raise
+            self._owns_run_until = "fit" if fitting else "stage"
+        self.run_id = run_id
         writer = store.LogWriter(lambda: store.connect(loc.db_path), interval=self.flush_interval)
-        return _Session(self.run_id, self.replay_id, conn, writer, checkpoints)
+        return _Session(run_id, self.replay_id, conn, writer, checkpoints)
 
     def _insert_run(
         self,
         conn: sqlite3.Connection,
+        run_id: str,
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
         loc: Location,
         ckpt_url: str | None,
     ) -> None:
-        assert self.run_id is not None
         script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
         rel_script = _relative(script, loc.root) if script else None
-        version = self._commit_code(loc, f"flor run {self.run_id}: {rel_script}")
+        version = self._commit_code(loc, f"flor run {run_id}: {rel_script}")
         store.insert(
             conn,
             "runs",
             {
-                "run_id": self.run_id,
+                "run_id": run_id,
                 "project": loc.project,
                 "script": rel_script,
                 "argv": list(sys.argv[1:]),
@@ -219,6 +227,7 @@ class FlorCallback(Callback):
             session.writer.close()
         except FlorError as err:
             errors.append(err)
+        self._owns_run_until = None
         if status is not None and session.replay_id is None:
             store.update(session.conn, "runs", {"run_id": session.run_id}, {"status": status, "ended": self._clock()})
         session.conn.close()
@@ -228,12 +237,15 @@ class FlorCallback(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_log_hook()
-        self._close("finished" if stage == "fit" else None)
+        self._close("finished" if self._owns_run_until is not None else None)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._remove_log_hook()
-        self._close("failed")
+        try:
+            self._close("failed")
+        except FlorError as err:  # never let flor's own trouble hide the user's exception
+            log.error("flor: while closing the failed run: %s", err)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -272,8 +284,9 @@ class FlorCallback(Callback):
         stage = STAGES.get(trainer.state.stage.value) if trainer.state.stage else None
         if stage is None:
             return
-        if isinstance(value, torch.Tensor):
-            value = value.detach()
+        value = _lightning.step_value(value)
+        if value is None:
+            return
         # Outside a batch (an epoch-end hook) a value is its own epoch aggregate.
         level = "step" if self._batch_idx is not None else "epoch"
         if level == "epoch":

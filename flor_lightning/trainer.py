@@ -8,6 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from flor_lightning.callback import FlorCallback
+from flor_lightning.errors import ConfigError
 from flor_lightning.replay import ReplayReport, run_replay
 
 
@@ -26,7 +27,13 @@ class Trainer(pl.Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         callbacks = kwargs.get("callbacks")
         callbacks = [] if callbacks is None else list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
-        if not any(isinstance(cb, FlorCallback) for cb in callbacks):
+        attached = sum(isinstance(cb, FlorCallback) for cb in callbacks)
+        if attached > 1:
+            raise ConfigError(
+                f"{attached} FlorCallback instances were given; flor.Trainer records with exactly one "
+                "(pass one FlorCallback to set its options, or none for the defaults)"
+            )
+        if not attached:
             callbacks.append(FlorCallback())
         kwargs["callbacks"] = callbacks
         super().__init__(*args, **kwargs)

@@ -1,0 +1,395 @@
+"""FlorCallback end to end: a real Trainer, a real sqlite store, a real git repository."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import lightning as L
+import pandas as pd
+import pytest
+import torch
+from helpers import git, rows, user_git_state
+from models import TEST_BATCHES, TRAIN_BATCHES, VAL_BATCHES, DigitsClassifier, DigitsData, trainer_kwargs
+
+import flor_lightning as flor
+from flor_lightning import ConfigError, FlorCallback
+from flor_lightning.shadow import SHADOW_BRANCH
+
+EPOCHS = 3
+RUN_LEVEL = ["run_id", "started", "status", "script", "shadow_commit"]
+
+
+def fit(model: L.LightningModule | None = None, *, seed: int = 0, **overrides: object) -> L.Trainer:
+    L.seed_everything(seed, verbose=False)
+    callbacks = overrides.pop("callbacks", [FlorCallback()])
+    trainer = L.Trainer(callbacks=callbacks, **trainer_kwargs(**overrides))
+    trainer.fit(model or DigitsClassifier(), datamodule=DigitsData())
+    return trainer
+
+
+def the_run() -> pd.Series:
+    runs = flor.runs()
+    assert len(runs) == 1
+    return runs.iloc[0]
+
+
+def values(df: pd.DataFrame, name: str, level: str = "step", stage: str | None = None) -> pd.DataFrame:
+    keep = (df["name"] == name) & (df["level"] == level)
+    if stage is not None:
+        keep &= df["stage"] == stage
+    return df[keep].reset_index(drop=True)
+
+
+class Chatty(DigitsClassifier):
+    """Logs past the logger (``logger=False``), from epoch-end hooks, and NaN/inf values."""
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.log("double_loss", loss * 2, logger=False, prog_bar=False)
+        self.log("nan_metric", math.nan)
+        self.log("inf_metric", torch.tensor(math.inf))
+        self.log("neg_inf_metric", -math.inf)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val_hook", float(self.current_epoch))
+
+
+# ---- the run row -------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_run_row_describes_the_run(project: Path, flor_home: Path) -> None:
+    head = git(project, "rev-parse", "HEAD")
+
+    fit(seed=7, accumulate_grad_batches=2)
+
+    run = the_run()
+    assert run["status"] == "finished"
+    assert run["ended"] >= run["started"]
+    assert run["project"] == "proj"
+    assert run["script"] == "train.py"
+    assert run["argv"] == ["--epochs", "3"]
+    assert run["hparams"] == {"hidden": 32, "lr": 0.01, "dropout": 0.2, "batch_size": 32, "shuffle": True}
+    settings = run["settings"]
+    assert settings["max_epochs"] == EPOCHS
+    assert settings["deterministic"] is True
+    assert settings["accumulate_grad_batches"] == 2
+    assert settings["world_size"] == 1
+    assert settings["num_devices"] == 1
+    assert settings["seed"] == "7"
+    assert settings["precision"] == "32-true"
+    assert settings["limit_train_batches"] == TRAIN_BATCHES
+    assert run["versions"]["torch"] == torch.__version__
+    assert run["versions"]["lightning"] == L.__version__
+    assert run["versions"]["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert run["shadow_commit"] == git(project, "rev-parse", SHADOW_BRANCH)
+    assert run["head_commit"] == head
+    assert run["branch"] == "main"
+    assert run["checkpoint_root"] == f"{flor_home}/proj"
+    assert (project / ".flor" / "flor.db").is_file()
+
+
+@pytest.mark.integration
+def test_datamodule_hyperparameter_clashing_with_the_model_is_prefixed(project: Path) -> None:
+    class Data(DigitsData):
+        def __init__(self, lr: float = 0.5) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+
+    L.seed_everything(0, verbose=False)
+    L.Trainer(callbacks=[FlorCallback()], **trainer_kwargs(max_epochs=1)).fit(DigitsClassifier(), datamodule=Data())
+
+    hparams = the_run()["hparams"]
+    assert hparams["lr"] == 0.01
+    assert hparams["datamodule.lr"] == 0.5
+
+
+# ---- logged values -------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_every_value_is_recorded_whatever_the_logger_settings(project: Path) -> None:
+    trainer = fit(Chatty(), log_every_n_steps=50)
+    trainer.test(trainer.lightning_module, datamodule=DigitsData())
+
+    rec = flor.records()
+    run_id = the_run()["run_id"]
+    assert set(rec["run_id"]) == {run_id}
+    assert rec["replay_id"].isna().all()
+
+    # every training step, although log_every_n_steps=50 would let a logger see none of them
+    loss = values(rec, "train_loss", stage="train")
+    assert list(loss["epoch"]) == [e for e in range(EPOCHS) for _ in range(TRAIN_BATCHES)]
+    assert list(loss["step"]) == list(range(EPOCHS * TRAIN_BATCHES))
+    assert list(loss["batch_idx"]) == list(range(TRAIN_BATCHES)) * EPOCHS
+    # logger=False on the self.log call does not hide a value from flor
+    double = values(rec, "double_loss")
+    assert list(double["value"]) == [2 * v for v in loss["value"]]
+
+    # on_step + on_epoch: one aggregate per epoch, named as Lightning's loggers name it
+    epoch_loss = values(rec, "train_loss_epoch", level="epoch")
+    assert list(epoch_loss["epoch"]) == list(range(EPOCHS))
+    assert epoch_loss["batch_idx"].isna().all()
+    means = loss.groupby("epoch")["value"].mean()
+    assert epoch_loss["value"].tolist() == pytest.approx(means.tolist(), rel=1e-6)
+    assert values(rec, "train_loss", level="epoch").empty
+
+    # logged from on_train_epoch_end: stored once per epoch, as it was logged
+    lr = values(rec, "lr", level="epoch")
+    assert list(lr["epoch"]) == list(range(EPOCHS))
+    assert lr["value"].tolist() == pytest.approx([0.005, 0.0025, 0.00125])  # StepLR has stepped by then
+    assert values(rec, "lr").empty
+
+    # validation: per batch and once per epoch; the sanity check is not recorded
+    val = values(rec, "val_loss", stage="validate")
+    assert list(val["epoch"]) == [e for e in range(EPOCHS) for _ in range(VAL_BATCHES)]
+    val_epoch = values(rec, "val_loss", level="epoch", stage="validate")
+    assert list(val_epoch["epoch"]) == list(range(EPOCHS))
+    assert list(val_epoch["step"]) == [TRAIN_BATCHES * (e + 1) for e in range(EPOCHS)]
+    assert list(values(rec, "val_hook", level="epoch")["value"]) == [0.0, 1.0, 2.0]
+
+    # test, after fit: into the same run, whose status stays finished
+    test = rec[rec["stage"] == "test"]
+    assert len(values(test, "test_loss")) == TEST_BATCHES
+    assert len(values(test, "test_loss", level="epoch")) == 1
+    assert the_run()["status"] == "finished"
+
+
+@pytest.mark.integration
+def test_nan_and_inf_are_stored_and_read_back(project: Path) -> None:
+    fit(Chatty(), max_epochs=1)
+
+    rec = flor.records()
+    nan = values(rec, "nan_metric")["value"]
+    assert len(nan) == TRAIN_BATCHES
+    assert all(isinstance(v, float) and math.isnan(v) for v in nan)
+    assert list(values(rec, "inf_metric")["value"]) == [math.inf] * TRAIN_BATCHES
+    assert list(values(rec, "neg_inf_metric")["value"]) == [-math.inf] * TRAIN_BATCHES
+    table = flor.query("inf_metric", "nan_metric")
+    assert table["inf_metric"].dtype == "float64"
+    assert (table["inf_metric"].dropna() == math.inf).sum() == TRAIN_BATCHES
+
+
+@pytest.mark.integration
+def test_values_lightning_refuses_are_not_recorded(project: Path) -> None:
+    """A string or a multi-element tensor never reaches the store: Lightning's own error surfaces."""
+
+    class Refused(DigitsClassifier):
+        def __init__(self, value: object) -> None:
+            super().__init__()
+            self.value = value
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            loss = super().training_step(batch, batch_idx)
+            if batch_idx == 1:
+                self.log("refused", self.value)
+            return loss
+
+    for value in ("a string", torch.tensor([1.0, 2.0])):
+        with pytest.raises(ValueError, match=r"self\.log"):
+            fit(Refused(value), max_epochs=1)
+
+    rec = flor.records()
+    assert "refused" not in set(rec["name"])
+    assert set(flor.runs()["status"]) == {"failed"}
+
+
+@pytest.mark.integration
+def test_torchmetrics_metric_step_values_are_numbers(project: Path) -> None:
+    torchmetrics = pytest.importorskip("torchmetrics")
+
+    class WithMetric(DigitsClassifier):
+        def __init__(self) -> None:
+            super().__init__()
+            self.acc = torchmetrics.classification.MulticlassAccuracy(num_classes=10)
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            self.acc(self(x), y)
+            self.log("train_acc", self.acc, on_step=True, on_epoch=True)
+            return super().training_step(batch, batch_idx)
+
+    fit(WithMetric(), max_epochs=1)
+
+    rec = flor.records()
+    step = values(rec, "train_acc")
+    assert len(step) == TRAIN_BATCHES
+    assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in step["value"])
+
+
+@pytest.mark.integration
+def test_flor_trainer_records_what_the_callback_records(project: Path) -> None:
+    fit(callbacks=[FlorCallback()])
+    L.seed_everything(0, verbose=False)
+    trainer = flor.Trainer(**trainer_kwargs())
+    trainer.fit(DigitsClassifier(), datamodule=DigitsData())
+
+    first, second = flor.runs()["run_id"]
+    assert trainer.flor.run_id == second
+    tables = [flor.query(run=run_id).drop(columns=RUN_LEVEL) for run_id in (first, second)]
+    assert len(tables[0]) == EPOCHS * (TRAIN_BATCHES + 1)
+    pd.testing.assert_frame_equal(tables[0], tables[1])
+    long = [flor.records(run=run_id).drop(columns="run_id") for run_id in (first, second)]
+    pd.testing.assert_frame_equal(long[0], long[1])
+
+
+# ---- configuration errors ------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_two_callbacks_on_a_lightning_trainer_are_refused(project: Path) -> None:
+    # Lightning refuses two stateful callbacks with one state_key as the Trainer is built, so
+    # FlorCallback.setup's own ConfigError is never reached on a plain lightning Trainer.
+    with pytest.raises((ConfigError, RuntimeError), match="FlorCallback"):
+        fit(callbacks=[FlorCallback(), FlorCallback()])
+
+    assert not (project / ".flor" / "flor.db").exists()
+
+
+def test_two_callbacks_on_a_flor_trainer_raise_config_error(project: Path) -> None:
+    with pytest.raises(ConfigError, match="FlorCallback"):
+        flor.Trainer(callbacks=[FlorCallback(), FlorCallback()], **trainer_kwargs())
+
+
+@pytest.mark.integration
+def test_flor_trainer_uses_the_callback_it_is_given(project: Path) -> None:
+    mine = FlorCallback(checkpoint_every=2)
+    trainer = flor.Trainer(callbacks=[mine], **trainer_kwargs(max_epochs=1))
+    assert trainer.flor is mine
+    assert sum(isinstance(cb, FlorCallback) for cb in trainer.callbacks) == 1
+
+
+@pytest.mark.parametrize("every", [0, -1, 1.5, True, "2"])
+def test_checkpoint_every_must_be_a_positive_whole_number(every: object) -> None:
+    with pytest.raises(ConfigError, match="checkpoint_every"):
+        FlorCallback(checkpoint_every=every)  # type: ignore[arg-type]
+
+
+def test_flush_interval_must_be_positive() -> None:
+    with pytest.raises(ConfigError, match="flush_interval"):
+        FlorCallback(flush_interval=0)
+
+
+def test_checkpoint_dir_without_parent_is_refused_at_construction(tmp_path: Path) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    for bad in (tmp_path / "missing" / "ckpts", a_file / "ckpts"):
+        with pytest.raises(ConfigError, match="parent folder does not exist"):
+            FlorCallback(checkpoint_dir=str(bad))
+
+
+class CountingSteps(DigitsClassifier):
+    steps = 0
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        type(self).steps += 1
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("where", ["under-a-file", "a-file"])
+def test_unwritable_checkpoint_location_fails_before_training(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    monkeypatch.setenv("FLOR_HOME", str(a_file / "home" if where == "under-a-file" else a_file))
+    model = CountingSteps()
+
+    with pytest.raises(ConfigError, match="FLOR_HOME"):
+        fit(model)
+
+    assert CountingSteps.steps == 0
+    # the check runs before anything is written: no store, so no run left 'running' and no values
+    assert not (project / ".flor" / "flor.db").exists()
+
+
+@pytest.mark.integration
+def test_failing_training_step_marks_the_run_failed(project: Path) -> None:
+    class Failing(DigitsClassifier):
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            if self.current_epoch == 1 and batch_idx == 2:
+                raise RuntimeError("boom in training_step")
+            return super().training_step(batch, batch_idx)
+
+    with pytest.raises(RuntimeError, match="boom in training_step"):
+        fit(Failing())
+
+    run = the_run()
+    assert run["status"] == "failed"
+    assert not pd.isna(run["ended"])
+    loss = values(flor.records(), "train_loss")
+    assert list(zip(loss["epoch"], loss["batch_idx"], strict=True)) == [(0, b) for b in range(TRAIN_BATCHES)] + [
+        (1, 0),
+        (1, 1),
+    ]
+    checkpoints = rows(project / ".flor" / "flor.db", "SELECT epoch, path FROM checkpoints")
+    assert 0 in {c["epoch"] for c in checkpoints}  # epoch 0 was complete
+    assert all(Path(c["path"]).is_file() for c in checkpoints)
+
+
+@pytest.mark.integration
+def test_test_without_fit_is_a_finished_run_of_its_own(project: Path) -> None:
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(callbacks=[FlorCallback()], **trainer_kwargs())
+    trainer.test(DigitsClassifier(), datamodule=DigitsData())
+
+    rec = flor.records()
+    assert len(values(rec, "test_loss", level="epoch", stage="test")) == 1
+    assert the_run()["status"] == "finished"
+
+
+# ---- git -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_recording_leaves_the_users_git_state_alone(project: Path) -> None:
+    (project / "train.py").write_text("print('edited, not committed')\n")
+    (project / "notes.md").write_text("untracked\n")
+    (project / "debug.log").write_text("ignored\n")
+    before = user_git_state(project)
+
+    fit(max_epochs=1)
+
+    assert user_git_state(project) == before
+    shadow = the_run()["shadow_commit"]
+    files = set(git(project, "ls-tree", "-r", "--name-only", shadow).splitlines())
+    assert files == {".gitignore", "train.py", "notes.md"}  # neither .flor/ nor the ignored debug.log
+    assert git(project, "show", f"{shadow}:train.py") == "print('edited, not committed')"
+    message = git(project, "log", "-1", "--format=%B", shadow)
+    assert the_run()["run_id"] in message
+    assert f"Flor-Head: {before[0]}" in message
+    assert (project / ".flor" / ".gitignore").read_text().splitlines()[-1] == "*"
+
+
+@pytest.mark.integration
+def test_each_run_adds_one_commit_to_the_shadow_branch(project: Path) -> None:
+    fit(max_epochs=1)
+    (project / "train.py").write_text("print('second version')\n")
+    fit(max_epochs=1)
+
+    first, second = flor.runs()["shadow_commit"]
+    assert git(project, "rev-list", SHADOW_BRANCH).split() == [second, first]
+    assert git(project, "show", f"{second}:train.py") == "print('second version')"
+
+
+@pytest.mark.integration
+def test_recording_outside_git(no_git_project: Path) -> None:
+    fit(max_epochs=1)
+
+    run = the_run()
+    assert run["status"] == "finished"
+    assert run["shadow_commit"] is None
+    assert run["head_commit"] is None
+    assert run["branch"] is None
+    assert run["script"] == "train.py"
+    assert (no_git_project / ".flor" / "flor.db").is_file()
+    assert len(values(flor.records(), "train_loss")) == TRAIN_BATCHES
+    assert json.loads(rows(no_git_project / ".flor" / "flor.db", "SELECT settings FROM runs")[0]["settings"])
