@@ -470,9 +470,11 @@ def hyperparameters(pl_module: pl.LightningModule, trainer: pl.Trainer) -> dict[
 
 
 def data_sizes(trainer: pl.Trainer) -> dict[str, Any]:
-    """Batches per epoch, known once the fit loop has set up its data."""
+    """Batches per epoch, known once the fit loop has set up its data, and torch's thread count
+    (which a multi-process strategy may have changed by then)."""
     val = trainer.num_val_batches
     return {
+        "torch_threads": torch.get_num_threads(),  # float reductions differ across thread counts
         "num_training_batches": trainer.num_training_batches,
         "num_val_batches": list(val) if isinstance(val, list) else val,
     }

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -404,6 +405,11 @@ class SegmentRunner:
 
     def on_start(self, trainer: pl.Trainer) -> None:
         _check_like_recording(trainer, self.settings, self.retrain)
+        threads = self.settings.get("torch_threads")
+        if threads and threads != torch.get_num_threads():
+            # e.g. Lightning's DDP on CPU gives each rank cpu_count // world_size threads; other thread
+            # counts sum floats in another order (BatchNorm, reductions), and replay would not be exact
+            torch.set_num_threads(threads)
         self._mark(trainer, "running")
 
     def on_step_start(self, trainer: pl.Trainer, step: planner.EpochStep) -> None:

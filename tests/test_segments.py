@@ -1,0 +1,175 @@
+"""Replay segments on several ranks (DDP over gloo on the CPU) and dispatched by hand.
+
+Every test runs real processes: Lightning's ``ddp`` strategy re-launches the script for rank 1,
+so the replays run as scripts in a subprocess, as a user's would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+from helpers import git, rows
+from models import DigitsClassifier, trainer_kwargs
+
+import flor_lightning as flor
+from flor_lightning.errors import ReplayError
+
+pytestmark = pytest.mark.integration
+
+SCRIPT = '''
+import json, os, sys
+import lightning as L
+import torch
+import flor_lightning as flor
+from model import DigitsClassifier, DigitsData, trainer_kwargs
+
+class WithBatchNorm(DigitsClassifier):
+    """BatchNorm buffers: rank 0's must never be broadcast into rank 1 during replay."""
+    def __init__(self):
+        super().__init__()
+        self.net.insert(1, torch.nn.BatchNorm1d(32))
+
+mode, devices, segments = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+segment = int(sys.argv[4]) if len(sys.argv) > 4 else None
+L.seed_everything(7)
+kw = trainer_kwargs(max_epochs=int(os.environ.get("EPOCHS", "4")))
+if devices > 1:
+    kw.update(devices=devices, strategy="ddp")
+trainer = flor.Trainer(**kw)
+model = WithBatchNorm() if os.environ.get("BATCHNORM") else DigitsClassifier()
+if mode == "record":
+    trainer.fit(model, datamodule=DigitsData())
+    print("RUN", trainer.flor.run_id)
+else:
+    report = trainer.replay(model, datamodule=DigitsData(), segments=segments, segment=segment)
+    if trainer.global_rank == 0:
+        print("REPORT", json.dumps(report.__dict__), flush=True)
+'''
+
+VAL_METRIC = (
+    'self.log(f"{prefix}_acc", (logits.argmax(1) == y).float().mean())',
+    'self.log(f"{prefix}_acc", (logits.argmax(1) == y).float().mean())\n'
+    '        self.log(f"{prefix}_conf", logits.softmax(1).max(1).values.mean(), sync_dist=True)\n'
+    '        if __import__("os").environ.get("FAIL_RANK") == str(self.global_rank) and self.current_epoch >= 2:\n'
+    '            raise RuntimeError("rank failure injected by the test")',
+)
+TRAIN_METRIC = (
+    'self.log("train_loss", loss, on_step=True, on_epoch=True)',
+    'self.log("train_loss", loss, on_step=True, on_epoch=True)\n'
+    '        self.log("train_x2", loss.detach() * 2, sync_dist=True, on_epoch=True)',
+)
+
+
+@pytest.fixture
+def script(project: Path) -> Path:
+    model = (Path(__file__).parent / "models.py").read_text()
+    (project / "model.py").write_text(model)
+    (project / "replay_me.py").write_text(SCRIPT)
+    git(project, "add", ".")
+    git(project, "commit", "-q", "-m", "model and script")
+    return project
+
+
+def run(root: Path, *args: str, env: dict[str, str] | None = None, check: bool = True) -> tuple[int, str]:
+    proc = subprocess.run(
+        [sys.executable, "replay_me.py", *args],
+        cwd=root,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"replay_me.py {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def report_of(output: str) -> dict:
+    line = next(line for line in output.splitlines() if line.startswith("REPORT "))
+    return json.loads(line[len("REPORT ") :])
+
+
+def edit(root: Path, old: str, new: str) -> None:
+    path = root / "model.py"
+    path.write_text(path.read_text().replace(old, new))
+
+
+def replayed(replay_id: str) -> list[tuple]:
+    """The replay's values, without its id, in a canonical order."""
+    df = flor.records()
+    df = df[df["replay_id"] == replay_id].drop(columns="replay_id")
+    return sorted(map(tuple, df.astype(str).to_numpy()))
+
+
+def test_two_ranks_give_what_one_segment_gives_for_a_validation_metric(script):
+    run(script, "record", "1", "1")
+    edit(script, *VAL_METRIC)
+    one = report_of(run(script, "replay", "1", "1")[1])
+    two = report_of(run(script, "replay", "2", "2")[1])
+    assert two["epochs_restored"] == [0, 1, 2, 3] and two["mismatched"] == 0
+    assert two["matched"] == two["rederived"] == one["rederived"] > 0
+    # full validation set on each rank, no averaging across ranks, each value stored once
+    assert replayed(two["replay_id"]) == replayed(one["replay_id"])
+    seg_rows = rows(
+        script / ".flor" / "flor.db",
+        "SELECT segment, rank, status FROM replay_segments WHERE replay_id = ? ORDER BY segment",
+        (two["replay_id"],),
+    )
+    assert [(r["segment"], r["rank"], r["status"]) for r in seg_rows] == [(0, 0, "finished"), (1, 1, "finished")]
+
+
+def test_re_training_on_two_ranks_with_unequal_segments_and_batchnorm_is_exact(script):
+    env = {"EPOCHS": "3", "BATCHNORM": "1"}
+    run(script, "record", "1", "1", env=env)
+    edit(script, *TRAIN_METRIC)
+    one = report_of(run(script, "replay", "1", "1", env=env)[1])
+    two = report_of(run(script, "replay", "2", "2", env=env)[1])  # segments of 2 and 1 epochs
+    assert two["epochs_trained"] == [0, 1, 2] and one["epochs_trained"] == [0, 1, 2]
+    assert two["mismatched"] == 0 and two["matched"] == two["rederived"] == one["rederived"] > 0
+    assert replayed(two["replay_id"]) == replayed(one["replay_id"])
+
+
+def test_manual_segments_in_separate_processes_equal_one_replay(script):
+    run(script, "record", "1", "1")
+    edit(script, *VAL_METRIC)
+    one = report_of(run(script, "replay", "1", "1")[1])
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "replay_me.py", "replay", "1", "2", str(i)],
+            cwd=script,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in (1, 0)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    parts = [report_of(o) for o in outputs]
+    assert sorted(e for p in parts for e in p["epochs_restored"]) == [0, 1, 2, 3]
+    union = sorted(v for p in parts for v in replayed(p["replay_id"]))
+    assert union == replayed(one["replay_id"])
+
+
+def test_a_failed_rank_fails_the_replay_and_names_its_segment(script):
+    run(script, "record", "1", "1")
+    edit(script, *VAL_METRIC)
+    code, output = run(script, "replay", "2", "2", env={"FAIL_RANK": "1"}, check=False)
+    assert code != 0
+    assert "segment 1" in output and "rank failure injected by the test" in output
+    assert "segment=<i>" in output  # says how to re-run it alone
+
+
+def test_segment_arguments_must_fit_the_world_size(project):
+    L.seed_everything(7)
+    trainer = flor.Trainer(**trainer_kwargs(devices=2, strategy="ddp"))
+    with pytest.raises(ReplayError, match="pass segments=2"):
+        trainer.replay(DigitsClassifier(), segments=3)
+    with pytest.raises(ReplayError, match="use segments=2 .* or devices=1 with segment=i"):
+        trainer.replay(DigitsClassifier(), segments=2, segment=0)
