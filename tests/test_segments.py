@@ -171,5 +171,5 @@ def test_segment_arguments_must_fit_the_world_size(project):
     trainer = flor.Trainer(**trainer_kwargs(devices=2, strategy="ddp"))
     with pytest.raises(ReplayError, match="pass segments=2"):
         trainer.replay(DigitsClassifier(), segments=3)
-    with pytest.raises(ReplayError, match="use segments=2 .* or devices=1 with segment=i"):
+    with pytest.raises(ReplayError, match=r"use segments=2 .* or devices=1 with segment=i"):
         trainer.replay(DigitsClassifier(), segments=2, segment=0)
