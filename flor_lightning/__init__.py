@@ -9,6 +9,7 @@ from __future__ import annotations
 from flor_lightning.callback import FlorCallback
 from flor_lightning.errors import CheckpointError, ConfigError, FlorError, GitError, ReplayError, StoreError
 from flor_lightning.query import export, query, records, runs
+from flor_lightning.resume import last_checkpoint
 from flor_lightning.trainer import Trainer
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ __all__ = [
     "Trainer",
     "__version__",
     "export",
+    "last_checkpoint",
     "query",
     "records",
     "runs",

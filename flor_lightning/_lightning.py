@@ -45,7 +45,31 @@ def dump_state(trainer: pl.Trainer) -> dict[str, Any]:
     state = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
     for key in _USER_OBJECT_KEYS:
         state.pop(key, None)
+    _as_between_epochs(state["loops"]["fit_loop"])
     return state
+
+
+def _as_between_epochs(fit: dict[str, Any]) -> None:
+    """Make the epoch loop's progress read as between two epochs, as flor's checkpoints are.
+
+    Taken as an epoch starts (or as training ends), the epoch loop still holds the last epoch's
+    batch counts; Lightning's resume would read them as "that epoch's batches are done" and skip
+    the next epoch's training. Its state after ``reset()`` for a new epoch is what resume needs.
+    """
+
+    def zero(counts: dict[str, int]) -> dict[str, int]:
+        return dict.fromkeys(counts, 0)
+
+    batches = fit["epoch_loop.batch_progress"]
+    batches["current"], batches["is_last_batch"] = zero(batches["current"]), False
+    schedulers = fit["epoch_loop.scheduler_progress"]
+    schedulers["current"] = zero(schedulers["current"])
+    for progress in fit["epoch_loop.automatic_optimization.optim_progress"]["optimizer"].values():
+        progress["current"] = zero(progress["current"])
+    manual = fit["epoch_loop.manual_optimization.optim_step_progress"]
+    manual["current"] = zero(manual["current"])
+    val = fit["epoch_loop.val_loop.batch_progress"]
+    val["total"] = zero(val["total"])
 
 
 def step_value(value: Any) -> Any:

@@ -25,6 +25,7 @@ from flor_lightning import _lightning, rng, store
 from flor_lightning.checkpoints import CheckpointInfo, CheckpointStore, snapshot
 from flor_lightning.errors import ConfigError, FlorError, GitError
 from flor_lightning.locate import Location, checkpoint_root, ignore_flor_folder, locate
+from flor_lightning.resume import recorded_checkpoints, reopen_run, run_exists
 from flor_lightning.shadow import DEFAULT_MAX_FILE_BYTES
 from flor_lightning.shadow import snapshot as shadow_snapshot
 
@@ -117,6 +118,7 @@ class FlorCallback(Callback):
         self._log_owner: pl.LightningModule | None = None
         self._epoch_level_names: set[str] = set()
         self._owns_run_until: str | None = None  # "fit" or "stage" while this callback's run is open
+        self._resume_from: tuple[str, int] | None = None
         self._checkpoint_epochs: set[int] = set()
 
     # ---- session life cycle -------------------------------------------------------------
@@ -130,10 +132,11 @@ class FlorCallback(Callback):
                 "(flor.Trainer attaches its own, so do not pass another to it)."
             )
         self._install_log_hook(pl_module)
-        if not trainer.is_global_zero and self.replay_id is None:
-            return
-        if self._session is None:
-            self._session = self._open(trainer, pl_module, fitting=stage == "fit")
+        self._resume_from = None
+        # A recorded fit opens its run in on_train_start, once Lightning has restored any ckpt_path
+        # (so a resumed run is known); the sanity check before it is never recorded anyway.
+        if (self._session is None and self.replay_id is not None) or (stage != "fit" and trainer.is_global_zero):
+            self._session = self._open(trainer, pl_module, fitting=False)
 
     def _open(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, fitting: bool) -> _Session:
         self.location = loc = locate()
@@ -141,13 +144,23 @@ class FlorCallback(Callback):
         ignore_flor_folder(loc.db_path.parent)
         checkpoints = None
         run_id = self.run_id
-        if fitting and self.replay_id is None:
+        if fitting:
             run_id = new_run_id(self._clock())
             checkpoints = CheckpointStore(checkpoint_root(loc.project, self.checkpoint_dir))
             checkpoints.check_writable(f"{checkpoints.root}/{run_id}")  # before anything is written
         conn = store.connect(loc.db_path)
         self._owns_run_until = None
-        if checkpoints is not None or run_id is None:  # a fit, or validate/test with no fit before it
+        resumed = (
+            self._resume_from if fitting and self._resume_from and run_exists(conn, self._resume_from[0]) else None
+        )
+        if resumed is not None:  # fit(ckpt_path=flor.last_checkpoint(run)): continue that run's records
+            run_id, epoch = resumed
+            reopen_run(conn, run_id, epoch)
+            root = store.fetch(conn, "SELECT checkpoint_root FROM runs WHERE run_id = ?", [run_id])[0]
+            checkpoints = CheckpointStore(root["checkpoint_root"])
+            self._checkpoint_epochs = recorded_checkpoints(conn, run_id)
+            self._owns_run_until = "fit"
+        elif fitting or run_id is None:  # a fit, or validate/test with no fit before it
             run_id = run_id or new_run_id(self._clock())
             try:
                 self._insert_run(conn, run_id, trainer, pl_module, loc, checkpoints.url if checkpoints else None)
@@ -255,6 +268,19 @@ class FlorCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         pass  # a run's id is chosen when it starts; replay and resume set it explicitly
 
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Lightning restores no RNG state. Set it back now, before the fit loop makes the first
+        # epoch's data iterator (on a restart Lightning makes it before any epoch hook runs; the
+        # sanity check in between runs with an isolated RNG), so the resumed trajectory is the
+        # uninterrupted one.
+        flor = checkpoint.get("flor", {})
+        if self.replay_id is None and "epoch" in flor:
+            rng.restore(flor["rng"])
+            self._resume_from = (flor["run_id"], flor["epoch"])
+
     # ---- capturing self.log ----------------------------------------------------------------
 
     def _install_log_hook(self, pl_module: pl.LightningModule) -> None:
@@ -359,6 +385,8 @@ class FlorCallback(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._session is None and trainer.is_global_zero:
+            self._session = self._open(trainer, pl_module, fitting=True)
         session = self._session
         if session is None or session.checkpoints is None:
             return
@@ -423,8 +451,13 @@ class FlorCallback(Callback):
         if session is None or session.checkpoints is None:
             return
         state = _lightning.dump_state(trainer)
-        state["flor"] = {"run_id": session.run_id, "rng": rng.capture(), "rng_at_validation": self._rng_at_validation}
         epoch, step = trainer.current_epoch - 1, trainer.global_step
+        state["flor"] = {
+            "run_id": session.run_id,
+            "epoch": epoch,
+            "rng": rng.capture(),
+            "rng_at_validation": self._rng_at_validation,
+        }
         self._checkpoint_epochs.add(epoch)
 
         def index(info: CheckpointInfo) -> None:

@@ -1,0 +1,78 @@
+"""Resuming a crashed or stopped run from its last complete checkpoint, in the same run's records."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+from pathlib import Path
+
+from flor_lightning.checkpoints import open_fs
+from flor_lightning.errors import CheckpointError
+from flor_lightning.query import open_store
+
+
+def last_checkpoint(run: str | None = None, *, db: str | Path | None = None) -> str:
+    """The path (or URL) of the newest complete checkpoint of ``run`` (default: the latest run).
+
+    Pass it to Lightning to continue the run where its last checkpoint left it; flor then keeps
+    recording into the same run, restores every RNG state, and drops the values the run logged
+    after that checkpoint, so no row is stored twice::
+
+        trainer = flor.Trainer(max_epochs=10)
+        trainer.fit(model, datamodule=dm, ckpt_path=flor.last_checkpoint(run_id))
+
+    Raises:
+        CheckpointError: the run is unknown or has no complete checkpoint.
+    """
+    conn = open_store(db)
+    try:
+        if run is None:
+            latest = conn.execute("SELECT run_id FROM runs ORDER BY started DESC LIMIT 1").fetchone()
+            if latest is None:
+                raise CheckpointError("no run has been recorded in this project yet")
+            run = str(latest[0])
+        row = conn.execute(
+            "SELECT c.path, r.checkpoint_root FROM checkpoints c JOIN runs r USING (run_id) "
+            "WHERE run_id = ? ORDER BY epoch DESC LIMIT 1",
+            [run],
+        ).fetchone()
+        if row is None:
+            known = conn.execute("SELECT 1 FROM runs WHERE run_id = ?", [run]).fetchone()
+            raise CheckpointError(
+                f"run {run!r} has no complete checkpoint; it crashed before its first epoch ended, so start it again"
+                if known
+                else f"unknown run {run!r}; flor.runs() lists the recorded runs"
+            )
+        path, root = str(row[0]), str(row[1])
+        return open_fs(root)[0].unstrip_protocol(path) if "://" in root else path
+    finally:
+        conn.close()
+
+
+def run_exists(conn: sqlite3.Connection, run_id: str) -> bool:
+    """Whether this log store recorded ``run_id`` (a checkpoint may come from another project)."""
+    return conn.execute("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).fetchone() is not None
+
+
+def reopen_run(conn: sqlite3.Connection, run_id: str, epoch: int) -> None:
+    """Mark ``run_id`` running in this process again and drop what it recorded after ``epoch``.
+
+    The values, timings and checkpoints of later epochs belong to the trajectory being replaced;
+    the resumed run logs them again.
+    """
+    with conn:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("DELETE FROM logs WHERE run_id = ? AND replay_id IS NULL AND epoch > ?", [run_id, epoch])
+        conn.execute("DELETE FROM epochs WHERE run_id = ? AND epoch > ?", [run_id, epoch])
+        conn.execute("DELETE FROM checkpoints WHERE run_id = ? AND epoch > ?", [run_id, epoch])
+        conn.execute(
+            "UPDATE runs SET status = 'running', ended = NULL, pid = ?, host = ? WHERE run_id = ?",
+            [os.getpid(), socket.gethostname(), run_id],
+        )
+        conn.execute("COMMIT")
+
+
+def recorded_checkpoints(conn: sqlite3.Connection, run_id: str) -> set[int]:
+    """Epochs of ``run_id`` that already have a checkpoint."""
+    return {int(r[0]) for r in conn.execute("SELECT epoch FROM checkpoints WHERE run_id = ?", [run_id])}
