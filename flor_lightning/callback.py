@@ -23,7 +23,7 @@ from typing_extensions import override
 
 from flor_lightning import _lightning, rng, store
 from flor_lightning.checkpoints import CheckpointInfo, CheckpointStore, snapshot
-from flor_lightning.errors import ConfigError, FlorError, GitError
+from flor_lightning.errors import CheckpointError, ConfigError, FlorError, GitError
 from flor_lightning.locate import Location, checkpoint_root, ignore_flor_folder, locate
 from flor_lightning.resume import recorded_checkpoints, reopen_run, run_exists
 from flor_lightning.shadow import DEFAULT_MAX_FILE_BYTES
@@ -234,8 +234,8 @@ class FlorCallback(Callback):
         if session.checkpoints is not None:
             try:
                 session.checkpoints.wait()
-            except FlorError as err:
-                errors.append(err)
+            except CheckpointError as err:  # the last checkpoint failed; the run itself is complete
+                log.warning("flor: %s; the run's earlier checkpoints are intact", err)
         try:
             session.writer.close()
         except FlorError as err:
@@ -477,7 +477,13 @@ class FlorCallback(Callback):
                     },
                 )
 
-        session.checkpoints.save(snapshot(state), session.run_id, epoch, step, index)
+        try:
+            session.checkpoints.save(snapshot(state), session.run_id, epoch, step, index)
+        except CheckpointError as err:
+            # Training goes on: a full or read-only checkpoint store must not cost the user the run.
+            # The failed file never reached its final name nor the index, so the store stays
+            # consistent, and replay works around the missing epoch.
+            log.warning("flor: %s; training continues, and replay will re-train around that epoch", err)
 
     @property
     def blocked_seconds(self) -> float:

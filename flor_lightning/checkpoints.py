@@ -137,7 +137,7 @@ class CheckpointStore:
         self.fs, self.root = open_fs(url)
         self._clock = clock
         self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._error: tuple[int, BaseException] | None = None
         self.blocked_seconds = 0.0  # training-thread time spent waiting for an earlier write
         self.writer_cpu_seconds = 0.0  # CPU time of the writer thread
 
@@ -164,13 +164,20 @@ class CheckpointStore:
         """Write ``state`` (already a :func:`snapshot`) in the background, then call ``on_done``.
 
         One write is in flight at a time: a new save waits for the previous one, which bounds
-        memory to two snapshots. Errors of a write are raised by the next ``save`` or ``wait``.
+        memory to two snapshots. The error of an earlier write is raised by the next ``save``
+        (after this write has started) or ``wait``.
         """
-        self.wait()
+        earlier: CheckpointError | None = None
+        try:
+            self.wait()
+        except CheckpointError as err:
+            earlier = err
         self._thread = threading.Thread(
             target=self._write, args=(state, run_id, epoch, step, on_done), name="flor-checkpoint-writer", daemon=True
         )
         self._thread.start()
+        if earlier is not None:
+            raise earlier
 
     def wait(self) -> None:
         """Block until the write in flight (if any) is done; raise its error."""
@@ -180,8 +187,11 @@ class CheckpointStore:
             self.blocked_seconds += self._clock() - start
             self._thread = None
         if self._error is not None:
-            err, self._error = self._error, None
-            raise CheckpointError(f"writing a checkpoint failed: {err}") from err
+            (epoch, err), self._error = self._error, None
+            raise CheckpointError(
+                f"writing the checkpoint of epoch {epoch} under {self.url!r} failed: {err}. Free space or "
+                "fix permissions there; nothing partial is left under a checkpoint's name"
+            ) from err
 
     def _write(self, state: Any, run_id: str, epoch: int, step: int, on_done: Callable[[CheckpointInfo], None]) -> None:
         cpu = time.thread_time()
@@ -199,7 +209,7 @@ class CheckpointStore:
             info = CheckpointInfo(epoch, step, final, writer.sha256.hexdigest(), writer.size, self._clock() - start)
             on_done(info)
         except BaseException as err:
-            self._error = err
+            self._error = (epoch, err)
             try:
                 if self.fs.exists(tmp):
                     self.fs.rm(tmp)

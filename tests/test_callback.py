@@ -393,3 +393,25 @@ def test_recording_outside_git(no_git_project: Path) -> None:
     assert (no_git_project / ".flor" / "flor.db").is_file()
     assert len(values(flor.records(), "train_loss")) == TRAIN_BATCHES
     assert json.loads(rows(no_git_project / ".flor" / "flor.db", "SELECT settings FROM runs")[0]["settings"])
+
+
+@pytest.mark.integration
+def test_a_checkpoint_store_that_fails_mid_run_does_not_stop_training(project: Path, flor_home: Path) -> None:
+    """The choice the README documents: training goes on, and the index stays consistent."""
+
+    class BreakTheStore(L.Callback):
+        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            if trainer.current_epoch == 1:  # checkpoints -1 and 0 are written by now
+                flor_cb = next(cb for cb in trainer.callbacks if isinstance(cb, FlorCallback))
+                flor_cb._session.checkpoints.wait()
+                (run_dir,) = [p for p in flor_home.rglob("*") if p.is_dir() and p.parent.parent == flor_home]
+                run_dir.rename(run_dir.with_name("moved"))
+                run_dir.write_text("a file where the run's folder was: every later write fails")
+
+    fit(callbacks=[FlorCallback(), BreakTheStore()])
+    assert the_run()["status"] == "finished"
+    assert set(values(flor.records(), "train_loss_epoch", level="epoch")["epoch"]) == {0, 1, 2}
+    indexed = rows(project / ".flor" / "flor.db", "SELECT epoch, path FROM checkpoints ORDER BY epoch")
+    assert [c["epoch"] for c in indexed] == [-1, 0]
+    moved = next(flor_home.rglob("moved"))
+    assert sorted(p.name for p in moved.iterdir()) == ["epoch=00000.ckpt", "initial.ckpt"]
