@@ -117,7 +117,7 @@ def test_a_failed_write_leaves_nothing_and_is_raised_once(ckpts: CheckpointStore
     done: list[CheckpointInfo] = []
     ckpts.save({"not data": lambda: None}, "run-a", 0, 0, done.append)  # not a snapshot: cannot be pickled
 
-    with pytest.raises(CheckpointError, match="writing the checkpoint of epoch 0 under .* failed"):
+    with pytest.raises(CheckpointError, match=r"writing the checkpoint of epoch 0 under .* failed"):
         ckpts.wait()
 
     assert done == []
