@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from flor_lightning import _lightning, rng, store
+from flor_lightning.capture import LogCapture
 from flor_lightning.checkpoints import CheckpointInfo, CheckpointStore, snapshot
 from flor_lightning.errors import CheckpointError, ConfigError, FlorError, GitError
 from flor_lightning.locate import Location, checkpoint_root, ignore_flor_folder, locate
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _warned_no_git = False
 
-STAGES = {"train": "train", "validate": "validate", "sanity_check": None, "test": "test", "predict": None}
 
 
 def new_run_id(now: float) -> str:
@@ -107,16 +107,13 @@ class FlorCallback(Callback):
         self._clock = clock
         self.run_id: str | None = None
         self.replay_id: str | None = None  # set by replay: values then land beside the recording
-        self.muted = False  # set by replay while it trains an epoch another segment stores
+        self.capture = LogCapture()
         self.location: Location | None = None
         self._session: _Session | None = None
-        self._batch_idx: int | None = None
         self._epoch_started = 0.0
         self._val_started = 0.0
         self._val_seconds = 0.0
         self._rng_at_validation: dict[str, Any] | None = None
-        self._log_owner: pl.LightningModule | None = None
-        self._epoch_level_names: set[str] = set()
         self._owns_run_until: str | None = None  # "fit" or "stage" while this callback's run is open
         self._resume_from: tuple[str, int] | None = None
         self._checkpoint_epochs: set[int] = set()
@@ -131,7 +128,7 @@ class FlorCallback(Callback):
                 f"{len(mine)} FlorCallback instances are attached to one Trainer; attach exactly one "
                 "(flor.Trainer attaches its own, so do not pass another to it)."
             )
-        self._install_log_hook(pl_module)
+        self.capture.attach(pl_module)
         self._resume_from = None
         # A recorded fit opens its run in on_train_start, once Lightning has restored any ckpt_path
         # (so a resumed run is known); the sanity check before it is never recorded anyway.
@@ -170,6 +167,7 @@ class FlorCallback(Callback):
             self._owns_run_until = "fit" if fitting else "stage"
         self.run_id = run_id
         writer = store.LogWriter(lambda: store.connect(loc.db_path), interval=self.flush_interval)
+        self.capture.start(writer, run_id, self.replay_id)
         return _Session(run_id, self.replay_id, conn, writer, checkpoints)
 
     def _insert_run(
@@ -228,6 +226,7 @@ class FlorCallback(Callback):
 
     def _close(self, status: str | None) -> None:
         session, self._session = self._session, None
+        self.capture.stop()
         if session is None:
             return
         errors: list[BaseException] = []
@@ -249,12 +248,12 @@ class FlorCallback(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._remove_log_hook()
+        self.capture.detach()
         self._close("finished" if self._owns_run_until is not None else None)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._remove_log_hook()
+        self.capture.detach()
         try:
             self._close("failed")
         except FlorError as err:  # never let flor's own trouble hide the user's exception
@@ -283,100 +282,29 @@ class FlorCallback(Callback):
 
     # ---- capturing self.log ----------------------------------------------------------------
 
-    def _install_log_hook(self, pl_module: pl.LightningModule) -> None:
-        """Wrap ``pl_module.log`` on this instance so every call is seen, whatever the logger settings."""
-        if self._log_owner is pl_module:
-            return
-        self._remove_log_hook()
-        original = pl_module.log
-
-        def log_and_record(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
-            original(name, value, *args, **kwargs)
-            self._record_step_value(pl_module, name, value)
-
-        pl_module.__dict__["log"] = log_and_record
-        self._log_owner = pl_module
-
-    def _remove_log_hook(self) -> None:
-        if self._log_owner is not None:
-            self._log_owner.__dict__.pop("log", None)
-            self._log_owner = None
-
-    def _record_step_value(self, pl_module: pl.LightningModule, name: str, value: Any) -> None:
-        session = self._session
-        if session is None or self.muted:
-            return
-        trainer = pl_module.trainer
-        stage = STAGES.get(trainer.state.stage.value) if trainer.state.stage else None
-        if stage is None:
-            return
-        value = _lightning.step_value(value)
-        if value is None:
-            return
-        # Outside a batch (an epoch-end hook) a value is its own epoch aggregate.
-        level = "step" if self._batch_idx is not None else "epoch"
-        if level == "epoch":
-            self._epoch_level_names.add(name)
-        session.writer.add(
-            (
-                session.run_id,
-                session.replay_id,
-                stage,
-                level,
-                trainer.current_epoch,
-                trainer.global_step,
-                self._batch_idx,
-                name,
-                value,
-            )
-        )
-
-    def _record_epoch_values(self, trainer: pl.Trainer, stage: str) -> None:
-        session = self._session
-        if session is None or trainer.sanity_checking or self.muted:
-            return
-        for name, value in _lightning.epoch_values(trainer).items():
-            if name in self._epoch_level_names:
-                continue  # logged from an epoch-end hook: already stored as it was logged
-            session.writer.add(
-                (
-                    session.run_id,
-                    session.replay_id,
-                    stage,
-                    "epoch",
-                    trainer.current_epoch,
-                    trainer.global_step,
-                    None,
-                    name,
-                    value,
-                )
-            )
-        self._epoch_level_names.clear()
-        session.writer.flush(wait=False)
-
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._batch_idx = batch_idx
+        self.capture.batch_started(trainer, batch_idx)
 
     @override
     def on_validation_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        self._batch_idx = batch_idx
+        self.capture.batch_started(trainer, batch_idx)
 
     @override
     def on_test_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        self._batch_idx = batch_idx
+        self.capture.batch_started(trainer, batch_idx)
 
-    # Batch-end hooks run before the module's own batch-end hook, so the batch index is cleared at
-    # the start of the next epoch-level phase instead of here.
+    # Batch-end hooks run before the module's own batch-end hook, so the batch context is cleared
+    # when the next epoch-level phase begins instead (callback epoch hooks run before the module's).
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._batch_idx = None
+        self.capture.batches_ended()
         # Epoch 0 too: checkpoint -1 is the initial state, from which replay can re-train epoch 0.
         if trainer.current_epoch % self.checkpoint_every == 0 and not self._checkpointed(trainer.current_epoch - 1):
             self._checkpoint(trainer)
@@ -401,33 +329,34 @@ class FlorCallback(Callback):
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._batch_idx = None
+        self.capture.batches_ended()
         if not trainer.sanity_checking:
             self._val_started = self._clock()
             if self._session is not None and self._session.checkpoints is not None:
                 self._rng_at_validation = rng.capture()
 
     @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.capture.batches_ended()
+
+    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._batch_idx = None
-        self._record_epoch_values(trainer, "validate")
+        self.capture.epoch_ended(trainer, "validate")
         if not trainer.sanity_checking:
             self._val_seconds += self._clock() - self._val_started
 
     @override
-    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._batch_idx = None
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.capture.batches_ended()
 
     @override
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._batch_idx = None
-        self._record_epoch_values(trainer, "test")
+        self.capture.epoch_ended(trainer, "test")
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Runs before the module's on_train_epoch_end: what that hook logs is stored as it is logged.
-        self._batch_idx = None
-        self._record_epoch_values(trainer, "train")
+        self.capture.epoch_ended(trainer, "train")
         session = self._session
         if session is not None and session.checkpoints is not None:
             store.insert(

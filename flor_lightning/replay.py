@@ -357,7 +357,7 @@ class SegmentRunner:
             trainer.fit_loop, trainer.num_sanity_val_steps = original_loop, sanity
             trainer.callbacks = callbacks  # type: ignore[attr-defined]
             _lightning.replay_data_unsharded(trainer, sampler)
-            flor.replay_id, flor.muted = None, False
+            flor.replay_id, flor.capture.muted = None, False
             if launched_env is None:
                 os.environ.pop(REPLAY_ID_ENV, None)
 
@@ -414,10 +414,10 @@ class SegmentRunner:
 
     def on_step_start(self, trainer: pl.Trainer, step: planner.EpochStep) -> None:
         # An epoch trained only to reach a wanted one belongs to another segment: do not store it twice.
-        trainer.flor.muted = not step.wanted  # type: ignore[attr-defined]
+        trainer.flor.capture.muted = not step.wanted  # type: ignore[attr-defined]
 
     def on_step_done(self, trainer: pl.Trainer, step: planner.EpochStep) -> None:
-        trainer.flor.muted = False  # type: ignore[attr-defined]
+        trainer.flor.capture.muted = False  # type: ignore[attr-defined]
         with closing(store.connect(self.db_path)) as c:
             store.insert(
                 c,

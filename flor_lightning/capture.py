@@ -1,0 +1,120 @@
+"""Seeing every ``self.log`` call: the hot path of recording.
+
+``LogCapture`` wraps ``log`` on one LightningModule instance (not on the class, and only while
+a Trainer runs), so it sees every call whatever ``log_every_n_steps`` or ``logger=False`` say,
+and values that callbacks log through ``pl_module.log`` too. Inside a batch a call costs a
+tuple and a deque append: the batch's context (run, stage, epoch, step, batch index) is built
+once, when the batch starts.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+from flor_lightning import _lightning
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+    from flor_lightning.store import LogWriter
+
+# Lightning's running stages, as flor names them; the sanity check and predict are not recorded.
+STAGES = {"train": "train", "validate": "validate", "test": "test"}
+
+
+class LogCapture:
+    """Turns ``self.log`` calls into log rows for a :class:`~flor_lightning.store.LogWriter`.
+
+    Attributes:
+        muted: drop what is logged (replay sets it while it trains an epoch another segment stores).
+    """
+
+    def __init__(self) -> None:
+        self.muted = False
+        self._writer: LogWriter | None = None
+        self._ids: tuple[str, str | None] = ("", None)
+        self._context: tuple[Any, ...] | None = None
+        self._owner: pl.LightningModule | None = None
+        self._epoch_level: set[str] = set()
+
+    def attach(self, pl_module: pl.LightningModule) -> None:
+        """Wrap ``pl_module.log`` on the instance (idempotent)."""
+        if self._owner is pl_module:
+            return
+        self.detach()
+        original = pl_module.log
+        capture = self
+
+        def log_and_record(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+            original(name, value, *args, **kwargs)
+            context = capture._context
+            if context is not None:  # inside a batch: the hot path
+                if isinstance(value, Tensor):
+                    value = value.detach()
+                elif not isinstance(value, (int, float)):
+                    value = _lightning.step_value(value)
+                    if value is None:
+                        return
+                capture._writer.add((*context, name, value))  # type: ignore[union-attr]
+            else:
+                capture._outside_batch(pl_module, name, value)
+
+        pl_module.__dict__["log"] = log_and_record
+        self._owner = pl_module
+
+    def detach(self) -> None:
+        """Put the module's own ``log`` back."""
+        if self._owner is not None:
+            self._owner.__dict__.pop("log", None)
+            self._owner = None
+
+    def start(self, writer: LogWriter, run_id: str, replay_id: str | None) -> None:
+        """Send rows to ``writer`` as values of ``run_id`` (and ``replay_id`` when replaying)."""
+        self._writer, self._ids = writer, (run_id, replay_id)
+
+    def stop(self) -> None:
+        self._writer, self._context = None, None
+
+    def batch_started(self, trainer: pl.Trainer, batch_idx: int) -> None:
+        """Fix the context of the values the coming batch logs (the step the batch belongs to)."""
+        stage = _stage(trainer)
+        self._epoch_level.clear()
+        if self._writer is None or self.muted or stage is None:
+            self._context = None
+            return
+        self._context = (*self._ids, stage, "step", trainer.current_epoch, trainer.global_step, batch_idx)
+
+    def batches_ended(self) -> None:
+        """An epoch-level phase begins: what is logged now is its own epoch aggregate."""
+        self._context = None
+
+    def _outside_batch(self, pl_module: pl.LightningModule, name: str, value: Any) -> None:
+        trainer = pl_module.trainer
+        stage = _stage(trainer)
+        if self._writer is None or self.muted or stage is None:
+            return
+        value = _lightning.step_value(value)
+        if value is None:
+            return
+        self._epoch_level.add(name)
+        self._writer.add((*self._ids, stage, "epoch", trainer.current_epoch, trainer.global_step, None, name, value))
+
+    def epoch_ended(self, trainer: pl.Trainer, stage: str) -> None:
+        """Store Lightning's epoch aggregates of what the batches logged, and flush."""
+        self._context = None
+        if self._writer is None or self.muted or trainer.sanity_checking:
+            return
+        for name, value in _lightning.epoch_values(trainer).items():
+            if name not in self._epoch_level:  # else logged from an epoch-end hook, stored as logged
+                self._writer.add(
+                    (*self._ids, stage, "epoch", trainer.current_epoch, trainer.global_step, None, name, value)
+                )
+        self._epoch_level.clear()
+        self._writer.flush(wait=False)
+
+
+def _stage(trainer: pl.Trainer) -> str | None:
+    stage = trainer.state.stage
+    return STAGES.get(stage.value) if stage is not None else None
