@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from flor_lightning.errors import StoreError
 
 # Named, ordered migrations: each runs once, in order, inside one transaction.
@@ -113,6 +115,11 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         );
         """,
     ),
+    (
+        # every insert paid for this index; queries by name scan the (run-ordered) table fast enough
+        "0003_drop_logs_by_name",
+        "DROP INDEX IF EXISTS logs_by_name;",
+    ),
 )
 
 LOG_COLUMNS = ("run_id", "replay_id", "stage", "level", "epoch", "step", "batch_idx", "name", "value", "text")
@@ -167,9 +174,10 @@ def encode_value(value: Any) -> tuple[float | None, str | None]:
     Numbers (and one-element tensors/arrays) go to ``value``; NaN is stored as text 'nan'
     because sqlite turns a NaN REAL into NULL; anything else is stored as its text.
     """
-    if hasattr(value, "detach"):
-        value = value.detach()
+    if isinstance(value, torch.Tensor):  # the common case, kept short: it runs for every value
         value = value.item() if value.numel() == 1 else value.tolist()
+        if isinstance(value, float):
+            return (float(value), None) if value == value else (None, "nan")
     elif hasattr(value, "item") and getattr(value, "size", 0) == 1:
         value = value.item()
     if isinstance(value, bool):
