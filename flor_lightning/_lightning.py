@@ -13,6 +13,7 @@ from lightning.pytorch.loops.fit_loop import _FitLoop
 from lightning.pytorch.loops.loop import _Loop
 from lightning.pytorch.loops.progress import _ProcessedTracker
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.trainer import call
 from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultCollection
 from torch.nn.parallel import DistributedDataParallel
@@ -313,3 +314,8 @@ def replay_data_unsharded(trainer: pl.Trainer, enabled: bool) -> bool:
     old = bool(connector.use_distributed_sampler)
     connector.use_distributed_sampler = enabled
     return old
+
+
+def spawns_ranks(trainer: pl.Trainer) -> bool:
+    """Whether the strategy starts its ranks by spawning (ddp_spawn), which pickles the Trainer."""
+    return isinstance(trainer.strategy.launcher, _MultiProcessingLauncher)

@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 _warned_no_git = False
 
 
-
 def new_run_id(now: float) -> str:
     """A sortable, unique run id such as ``20261128-120501-3f9a1c``."""
     return f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}-{uuid.uuid4().hex[:6]}"

@@ -150,6 +150,11 @@ def run_replay(
 ) -> ReplayReport:
     """See :meth:`flor_lightning.Trainer.replay`."""
     _check_arguments(trainer.world_size, segments, segment, train)
+    if trainer.world_size > 1 and _lightning.spawns_ranks(trainer):
+        raise ReplayError(
+            "multi-process replay runs with strategy='ddp' (each rank re-runs your script), not with a spawning "
+            "strategy such as 'ddp_spawn'; or replay one segment per single-device process with segment=i"
+        )
     loc = locate()
     rec, ckpt_rows, timings = _load_run(loc, run)
     if not rec["checkpoint_root"]:

@@ -173,3 +173,9 @@ def test_segment_arguments_must_fit_the_world_size(project):
         trainer.replay(DigitsClassifier(), segments=3)
     with pytest.raises(ReplayError, match=r"use segments=2 .* or devices=1 with segment=i"):
         trainer.replay(DigitsClassifier(), segments=2, segment=0)
+
+
+def test_spawning_strategies_are_refused_with_what_to_use(project):
+    trainer = flor.Trainer(**trainer_kwargs(devices=2, strategy="ddp_spawn"))
+    with pytest.raises(ReplayError, match="strategy='ddp'"):
+        trainer.replay(DigitsClassifier(), segments=2)
