@@ -286,6 +286,9 @@ class ReplayFitLoop(_FitLoop):
                 ReplayFitLoop._clear_restart_flags(child)
 
 
+_KEEP_ALIVE: list[object] = []
+
+
 def isolate_rank(trainer: pl.Trainer) -> None:
     """Make this rank replay as an independent process.
 
@@ -300,6 +303,9 @@ def isolate_rank(trainer: pl.Trainer) -> None:
     model = strategy.model
     if isinstance(model, DistributedDataParallel):
         strategy.model = model.module
+        # Keep the wrapper alive: freeing its reducer destroys the gloo group, which joins gloo's
+        # worker thread while holding the GIL that thread may need (a deadlock seen ~1 in 10 runs).
+        _KEEP_ALIVE.append(model)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()  # every rank is past its last collective before any leaves the group
         torch.distributed.destroy_process_group()
