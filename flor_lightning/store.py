@@ -13,6 +13,7 @@ import math
 import os
 import sqlite3
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -129,18 +130,26 @@ LogRow = tuple[str, "str | None", str, str, int, int, "int | None", str, Any]
 def connect(path: Path | str) -> sqlite3.Connection:
     """Open (creating if needed) the log store at ``path`` and bring its schema up to date.
 
+    A file that is not flor's is left exactly as it was: it is recognised before anything is
+    written (not even the switch to WAL mode). A store whose schema is up to date is opened
+    without taking the write lock, so readers never wait for (or hold up) a recording.
+
     Raises:
         StoreError: the file is not a sqlite database, belongs to another program, or its
             folder cannot be written.
     """
     path = Path(path)
+    conn: sqlite3.Connection | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
+        _check_ours(conn)
+        _use_wal(conn)
         conn.execute("PRAGMA synchronous=NORMAL")
         _migrate(conn)
     except (sqlite3.DatabaseError, OSError) as err:
+        if conn is not None:
+            conn.close()
         raise StoreError(
             f"cannot open the flor log store {str(path)!r}: {err}. If the file is damaged or not flor's, "
             "move it aside (flor starts a new store there) or set FLOR_DB to another path."
@@ -148,11 +157,50 @@ def connect(path: Path | str) -> sqlite3.Connection:
     return conn
 
 
+def _use_wal(conn: sqlite3.Connection, *, timeout: float = 30.0) -> None:
+    """Put the database in WAL mode (stored in the file, so this changes it once).
+
+    sqlite answers "database is locked" at once, without waiting, when another connection holds
+    a lock as the mode changes: two processes creating the store at the same moment met it.
+    So the switch is retried until ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+                return
+            if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal":
+                return
+            locked: sqlite3.OperationalError | None = None
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) and "busy" not in str(err):
+                raise
+            locked = err
+        if time.monotonic() > deadline:
+            raise locked or sqlite3.OperationalError("could not switch the store to WAL mode: it stayed busy")
+        time.sleep(0.01)
+
+
+def _tables(conn: sqlite3.Connection) -> set[str]:
+    return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+
+def _check_ours(conn: sqlite3.Connection) -> None:
+    """Raise unless the database is empty or flor's (a read: it changes nothing)."""
+    tables = _tables(conn)
+    if tables and "flor_migrations" not in tables:
+        raise sqlite3.DatabaseError(f"it holds tables flor did not create: {sorted(tables)}")
+
+
 def _migrate(conn: sqlite3.Connection) -> None:
+    if "flor_migrations" in _tables(conn):
+        done = {r[0] for r in conn.execute("SELECT name FROM flor_migrations")}
+        if all(name in done for name, _ in MIGRATIONS):
+            return  # up to date: no write lock needed
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.execute("CREATE TABLE IF NOT EXISTS flor_migrations (name TEXT PRIMARY KEY, applied REAL)")
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        tables = _tables(conn)
         done = {r[0] for r in conn.execute("SELECT name FROM flor_migrations")}
         if not done and tables - {"flor_migrations"}:
             raise sqlite3.DatabaseError(f"it holds tables flor did not create: {sorted(tables)}")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import git
+from zygote import Zygote, running
 
 TRAIN_SCRIPT = """\
 import lightning as L
@@ -77,3 +78,10 @@ def no_git_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flor_home: P
     monkeypatch.setattr(sys, "argv", [str(root / "train.py")])
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", os.fspath(tmp_path))
     return root
+
+
+@pytest.fixture(scope="session")
+def zygote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Zygote]:
+    """A fork server with torch and Lightning imported: children that start in milliseconds."""
+    with running(tmp_path_factory.mktemp("zygote") / "stderr.log") as server:
+        yield server
