@@ -23,7 +23,7 @@ from typing_extensions import override
 
 from flor_lightning import _lightning, rng, store
 from flor_lightning.capture import LogCapture
-from flor_lightning.checkpoints import CheckpointInfo, CheckpointStore, snapshot
+from flor_lightning.checkpoints import CheckpointInfo, CheckpointStore, open_fs, snapshot
 from flor_lightning.errors import CheckpointError, ConfigError, FlorError, GitError
 from flor_lightning.locate import Location, checkpoint_root, ignore_flor_folder, locate
 from flor_lightning.resume import recorded_checkpoints, reopen_run, run_exists
@@ -95,6 +95,8 @@ class FlorCallback(Callback):
             raise ConfigError(f"checkpoint_every must be a whole number >= 1, got {checkpoint_every!r}")
         if flush_interval <= 0:
             raise ConfigError(f"flush_interval must be > 0 seconds, got {flush_interval!r}")
+        if checkpoint_dir is not None and "://" in checkpoint_dir:
+            open_fs(checkpoint_dir)  # an fsspec protocol that is not installed is refused here
         if checkpoint_dir is not None and "://" not in checkpoint_dir and not Path(checkpoint_dir).parent.is_dir():
             raise ConfigError(
                 f"checkpoint_dir {checkpoint_dir!r}: its parent folder does not exist; create it or choose another"
@@ -143,8 +145,13 @@ class FlorCallback(Callback):
         if fitting:
             run_id = new_run_id(self._clock())
             checkpoints = CheckpointStore(checkpoint_root(loc.project, self.checkpoint_dir))
-            checkpoints.check_writable(f"{checkpoints.root}/{run_id}")  # before anything is written
-        conn = store.connect(loc.db_path)
+        conn = store.connect(loc.db_path)  # a damaged store fails here, before any folder is made
+        if checkpoints is not None:
+            try:
+                checkpoints.check_writable(f"{checkpoints.root}/{run_id}")  # before anything is written
+            except ConfigError:
+                conn.close()
+                raise
         self._owns_run_until = None
         resumed = (
             self._resume_from if fitting and self._resume_from and run_exists(conn, self._resume_from[0]) else None
@@ -211,7 +218,11 @@ class FlorCallback(Callback):
         global _warned_no_git
         if not loc.in_git:
             if not _warned_no_git:
-                log.warning("flor: %s is not in a git repository; recording without a code snapshot", loc.root)
+                log.warning(
+                    "flor: %s is not in a git repository; recording without a code snapshot. Run 'git init' "
+                    "and commit your code to record code versions (replay compares code with them)",
+                    loc.root,
+                )
                 _warned_no_git = True
             return None, None, None
         try:
@@ -220,7 +231,12 @@ class FlorCallback(Callback):
             log.warning("flor: the code snapshot failed (%s); recording without it", err)
             return None, None, None
         if v.skipped:
-            log.warning("flor: left out of the code snapshot (over %d bytes): %s", self.max_file_bytes, v.skipped)
+            log.warning(
+                "flor: left out of the code snapshot (over %d bytes): %s. Add them to .gitignore, or raise "
+                "FlorCallback(max_file_bytes=...) to include them",
+                self.max_file_bytes,
+                v.skipped,
+            )
         return v.shadow_commit, v.head_commit, v.branch
 
     def _close(self, status: str | None) -> None:

@@ -80,11 +80,6 @@ def test_no_git_repository_records_without_a_snapshot_and_warns_once(
     assert str(no_git_project) in warning and "without a code snapshot" in warning
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: callback.py FlorCallback._commit_code: the no-git warning does not say what to do "
-    "(e.g. \"run 'git init' and commit your code to record code versions; replay cannot compare code without them\")",
-)
 def test_no_git_warning_says_what_to_do(
     no_git_project: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -155,11 +150,6 @@ def test_huge_untracked_file_is_left_out_and_named(project: Path, caplog: pytest
     assert user_git_state(project) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: callback.py FlorCallback._commit_code: the left-out warning does not say what to do "
-    "(e.g. 'add them to .gitignore, or raise FlorCallback(max_file_bytes=...) to include them')",
-)
 def test_left_out_warning_says_what_to_do(project: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
     with (project / "weights.bin").open("wb") as f:
@@ -192,23 +182,16 @@ def test_flor_home_pointing_at_a_file(project: Path, tmp_path: Path, monkeypatch
 def test_checkpoint_url_whose_protocol_is_not_installed(project: Path, flor_home: Path, url: str, hint: str) -> None:
     CountingSteps.steps = 0
     L.seed_everything(0, verbose=False)
-    trainer = flor.Trainer(callbacks=[FlorCallback(checkpoint_dir=url)], **trainer_kwargs(max_epochs=1))
-
     with pytest.raises(
         ConfigError, match=rf"cannot use checkpoint location '{url}'.*{hint}.*Install the fsspec backend"
     ):
+        trainer = flor.Trainer(callbacks=[FlorCallback(checkpoint_dir=url)], **trainer_kwargs(max_epochs=1))
         trainer.fit(CountingSteps(), datamodule=DigitsData())
 
     assert CountingSteps.steps == 0
     assert_nothing_recorded(project, flor_home)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: callback.py FlorCallback.__init__ validates only local checkpoint_dir paths; an fsspec URL whose "
-    "protocol is not installed is refused only once fit reaches on_train_start (after the sanity check). "
-    "Fix: call checkpoints.open_fs(checkpoint_dir) in __init__ when '://' is in it",
-)
 @pytest.mark.parametrize("url", ["s3://bucket/x", "nosuch://x"])
 def test_uninstalled_checkpoint_protocol_is_refused_at_construction(url: str) -> None:
     with pytest.raises(ConfigError, match="Install the fsspec backend"):
@@ -312,12 +295,6 @@ def test_recording_into_a_damaged_store_fails_before_training(project: Path, flo
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: callback.py FlorCallback._open runs CheckpointStore.check_writable (which creates "
-    "<checkpoint root>/<run id>/) before store.connect; a damaged store then fails the fit but leaves an empty "
-    "checkpoint folder for a run that never existed. Fix: open the store first, or remove the folder on failure",
-)
 def test_a_damaged_store_leaves_no_checkpoint_folder(project: Path, flor_home: Path) -> None:
     damaged(project / DB)
     with pytest.raises(StoreError):

@@ -135,3 +135,21 @@ def test_readers_never_wait_for_a_write_in_progress(project: Path) -> None:
         writer.execute("COMMIT")
         writer.close()
     assert flor.query("loss")["loss"].tolist() == [1.5, 2.5]
+
+
+def test_processes_creating_the_store_at_the_same_moment(zygote: Zygote, tmp_path: Path) -> None:
+    """sqlite does not wait for a lock while it switches a new file to WAL mode: without a retry,
+    one of several processes that create the store at once failed with 'database is locked'."""
+    paths = [str(tmp_path / f"store-{i}" / "flor.db") for i in range(40)]
+    at = time.time() + 0.5
+    children = [
+        zygote.fork(
+            "open_stores", cwd=tmp_path, log=tmp_path / f"opener-{k}.log", paths=paths, start_at=at, spacing=0.03
+        )
+        for k in range(6)
+    ]
+    for child in children:
+        assert zygote.wait(child, timeout=60).code == 0, child.log_tail()
+    assert [e for child in children for e in child.events] == []
+    for path in paths:
+        assert rows(Path(path), "PRAGMA journal_mode") == [{"journal_mode": "wal"}]
