@@ -131,13 +131,3 @@ def replay(*, run_id: str, out: str, start_at: float | None = None) -> None:
     report = trainer.replay(HindsightClassifier(), datamodule=DigitsData(), run=run_id, train=False)
     with open(out, "w") as f:
         json.dump(asdict(report), f)
-
-
-def open_stores(*, paths: list[str], start_at: float, spacing: float) -> None:
-    """Open (creating) each store in turn, the i-th at ``start_at + i * spacing``; report failures."""
-    for i, path in enumerate(paths):
-        _wait_until(start_at + i * spacing)
-        try:
-            store.connect(path).close()
-        except flor.StoreError as err:
-            emit(f"error {err}")
