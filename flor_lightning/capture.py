@@ -2,9 +2,11 @@
 
 ``LogCapture`` wraps ``log`` on one LightningModule instance (not on the class, and only while
 a Trainer runs), so it sees every call whatever ``log_every_n_steps`` or ``logger=False`` say,
-and values that callbacks log through ``pl_module.log`` too. Inside a batch a call costs a
-tuple and a deque append: the batch's context (run, stage, epoch, step, batch index) is built
-once, when the batch starts.
+and values that callbacks log through ``pl_module.log`` too. Inside a batch a call costs two
+list appends (the name and the value; a tensor is detached only when it requires grad): the
+batch's context (run, stage, epoch, step, batch index) is built once, when the batch starts,
+and the batch's values go to the writer as one item when the batch is over. No object is made
+per value, so the hot path adds nothing for the garbage collector to track.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ class LogCapture:
         self.muted = False
         self._writer: LogWriter | None = None
         self._ids: tuple[str, str | None] = ("", None)
-        self._context: tuple[Any, ...] | None = None
+        self._context: tuple[Any, ...] = ()
+        self._values: list[Any] | None = None  # name, value, name, value, ... of the batch in progress
         self._owner: pl.LightningModule | None = None
         self._epoch_level: set[str] = set()
 
@@ -49,15 +52,17 @@ class LogCapture:
 
         def log_and_record(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
             original(name, value, *args, **kwargs)
-            context = capture._context
-            if context is not None:  # inside a batch: the hot path
+            values = capture._values
+            if values is not None:  # inside a batch: the hot path
                 if isinstance(value, Tensor):
-                    value = value.detach()
+                    if value.requires_grad:  # else detach() would only cost a new tensor object
+                        value = value.detach()
                 elif not isinstance(value, (int, float)):
                     value = _lightning.step_value(value)
                     if value is None:
                         return
-                capture._writer.add((*context, name, value))  # type: ignore[union-attr]
+                values.append(name)
+                values.append(value)
             else:
                 capture._outside_batch(pl_module, name, value)
 
@@ -75,20 +80,28 @@ class LogCapture:
         self._writer, self._ids = writer, (run_id, replay_id)
 
     def stop(self) -> None:
-        self._writer, self._context = None, None
+        self._queue_batch()
+        self._writer = None
 
     def batch_started(self, trainer: pl.Trainer, batch_idx: int) -> None:
         """Fix the context of the values the coming batch logs (the step the batch belongs to)."""
+        self._queue_batch()
         stage = _stage(trainer)
         self._epoch_level.clear()
         if self._writer is None or self.muted or stage is None:
-            self._context = None
             return
         self._context = (*self._ids, stage, "step", trainer.current_epoch, trainer.global_step, batch_idx)
+        self._values = []
 
     def batches_ended(self) -> None:
         """An epoch-level phase begins: what is logged now is its own epoch aggregate."""
-        self._context = None
+        self._queue_batch()
+
+    def _queue_batch(self) -> None:
+        """Hand the values of the batch that just ended to the writer."""
+        values, self._values = self._values, None
+        if values and self._writer is not None:
+            self._writer.add_batch(self._context, values)
 
     def _outside_batch(self, pl_module: pl.LightningModule, name: str, value: Any) -> None:
         trainer = pl_module.trainer
@@ -103,7 +116,7 @@ class LogCapture:
 
     def epoch_ended(self, trainer: pl.Trainer, stage: str) -> None:
         """Store Lightning's epoch aggregates of what the batches logged, and flush."""
-        self._context = None
+        self._queue_batch()
         if self._writer is None or self.muted or trainer.sanity_checking:
             return
         for name, value in _lightning.epoch_values(trainer).items():

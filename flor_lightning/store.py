@@ -273,10 +273,15 @@ class LogWriter:
         """Queue one row ``(run_id, replay_id, stage, level, epoch, step, batch_idx, name, raw_value)``."""
         self._pending.append(row)
 
+    def add_batch(self, context: tuple[Any, ...], names_values: list[Any]) -> None:
+        """Queue the rows of one batch at once: ``context`` is ``(run_id, replay_id, stage, level, epoch,
+        step, batch_idx)`` and ``names_values`` is flat, ``[name, raw_value, name, raw_value, ...]``."""
+        self._pending.append((*context, names_values))
+
     @property
     def backlog(self) -> int:
         """Rows queued and not yet written."""
-        return len(self._pending)
+        return sum(1 if len(item) == len(LOG_COLUMNS) - 1 else len(item[-1]) // 2 for item in list(self._pending))
 
     def flush(self, *, wait: bool = True) -> None:
         """Write everything queued so far; with ``wait`` block until it is committed."""
@@ -328,7 +333,13 @@ class LogWriter:
     def _write(self, conn: sqlite3.Connection) -> None:
         # popleft, not a list swap: an append racing with the swap could land in a list already written.
         pending = self._pending
-        rows = [(*row[:8], *encode_value(row[8])) for row in (pending.popleft() for _ in range(len(pending)))]
+        rows: list[tuple[Any, ...]] = []
+        for item in [pending.popleft() for _ in range(len(pending))]:
+            if len(item) == len(LOG_COLUMNS) - 1:  # one row
+                rows.append((*item[:8], *encode_value(item[8])))
+            else:  # one batch: a context and its flat names and values
+                context, flat = item[:7], item[7]
+                rows += [(*context, flat[i], *encode_value(flat[i + 1])) for i in range(0, len(flat), 2)]
         if not rows:
             return
         conn.execute("BEGIN IMMEDIATE")

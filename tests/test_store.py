@@ -84,6 +84,19 @@ def test_writer_batches_and_flushes_everything(tmp_path):
     assert conn.execute("SELECT count(DISTINCT step) FROM logs WHERE name='m1'").fetchone()[0] == 5000
 
 
+def test_writer_takes_a_batch_of_values_as_one_item_in_order(tmp_path):
+    path = tmp_path / "f.db"
+    store.connect(path).close()
+    writer = store.LogWriter(lambda: store.connect(path), interval=60)
+    writer.add(("r", None, "train", "step", 0, 0, 0, "a", 1.0))
+    writer.add_batch(("r", None, "train", "step", 0, 1, 1), ["a", torch.tensor(2.0), "b", 3])
+    writer.add(("r", None, "train", "epoch", 0, 1, None, "a_epoch", 1.5))
+    assert writer.backlog == 4  # rows, not items
+    writer.close()
+    rows = sqlite3.connect(path).execute("SELECT step, batch_idx, name, value FROM logs ORDER BY rowid").fetchall()
+    assert rows == [(0, 0, "a", 1.0), (1, 1, "a", 2.0), (1, 1, "b", 3.0), (1, None, "a_epoch", 1.5)]
+
+
 def test_writer_flushes_on_its_own_interval(tmp_path):
     path = tmp_path / "f.db"
     store.connect(path).close()

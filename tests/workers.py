@@ -86,7 +86,7 @@ def _instrument() -> None:
             return
         run_id = self._pending[0][0]
         count = "SELECT count(*) FROM logs WHERE run_id = ?"
-        emit(f"flush-begin {conn.execute(count, [run_id]).fetchone()[0]} {len(self._pending)}")
+        emit(f"flush-begin {conn.execute(count, [run_id]).fetchone()[0]} {self.backlog}")
         write_logs(self, conn)
         emit(f"flushed {conn.execute(count, [run_id]).fetchone()[0]}")
 
