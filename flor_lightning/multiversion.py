@@ -1,0 +1,415 @@
+"""Replay past runs, each from its own code version, with today's new logging brought in.
+
+For each selected run: its shadow commit is checked out in a temporary ``git worktree``, the
+new logging is brought in (a *probe* callback, and/or the edits made since the latest
+recorded version merged in, see :mod:`flor_lightning.propagate`), and the recorded script is
+run there with its recorded arguments by :mod:`flor_lightning.version_runner`, which turns the
+script's ``Trainer.fit`` into a replay of that run. Values land in the original log store.
+The user's HEAD, branch, index and files are never touched; worktrees are removed afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import git
+import pandas as pd
+from lightning.pytorch.callbacks import Callback
+
+from flor_lightning import planner, store
+from flor_lightning import propagate as merging
+from flor_lightning.errors import ConfigError, GitError
+from flor_lightning.locate import locate
+from flor_lightning.query import runs as runs_table
+from flor_lightning.query import store_path
+
+_GIT_LOCK = threading.Lock()  # worktree add/remove of concurrent replays, one at a time
+
+
+@dataclass
+class VersionReplay:
+    """The outcome of replaying one run from its own code version.
+
+    Attributes:
+        run_id: the replayed run.
+        status: ``replayed``, ``skipped`` (nothing was run; ``reason`` says why) or ``failed``.
+        merge: ``merged`` (edits written into the version), ``unchanged`` (no edit to bring),
+            ``conflict``, ``probe only`` (propagation off) or ``-`` (nothing brought in).
+        reason: why it was skipped or failed, or the files merged.
+        replay_id: the replay's id in the log store (values carry it), when it ran.
+        epochs_restored: epochs restored from checkpoints.
+        epochs_trained: epochs whose training batches ran again.
+        matched: recorded values logged again and equal bit for bit.
+        mismatched: recorded values logged again that differ.
+        new_names: names the recording did not have (the hindsight metrics).
+        seconds: wall time of this run's replay, worktree included.
+        log: the file with the replay process's output, when it ran.
+    """
+
+    run_id: str
+    status: str
+    merge: str
+    reason: str = ""
+    replay_id: str | None = None
+    epochs_restored: list[int] = field(default_factory=list)
+    epochs_trained: list[int] = field(default_factory=list)
+    matched: int = 0
+    mismatched: int = 0
+    new_names: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    log: str | None = None
+
+
+@dataclass(frozen=True)
+class _Job:
+    run: dict[str, Any]
+    root: Path
+    db: Path
+    edits: merging.Edits | None
+    probe: str | None
+    segments: int
+    train: bool | None
+    share: tuple[str, ...]
+    echo: Callable[[str], None]
+
+
+def replay_runs(
+    where: str | None = None,
+    *,
+    runs: Sequence[str] | None = None,
+    segments: int = 1,
+    probe: str | type[Callback] | None = None,
+    propagate: bool = True,
+    parallel: int = 1,
+    train: bool | None = None,
+    db: str | Path | None = None,
+    base: str | None = None,
+    share: Sequence[str] = (),
+    echo: Callable[[str], None] = print,
+) -> list[VersionReplay]:
+    """Replay past runs, each from its own code version, with the new logging brought in.
+
+    Args:
+        where: a pandas expression over the runs table (run_id, started, status, script,
+            shadow_commit, head_commit, branch and each hyperparameter), e.g. ``"lr < 0.01"``.
+        runs: run ids to replay (with ``where``: those of them that match).
+        segments: replay each run in this many segments, one after another.
+        probe: a Callback class (defined at module level in a file) or ``"path/to/file.py:ClassName"``,
+            instantiated with no arguments and added to each version's Trainer during its replay.
+        propagate: merge the edits made since ``base`` into each version; a version where they
+            conflict is skipped with the files named.
+        parallel: replay up to this many runs at once, each in its own process.
+        train: re-train (True), restore only (False) or decide per version (None).
+        db: the log store (default: this project's).
+        base: the commit today's edits started from (default: the shadow commit of the latest
+            recorded run of each run's script).
+        share: repo-relative paths (e.g. an ignored ``data`` folder) linked into each version's
+            checkout, for files the code snapshot leaves out.
+        echo: where the one-line progress messages go.
+
+    Returns:
+        One :class:`VersionReplay` per selected run, oldest run first.
+
+    Raises:
+        ConfigError: bad arguments, unknown run ids, or a ``where`` that selects nothing.
+
+    Example:
+        >>> import flor_lightning as flor
+        >>> print(flor.format_report(flor.replay_runs("lr < 0.01", parallel=2)))  # doctest: +SKIP
+    """
+    _check_arguments(segments, parallel, train, share)
+    probe_spec = probe_reference(probe) if probe is not None else None
+    loc = locate()
+    if not loc.in_git:
+        raise ConfigError(f"{loc.root} is not in a git repository; run from the project that recorded the runs")
+    db_path = store_path(db).resolve()
+    table = run_frame(db_path)
+    chosen = select_runs(table, where, runs)
+    with closing(store.connect(db_path)) as conn:
+        rows = {r["run_id"]: r for r in store.fetch(conn, "SELECT * FROM runs")}
+        with_ckpt = {r["run_id"] for r in store.fetch(conn, "SELECT DISTINCT run_id FROM checkpoints")}
+    status = dict(zip(table["run_id"], table["status"], strict=True))
+    bases = _bases(table) if base is None else None
+    edits_by_base: dict[str, merging.Edits] = {}
+    results: dict[str, VersionReplay] = {}
+    jobs = []
+    for run_id in chosen:
+        row = rows[run_id]
+        problem = _unfit(row, run_id in with_ckpt, status[run_id], loc.root)
+        if problem:
+            results[run_id] = VersionReplay(run_id, "skipped", "-", problem)
+            continue
+        edits = None
+        if propagate:
+            start = base or (bases or {}).get(row["script"]) or row["shadow_commit"]
+            if start not in edits_by_base:
+                edits_by_base[start] = merging.edits_since(loc.root, start)
+            edits = edits_by_base[start]
+        jobs.append(_Job(row, loc.root, db_path, edits, probe_spec, segments, train, tuple(share), echo))
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        for result in pool.map(_replay_version, jobs):
+            results[result.run_id] = result
+    return [results[r] for r in chosen]
+
+
+def propagate_edits(root: Path, base: str) -> merging.Edits:
+    """The edits since ``base`` (see :func:`flor_lightning.merging.edits_since`)."""
+    return merging.edits_since(root, base)
+
+
+def _check_arguments(segments: int, parallel: int, train: bool | None, share: Sequence[str]) -> None:
+    planner.validate_segment_args(segments, None)
+    if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
+        raise ConfigError(f"parallel must be a whole number >= 1 (replays at once), got {parallel!r}")
+    if train not in (None, True, False):
+        raise ConfigError(f"train must be None (decide per version), True or False, got {train!r}")
+    for path in share:
+        if Path(path).is_absolute() or ".." in Path(path).parts:
+            raise ConfigError(f"share paths are relative to the repository root, inside it; got {path!r}")
+
+
+def probe_reference(probe: str | type[Callback]) -> str:
+    """``"/abs/file.py:Qual.Name"`` for a probe given as a class or as ``"file.py:ClassName"``.
+
+    Raises:
+        ConfigError: the file or class does not exist, or it is not a Lightning Callback.
+    """
+    if isinstance(probe, type):
+        if not issubclass(probe, Callback):
+            raise ConfigError(f"probe {probe.__qualname__} is not a lightning Callback; subclass Callback")
+        if "<locals>" in probe.__qualname__:
+            raise ConfigError(f"probe {probe.__qualname__} is defined inside a function; define it at module level")
+        try:
+            source = inspect.getsourcefile(probe)
+        except TypeError:
+            source = None
+        if not source:
+            raise ConfigError(f"probe {probe.__qualname__} has no source file; define it in a .py file")
+        return f"{Path(source).resolve()}:{probe.__qualname__}"
+    if not isinstance(probe, str) or ":" not in probe:
+        raise ConfigError(f"probe must be a Callback class or 'path/to/file.py:ClassName', got {probe!r}")
+    file, _, qualname = probe.rpartition(":")
+    path = Path(file).resolve()
+    cls = load_probe(path, qualname)
+    if not (isinstance(cls, type) and issubclass(cls, Callback)):
+        raise ConfigError(f"probe {probe!r} is not a lightning Callback class; subclass Callback")
+    return f"{path}:{qualname}"
+
+
+def load_probe(path: Path, qualname: str) -> Any:
+    """The object ``qualname`` of file ``path``, loaded under a unique module name.
+
+    The unique name keeps a same-named module of an older code version from shadowing the file.
+
+    Raises:
+        ConfigError: the file or the name does not exist.
+    """
+    if not path.is_file():
+        raise ConfigError(f"probe file {str(path)!r} does not exist; give 'path/to/file.py:ClassName'")
+    name = f"flor_probe_{abs(hash(str(path))):x}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"probe file {str(path)!r} is not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    obj: Any = module
+    for part in qualname.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"probe file {str(path)!r} has no {qualname!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def run_frame(db_path: Path) -> pd.DataFrame:
+    """The runs table with hyperparameters as columns (``hparam.<name>`` where a name clashes)."""
+    table = runs_table(db=db_path)
+    cols = [c for c in ("run_id", "project", "started", "status", "script", "shadow_commit", "head_commit", "branch")]
+    info = table[[c for c in cols if c in table.columns]].copy()
+    if "hparams" in table and len(table):
+        hparams = pd.json_normalize(table["hparams"].tolist())
+        hparams.index = info.index
+        for col in hparams.columns:
+            info[col if col not in info.columns else f"hparam.{col}"] = hparams[col]
+    return info
+
+
+def select_runs(table: pd.DataFrame, where: str | None, runs: Sequence[str] | None) -> list[str]:
+    """The run ids chosen by ``runs`` and ``where`` over ``table``, oldest first.
+
+    Raises:
+        ConfigError: unknown run ids, a ``where`` that fails or matches nothing, or no runs at all.
+    """
+    if isinstance(runs, str):
+        runs = [runs]
+    known = list(table["run_id"]) if len(table) else []
+    if runs is not None:
+        unknown = sorted(set(runs) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown run id(s) {unknown}; flor.runs() lists the {len(known)} recorded ones")
+        table = table[table["run_id"].isin(list(runs))]
+    if where:
+        try:
+            table = table.query(where)
+        except Exception as err:
+            raise ConfigError(f"cannot evaluate where={where!r}: {err}. Columns: {list(table.columns)}") from err
+        if table.empty:
+            raise ConfigError(f"where={where!r} matches no recorded run. Columns: {list(table.columns)}")
+    if table.empty:
+        raise ConfigError("no recorded run to replay; record one with flor.Trainer(...).fit(...) first")
+    return list(table.sort_values(["started", "run_id"], kind="stable")["run_id"])
+
+
+def _bases(table: pd.DataFrame) -> dict[str | None, str]:
+    """Each script's latest shadow commit: the code today's edits most likely started from."""
+    done = table[table["shadow_commit"].notna()].sort_values(["started", "run_id"], kind="stable")
+    return {script: commit for script, commit in zip(done["script"], done["shadow_commit"], strict=True)}
+
+
+def _unfit(row: dict[str, Any], has_checkpoints: bool, status: str, root: Path) -> str | None:
+    """Why a run cannot be replayed from its version, or None."""
+    if not row["shadow_commit"]:
+        return "no code snapshot (recorded outside git)"
+    if not has_checkpoints:
+        return "no checkpoints"
+    if status == "running":
+        return "still recording"
+    if not row["script"] or Path(row["script"]).is_absolute():
+        return f"its script {row['script']!r} is not inside the repository"
+    with git.Repo(root) as repo:
+        if not repo.git.rev_parse("-q", "--verify", f"{row['shadow_commit']}^{{commit}}", with_exceptions=False):
+            return f"its shadow commit {row['shadow_commit'][:10]} is not in this repository"
+    return None
+
+
+@contextmanager
+def checkout(root: Path, commit: str, name: str) -> Iterator[Path]:
+    """A temporary detached ``git worktree`` of ``commit``, removed (and pruned) afterwards."""
+    tmp = Path(tempfile.mkdtemp(prefix="flor-version-"))
+    path = tmp / name
+    try:
+        with _GIT_LOCK, git.Repo(root) as repo:
+            repo.git.worktree("add", "--detach", str(path), commit)
+        yield path
+    except git.exc.GitError as err:
+        raise GitError(f"could not check out {commit[:10]} in a temporary worktree: {err}") from err
+    finally:
+        with _GIT_LOCK, git.Repo(root) as repo:
+            repo.git.worktree("remove", "--force", str(path), with_exceptions=False)
+            repo.git.worktree("prune", with_exceptions=False)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replay_version(job: _Job) -> VersionReplay:
+    run_id, started = job.run["run_id"], time.monotonic()
+    job.echo(f"flor: run {run_id}: replaying from version {job.run['shadow_commit'][:10]} ...")
+    try:
+        result = _in_worktree(job)
+    except Exception as err:  # one version's trouble must not stop the others
+        result = VersionReplay(run_id, "failed", "-", f"{type(err).__name__}: {err}")
+    result.seconds = time.monotonic() - started
+    job.echo(f"flor: run {run_id}: {result.status} ({result.merge}) in {result.seconds:.1f}s {result.reason}".rstrip())
+    return result
+
+
+def _in_worktree(job: _Job) -> VersionReplay:
+    run, run_id = job.run, job.run["run_id"]
+    with checkout(job.root, run["shadow_commit"], job.root.name) as tree:
+        merge = "probe only" if job.probe else "-"
+        reason = ""
+        if job.edits is not None:
+            merged = merging.merge_into(tree, run["shadow_commit"], job.edits)
+            if merged.conflicts:
+                files = merging.describe(merged.conflicts)
+                return VersionReplay(run_id, "skipped", "conflict", f"the edits conflict with this version in {files}")
+            merge, reason = merged.status, (f"merged {merging.describe(merged.written)}" if merged.written else "")
+        for path in job.share:
+            _link(job.root / path, tree / path)
+        return _run(job, tree, merge, reason)
+
+
+def _link(source: Path, target: Path) -> None:
+    if not source.exists():
+        raise ConfigError(f"share path {str(source)!r} does not exist")
+    if target.exists() or target.is_symlink():
+        return  # the version has its own
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.symlink_to(source, target_is_directory=source.is_dir())
+
+
+def _run(job: _Job, tree: Path, merge: str, reason: str) -> VersionReplay:
+    run_id = job.run["run_id"]
+    logs = job.db.parent / "replay-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"{run_id}.{time.strftime('%Y%m%d-%H%M%S')}.{os.getpid()}.log"
+    report_file = log.with_suffix(".json")
+    cmd = [sys.executable, "-m", "flor_lightning.version_runner", "--run", run_id, "--segments", str(job.segments)]
+    cmd += ["--report", str(report_file), "--train", {None: "auto", True: "true", False: "false"}[job.train]]
+    cmd += ["--probe", job.probe] if job.probe else []
+    cmd += ["--", str(tree / job.run["script"]), *json.loads(job.run["argv"] or "[]")]
+    env = {**os.environ, "FLOR_DB": str(job.db)}
+    env.pop("FLOR_REPLAY_ID", None)
+    with log.open("w") as out:
+        done = subprocess.run(cmd, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0 or not report_file.exists():
+        return VersionReplay(run_id, "failed", merge, _last_error(log, done.returncode), log=str(log))
+    report = json.loads(report_file.read_text())
+    report_file.unlink()
+    return VersionReplay(
+        run_id,
+        "replayed",
+        merge,
+        reason,
+        replay_id=report["replay_id"],
+        epochs_restored=report["epochs_restored"],
+        epochs_trained=report["epochs_trained"],
+        matched=report["matched"],
+        mismatched=report["mismatched"],
+        new_names=report["new_names"],
+        log=str(log),
+    )
+
+
+def _last_error(log: Path, code: int) -> str:
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line.split(":")[0] or line.startswith("flor: error")]
+    return (errors or lines or [f"the replay process exited with status {code}"])[-1][:300]
+
+
+def format_report(results: list[VersionReplay]) -> str:
+    """A table of :func:`replay_runs`'s results, one line per run, then the logs of failed runs."""
+    header = ["run", "status", "merge", "restored", "re-trained", "matched", "mismatched", "new names", "time", "note"]
+    lines = [
+        [
+            r.run_id,
+            r.status,
+            r.merge,
+            planner.describe(r.epochs_restored) or "-",
+            planner.describe(r.epochs_trained) or "-",
+            str(r.matched) if r.status == "replayed" else "-",
+            str(r.mismatched) if r.status == "replayed" else "-",
+            ", ".join(r.new_names) or "-",
+            f"{r.seconds:.1f}s",
+            r.reason,
+        ]
+        for r in results
+    ]
+    widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
+    text = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *lines]]
+    text += [f"log of {r.run_id}: {r.log}" for r in results if r.status == "failed" and r.log]
+    return "\n".join(text)

@@ -1,0 +1,142 @@
+"""Bring today's edits into an older code version with a 3-way merge, file by file.
+
+The edits are everything that differs between a *base* version (a commit, normally the
+shadow commit of the latest recorded run) and the working tree as a code snapshot would
+take it (tracked files plus untracked ones ``.gitignore`` does not ignore, minus ``.flor/``).
+For each edited file, with *ours* the older version's file, *base* the base's and *theirs*
+the working tree's:
+
+- ours equals base: the older version never touched the file since; theirs is taken whole
+  (added, changed or deleted).
+- theirs equals base, or ours equals theirs: nothing to bring.
+- otherwise ``git merge-file`` merges the three; overlapping changes, a file deleted on one
+  side and changed on the other, or binary files are a *conflict*, never guessed.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import git
+
+from flor_lightning import shadow
+from flor_lightning.errors import GitError
+
+MergeFile = Callable[[bytes, bytes, bytes], "tuple[bytes, bool]"]
+
+
+@dataclass(frozen=True)
+class Edits:
+    """What changed since ``base``: the working tree's tree sha and the changed repo-relative paths."""
+
+    base: str
+    tree: str
+    paths: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """The outcome of merging the edits into one version.
+
+    Attributes:
+        written: files changed in the older version (written or deleted).
+        conflicts: files where the edits and the older version's code overlap.
+    """
+
+    written: tuple[str, ...]
+    conflicts: tuple[str, ...]
+
+    @property
+    def status(self) -> str:
+        """``conflict``, ``merged`` (something written) or ``unchanged``."""
+        return "conflict" if self.conflicts else "merged" if self.written else "unchanged"
+
+
+def three_way(
+    ours: bytes | None, base: bytes | None, theirs: bytes | None, merge_file: MergeFile
+) -> tuple[bytes | None, bool]:
+    """The merged content of one file (None: absent) and whether it conflicts. ``None`` inputs are absent files."""
+    if ours == base:
+        return theirs, False
+    if theirs in (base, ours):
+        return ours, False
+    if ours is None or base is None or theirs is None:
+        return ours, True  # added differently on both sides, or deleted on one and changed on the other
+    return merge_file(ours, base, theirs)
+
+
+def git_merge_file(ours: bytes, base: bytes, theirs: bytes) -> tuple[bytes, bool]:
+    """``git merge-file -p``: the merged text and whether it has conflicts (binary files always do)."""
+    with tempfile.TemporaryDirectory(prefix="flor-merge-") as tmp:
+        paths = []
+        for name, data in (("ours", ours), ("base", base), ("theirs", theirs)):
+            path = Path(tmp) / name
+            path.write_bytes(data)
+            paths.append(str(path))
+        done = subprocess.run(
+            ["git", "merge-file", "-p", "-L", "recorded", "-L", "base", "-L", "current", *paths],
+            capture_output=True,
+            check=False,
+        )
+    # exit status: 0 clean, the number of conflicts (> 0), or an error (binary file, ...)
+    return done.stdout, done.returncode != 0
+
+
+def edits_since(repo_root: Path, base: str) -> Edits:
+    """The files that differ between commit ``base`` and the working tree.
+
+    Raises:
+        GitError: ``base`` is not a commit of the repository, or git failed.
+    """
+    try:
+        with git.Repo(repo_root, search_parent_directories=True) as repo:
+            if not repo.git.rev_parse("-q", "--verify", f"{base}^{{commit}}", with_exceptions=False):
+                raise GitError(f"base {base!r} is not a commit of the repository at {repo_root}; pass a commit sha")
+            top = Path(str(repo.working_tree_dir))
+            files, _ = shadow._select(top, shadow._listed(repo), (".flor/",), shadow.DEFAULT_MAX_FILE_BYTES)
+            with tempfile.TemporaryDirectory(prefix="flor-index-") as tmp:
+                tree = shadow._write_tree(repo, files, Path(tmp))
+            out = repo.git.diff_tree("-r", "--no-renames", "--name-only", "-z", base, tree)
+    except git.exc.GitError as err:
+        raise GitError(f"could not compare the working tree of {repo_root} with {base!r}: {err}") from err
+    return Edits(base=base, tree=tree, paths=tuple(p for p in out.split("\0") if p))
+
+
+def merge_into(worktree: Path, ours: str, edits: Edits, *, merge_file: MergeFile = git_merge_file) -> MergeResult:
+    """Merge ``edits`` into ``worktree``, a checkout of commit ``ours``; conflicting files are left as they were."""
+    written: list[str] = []
+    conflicts: list[str] = []
+    with git.Repo(worktree) as repo:
+        for path in edits.paths:
+            mine = _blob(repo, ours, path)
+            result, conflict = three_way(mine, _blob(repo, edits.base, path), _blob(repo, edits.tree, path), merge_file)
+            if conflict:
+                conflicts.append(path)
+            elif result != mine:
+                _write(worktree / path, result)
+                written.append(path)
+    return MergeResult(written=tuple(written), conflicts=tuple(conflicts))
+
+
+def _blob(repo: git.Repo, rev: str, path: str) -> bytes | None:
+    spec = f"{rev}:{path}"
+    if repo.git.cat_file("-t", spec, with_exceptions=False) != "blob":
+        return None
+    return bytes(repo.git.cat_file("blob", spec, stdout_as_string=False, strip_newline_in_stdout=False))
+
+
+def _write(path: Path, data: bytes | None) -> None:
+    if data is None:
+        path.unlink(missing_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def describe(paths: Iterable[str]) -> str:
+    """``a.py, b.py`` for a report."""
+    return ", ".join(paths) or "-"

@@ -1,0 +1,346 @@
+"""Replaying past runs from their own code versions: selection, propagation, probes, worktrees.
+
+The end-to-end tests share one project (recorded once per module): three versions of a
+training script, each recorded as a real run with its own code and learning rate. The
+current working tree then adds a ``val_conf`` metric to ``validation_step`` (uncommitted,
+as a user would) and holds a probe callback file.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from helpers import git, rows, user_git_state
+from lightning.pytorch.callbacks import Callback
+
+import flor_lightning as flor
+from flor_lightning import multiversion
+from flor_lightning import propagate as merging
+from flor_lightning.errors import ConfigError
+
+SCRIPT = """
+import argparse
+import lightning as L
+from torch.nn import functional as F
+import flor_lightning as flor
+from model import DigitsClassifier, DigitsData, trainer_kwargs
+
+HIDDEN = {hidden}
+
+
+class Version(DigitsClassifier):
+    def __init__(self, lr):
+        super().__init__(hidden=HIDDEN, lr=lr)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        {val_loss}
+
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--lr", type=float, required=True)
+args = parser.parse_args()
+L.seed_everything(0)
+trainer = flor.Trainer(**trainer_kwargs(max_epochs=2))
+trainer.fit(Version(args.lr), datamodule=DigitsData())
+print("RUN", trainer.flor.run_id)
+"""
+VAL_LOSS = 'self.log("val_loss", F.cross_entropy(logits, y))'
+# (hidden units, the val_loss line, learning rate) of the three recorded versions; the first
+# changed the very line the new metric is added below, so merging the new metric conflicts there.
+VERSIONS = [
+    (16, 'self.log("val_loss", F.cross_entropy(logits, y), prog_bar=True)', 0.05),
+    (24, VAL_LOSS, 0.01),
+    (32, VAL_LOSS, 0.005),
+]
+NEW_METRIC = VAL_LOSS + '\n        self.log("val_conf", logits.softmax(1).max(1).values.mean())'
+
+PROBE = """
+from lightning.pytorch.callbacks import Callback
+
+
+class WeightNorm(Callback):
+    def on_validation_epoch_end(self, trainer, pl_module):
+        pl_module.log("probe_weight_norm", sum(p.detach().norm() for p in pl_module.parameters()))
+"""
+
+
+def _script(hidden: int, val_loss: str) -> str:
+    return SCRIPT.format(hidden=hidden, val_loss=val_loss)
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """The project with three recorded versions; returns the root, the environment and the run ids."""
+    tmp = tmp_path_factory.mktemp("multiversion")
+    root = tmp / "proj"
+    root.mkdir()
+    (tmp / "gitconfig").write_text("")
+    env = {
+        **os.environ,
+        "FLOR_HOME": str(tmp / "flor-home"),
+        "GIT_CONFIG_GLOBAL": str(tmp / "gitconfig"),
+        "GIT_CONFIG_NOSYSTEM": "1",
+        **{f"GIT_{r}_{k}": v for r in ("AUTHOR", "COMMITTER") for k, v in (("NAME", "T"), ("EMAIL", "t@x"))},
+    }
+    env.pop("FLOR_DB", None)
+
+    def sh(*cmd: str) -> str:
+        done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"{cmd} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+        return done.stdout
+
+    sh("git", "init", "-q", "-b", "main")
+    (root / "model.py").write_text((Path(__file__).parent / "models.py").read_text())
+    (root / ".gitignore").write_text("__pycache__/\nlightning_logs/\n")
+    run_ids = []
+    for i, (hidden, val_loss, lr) in enumerate(VERSIONS):
+        (root / "train.py").write_text(_script(hidden, val_loss))
+        sh("git", "add", ".")
+        sh("git", "commit", "-q", "-m", f"version {i + 1}")
+        out = sh(sys.executable, "train.py", "--lr", str(lr))
+        run_ids.append(next(line.split()[1] for line in out.splitlines() if line.startswith("RUN ")))
+    # today's edits: a new metric, uncommitted, and a probe file
+    train = root / "train.py"
+    train.write_text(train.read_text().replace(VAL_LOSS, NEW_METRIC))
+    (root / "probes.py").write_text(PROBE)
+    return {"root": root, "env": env, "runs": run_ids}
+
+
+@pytest.fixture
+def project_env(recorded: dict[str, object], monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    root = recorded["root"]
+    assert isinstance(root, Path)
+    env = recorded["env"]
+    assert isinstance(env, dict)
+    for key in ("FLOR_HOME", "GIT_CONFIG_GLOBAL", "GIT_CONFIG_NOSYSTEM", "GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL"):
+        monkeypatch.setenv(key, env[key])
+    monkeypatch.setenv("GIT_COMMITTER_NAME", env["GIT_COMMITTER_NAME"])
+    monkeypatch.setenv("GIT_COMMITTER_EMAIL", env["GIT_COMMITTER_EMAIL"])
+    monkeypatch.chdir(root)
+    yield root
+
+
+def _values(db: Path, name: str) -> dict[str, int]:
+    counts = rows(db, "SELECT run_id, count(*) AS n FROM logs WHERE name = ? GROUP BY run_id", (name,))
+    return {r["run_id"]: r["n"] for r in counts}
+
+
+def _worktrees(root: Path) -> list[str]:
+    return [line for line in git(root, "worktree", "list", "--porcelain").splitlines() if line.startswith("worktree ")]
+
+
+# ---- end to end ---------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_new_metric_is_propagated_and_replayed_over_the_selected_versions(recorded, project_env):
+    root, (v1, v2, v3) = project_env, recorded["runs"]
+    before = user_git_state(root)
+    shadow_before = git(root, "rev-list", "--count", "flor.shadow")
+    lines: list[str] = []
+
+    results = flor.replay_runs("lr < 0.02", parallel=2, echo=lines.append)
+
+    assert [r.run_id for r in results] == [v2, v3]
+    for r in results:
+        assert (r.status, r.merge) == ("replayed", "merged"), r
+        assert r.epochs_restored == [0, 1] and r.epochs_trained == []
+        assert r.new_names == ["val_conf"]
+        assert r.matched > 0 and r.mismatched == 0
+        assert r.log is not None and Path(r.log).is_file()
+    db = root / ".flor" / "flor.db"
+    conf = _values(db, "val_conf")
+    assert set(conf) == {v2, v3} and v1 not in conf  # present for the two selected versions only
+    recorded_loss = rows(
+        db, "SELECT run_id, count(*) AS n FROM logs WHERE name = 'val_loss' AND replay_id IS NULL GROUP BY run_id"
+    )
+    assert conf == {r["run_id"]: r["n"] for r in recorded_loss if r["run_id"] in (v2, v3)}  # a value per val_loss
+    # the replayed values are each version's own: the models differ, so do the values
+    df = flor.query("val_conf", run=[v2, v3])
+    assert df.groupby("run_id")["val_conf"].apply(tuple).nunique() == 2
+    # every replay snapshot its merged code onto flor.shadow; the user's side is untouched
+    assert int(git(root, "rev-list", "--count", "flor.shadow")) == int(shadow_before) + 2
+    replays = rows(
+        db,
+        "SELECT run_id, status, shadow_commit FROM replays WHERE replay_id IN (?, ?)",
+        (results[0].replay_id, results[1].replay_id),
+    )
+    assert {r["status"] for r in replays} == {"finished"}
+    merged = git(root, "show", f"{replays[0]['shadow_commit']}:train.py")
+    assert "val_conf" in merged
+    assert user_git_state(root) == before
+    assert len(_worktrees(root)) == 1
+    assert sum("replaying from version" in line for line in lines) == 2
+    assert sum(": replayed (merged)" in line for line in lines) == 2
+    table = flor.format_report(results)
+    assert v2 in table and v3 in table and "val_conf" in table
+
+
+@pytest.mark.integration
+def test_a_version_whose_code_conflicts_with_the_edit_is_skipped_and_named(recorded, project_env):
+    root, (v1, _, _) = project_env, recorded["runs"]
+    before = user_git_state(root)
+    replays_before = rows(root / ".flor" / "flor.db", "SELECT count(*) AS n FROM replays")[0]["n"]
+
+    [result] = flor.replay_runs(runs=[v1], echo=lambda _: None)
+
+    assert (result.status, result.merge) == ("skipped", "conflict")
+    assert "train.py" in result.reason
+    assert result.replay_id is None
+    assert rows(root / ".flor" / "flor.db", "SELECT count(*) AS n FROM replays")[0]["n"] == replays_before
+    assert user_git_state(root) == before
+    assert len(_worktrees(root)) == 1
+
+
+@pytest.mark.integration
+def test_a_probe_replays_an_old_version_without_merging(recorded, project_env):
+    root, (v1, _, _) = project_env, recorded["runs"]
+    before = user_git_state(root)
+
+    [result] = flor.replay_runs(runs=[v1], probe="probes.py:WeightNorm", propagate=False, echo=lambda _: None)
+
+    assert (result.status, result.merge) == ("replayed", "probe only"), result
+    assert result.new_names == ["probe_weight_norm"]
+    assert result.epochs_restored == [0, 1] and result.mismatched == 0
+    assert _values(root / ".flor" / "flor.db", "probe_weight_norm") == {v1: 2}  # one per epoch, this run only
+    assert "val_conf" not in set(flor.records(run=v1)["name"])  # nothing merged into that version
+    assert user_git_state(root) == before
+    assert len(_worktrees(root)) == 1
+
+
+@pytest.mark.integration
+def test_a_failing_version_is_reported_with_its_log(recorded, project_env, tmp_path):
+    root, (_, v2, _) = project_env, recorded["runs"]
+    broken = tmp_path / "broken.py"
+    broken.write_text(
+        "from lightning.pytorch.callbacks import Callback\n\n\nclass Broken(Callback):\n"
+        "    def on_validation_epoch_end(self, trainer, pl_module):\n"
+        "        raise RuntimeError('probe failure injected by the test')\n"
+    )
+
+    [result] = flor.replay_runs(runs=[v2], probe=f"{broken}:Broken", propagate=False, echo=lambda _: None)
+
+    assert result.status == "failed"
+    assert "probe failure injected by the test" in result.reason
+    assert result.log is not None and "probe failure injected" in Path(result.log).read_text()
+    assert len(_worktrees(root)) == 1
+    assert f"log of {v2}" in flor.format_report([result])
+
+
+# ---- selection and arguments (no Trainer in this process) ----------------------------------
+
+
+def _table() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "run_id": ["a", "b", "c"],
+            "started": pd.to_datetime([3, 1, 2], unit="s"),
+            "status": ["finished"] * 3,
+            "script": ["train.py"] * 3,
+            "shadow_commit": ["s1", "s2", "s3"],
+            "lr": [0.05, 0.01, 0.005],
+        }
+    )
+
+
+def test_where_selects_runs_oldest_first():
+    assert multiversion.select_runs(_table(), "lr < 0.02", None) == ["b", "c"]
+    assert multiversion.select_runs(_table(), None, None) == ["b", "c", "a"]
+    assert multiversion.select_runs(_table(), "lr < 0.02", ["a", "b"]) == ["b"]
+    assert multiversion.select_runs(_table(), None, "a") == ["a"]
+
+
+def test_a_where_that_matches_nothing_names_the_columns():
+    with pytest.raises(ConfigError, match=r"matches no recorded run. Columns: \[.*'lr'"):
+        multiversion.select_runs(_table(), "lr > 1", None)
+    with pytest.raises(ConfigError, match=r"cannot evaluate where='nope > 1'.*Columns"):
+        multiversion.select_runs(_table(), "nope > 1", None)
+    with pytest.raises(ConfigError, match=r"unknown run id\(s\) \['zz'\]"):
+        multiversion.select_runs(_table(), None, ["zz"])
+
+
+def test_bad_arguments_are_refused_before_anything_runs(project):
+    with pytest.raises(ConfigError, match="parallel must be"):
+        flor.replay_runs(parallel=0)
+    with pytest.raises(ConfigError, match="train must be"):
+        flor.replay_runs(train="yes")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="probe must be"):
+        flor.replay_runs(probe="no-colon")
+    with pytest.raises(ConfigError, match="does not exist"):
+        flor.replay_runs(probe="missing.py:Probe")
+    (project / "p.py").write_text("class NotACallback:\n    pass\n")
+    with pytest.raises(ConfigError, match="not a lightning Callback"):
+        flor.replay_runs(probe="p.py:NotACallback")
+    with pytest.raises(ConfigError, match="share paths are relative"):
+        flor.replay_runs(share=["/abs"])
+
+
+class _ModuleLevelProbe(Callback):
+    pass
+
+
+def test_a_probe_class_is_referenced_by_its_file_and_name():
+    ref = multiversion.probe_reference(_ModuleLevelProbe)
+    assert ref == f"{Path(__file__).resolve()}:_ModuleLevelProbe"
+
+    class Local(Callback):
+        pass
+
+    with pytest.raises(ConfigError, match="define it at module level"):
+        multiversion.probe_reference(Local)
+
+
+def test_a_probe_hooking_the_training_path_asks_for_retraining():
+    from flor_lightning.version_runner import probe_trains
+
+    class OnBatch(Callback):
+        def on_train_batch_end(self, *args: object) -> None:
+            pass
+
+    class OnValidation(Callback):
+        def on_validation_epoch_end(self, *args: object) -> None:
+            pass
+
+    assert probe_trains(OnBatch) and not probe_trains(OnValidation)
+
+
+# ---- the 3-way merge ----------------------------------------------------------------------
+
+
+def test_three_way_takes_the_edit_where_the_version_did_not_change():
+    merge = merging.git_merge_file
+    assert merging.three_way(b"a\n", b"a\n", b"a\nb\n", merge) == (b"a\nb\n", False)
+    assert merging.three_way(b"x\n", b"a\n", b"a\n", merge) == (b"x\n", False)  # nothing to bring
+    assert merging.three_way(None, None, b"new\n", merge) == (b"new\n", False)  # a new file
+    assert merging.three_way(b"a\n", b"a\n", None, merge) == (None, False)  # a deleted file
+
+
+def test_three_way_merges_separate_changes_and_refuses_overlapping_ones():
+    base = b"".join(b"line %d\n" % i for i in range(10))
+    ours = base.replace(b"line 1\n", b"line one\n")
+    theirs = base.replace(b"line 8\n", b"line 8\nadded\n")
+    merged, conflict = merging.three_way(ours, base, theirs, merging.git_merge_file)
+    assert not conflict and merged == ours.replace(b"line 8\n", b"line 8\nadded\n")
+    clash = base.replace(b"line 8\n", b"line eight\n")
+    assert merging.three_way(clash, base, theirs, merging.git_merge_file)[1] is True
+    assert merging.three_way(None, base, theirs, merging.git_merge_file)[1] is True  # deleted vs changed
+    assert merging.three_way(b"\0bin1", b"\0bin0", b"\0bin2", merging.git_merge_file)[1] is True
+
+
+def test_edits_since_lists_what_a_snapshot_would_take(project):
+    base = git(project, "rev-parse", "HEAD")
+    (project / "train.py").write_text("changed\n")
+    (project / "new.py").write_text("x = 1\n")
+    (project / "ignored.log").write_text("ignored by .gitignore\n")
+    edits = merging.edits_since(project, base)
+    assert sorted(edits.paths) == ["new.py", "train.py"]
+    with pytest.raises(flor.GitError, match="not a commit"):
+        merging.edits_since(project, "0" * 40)
