@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from flor_lightning.callback import FlorCallback
 from flor_lightning.errors import CheckpointError, ConfigError, FlorError, GitError, ReplayError, StoreError
+from flor_lightning.multiversion import VersionReplay, format_report, replay_runs
 from flor_lightning.query import export, query, records, runs
 from flor_lightning.resume import last_checkpoint
 from flor_lightning.trainer import Trainer
@@ -23,10 +24,13 @@ __all__ = [
     "ReplayError",
     "StoreError",
     "Trainer",
+    "VersionReplay",
     "__version__",
     "export",
+    "format_report",
     "last_checkpoint",
     "query",
     "records",
+    "replay_runs",
     "runs",
 ]
