@@ -6,12 +6,17 @@ every logged value back with ``flor.query()``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from flor_lightning.callback import FlorCallback
 from flor_lightning.errors import CheckpointError, ConfigError, FlorError, GitError, ReplayError, StoreError
 from flor_lightning.multiversion import VersionReplay, format_report, replay_runs
 from flor_lightning.query import export, query, records, runs
 from flor_lightning.resume import last_checkpoint
 from flor_lightning.trainer import Trainer
+
+if TYPE_CHECKING:
+    from flor_lightning.lightning_cli import LightningCLI
 
 __version__ = "0.1.0"
 
@@ -21,6 +26,7 @@ __all__ = [
     "FlorCallback",
     "FlorError",
     "GitError",
+    "LightningCLI",
     "ReplayError",
     "StoreError",
     "Trainer",
@@ -34,3 +40,12 @@ __all__ = [
     "replay_runs",
     "runs",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # LightningCLI imports jsonargparse, which configures itself on import: only on first use.
+    if name == "LightningCLI":
+        from flor_lightning.lightning_cli import LightningCLI
+
+        return LightningCLI
+    raise AttributeError(f"module 'flor_lightning' has no attribute {name!r}")
