@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
@@ -303,11 +304,12 @@ def checkout(root: Path, commit: str, name: str) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix="flor-version-"))
     path = tmp / name
     try:
-        with _GIT_LOCK, git.Repo(root) as repo:
-            repo.git.worktree("add", "--detach", str(path), commit)
+        try:
+            with _GIT_LOCK, git.Repo(root) as repo:
+                repo.git.worktree("add", "--detach", str(path), commit)
+        except git.exc.GitError as err:
+            raise GitError(f"could not check out {commit[:10]} in a temporary worktree: {err}") from err
         yield path
-    except git.exc.GitError as err:
-        raise GitError(f"could not check out {commit[:10]} in a temporary worktree: {err}") from err
     finally:
         with _GIT_LOCK, git.Repo(root) as repo:
             repo.git.worktree("remove", "--force", str(path), with_exceptions=False)
@@ -356,7 +358,7 @@ def _run(job: _Job, tree: Path, merge: str, reason: str) -> VersionReplay:
     run_id = job.run["run_id"]
     logs = job.db.parent / "replay-logs"
     logs.mkdir(parents=True, exist_ok=True)
-    log = logs / f"{run_id}.{time.strftime('%Y%m%d-%H%M%S')}.{os.getpid()}.log"
+    log = logs / f"{run_id}.{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}.log"
     report_file = log.with_suffix(".json")
     cmd = [sys.executable, "-m", "flor_lightning.version_runner", "--run", run_id, "--segments", str(job.segments)]
     cmd += ["--report", str(report_file), "--train", {None: "auto", True: "true", False: "false"}[job.train]]

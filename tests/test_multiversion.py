@@ -27,6 +27,7 @@ from flor_lightning.errors import ConfigError
 SCRIPT = """
 import argparse
 import lightning as L
+import probes  # the version's own probes module: the probe given to replay must not be taken from it
 from torch.nn import functional as F
 import flor_lightning as flor
 from model import DigitsClassifier, DigitsData, trainer_kwargs
@@ -68,7 +69,7 @@ from lightning.pytorch.callbacks import Callback
 
 class WeightNorm(Callback):
     def on_validation_epoch_end(self, trainer, pl_module):
-        pl_module.log("probe_weight_norm", sum(p.detach().norm() for p in pl_module.parameters()))
+        pl_module.log("{name}", sum(p.detach().norm() for p in pl_module.parameters()))
 """
 
 
@@ -100,6 +101,7 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     sh("git", "init", "-q", "-b", "main")
     (root / "model.py").write_text((Path(__file__).parent / "models.py").read_text())
     (root / ".gitignore").write_text("__pycache__/\nlightning_logs/\n")
+    (root / "probes.py").write_text(PROBE.format(name="old_probe"))  # same module and class name as today's
     run_ids = []
     for i, (hidden, val_loss, lr) in enumerate(VERSIONS):
         (root / "train.py").write_text(_script(hidden, val_loss))
@@ -110,7 +112,7 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     # today's edits: a new metric, uncommitted, and a probe file
     train = root / "train.py"
     train.write_text(train.read_text().replace(VAL_LOSS, NEW_METRIC))
-    (root / "probes.py").write_text(PROBE)
+    (root / "probes.py").write_text(PROBE.format(name="probe_weight_norm"))
     return {"root": root, "env": env, "runs": run_ids}
 
 
@@ -201,14 +203,14 @@ def test_a_version_whose_code_conflicts_with_the_edit_is_skipped_and_named(recor
 
 
 @pytest.mark.integration
-def test_a_probe_replays_an_old_version_without_merging(recorded, project_env):
+def test_a_probe_from_today_replays_an_old_version_without_merging(recorded, project_env):
     root, (v1, _, _) = project_env, recorded["runs"]
     before = user_git_state(root)
 
     [result] = flor.replay_runs(runs=[v1], probe="probes.py:WeightNorm", propagate=False, echo=lambda _: None)
 
     assert (result.status, result.merge) == ("replayed", "probe only"), result
-    assert result.new_names == ["probe_weight_norm"]
+    assert result.new_names == ["probe_weight_norm"]  # today's probes.py, not the version's own
     assert result.epochs_restored == [0, 1] and result.mismatched == 0
     assert _values(root / ".flor" / "flor.db", "probe_weight_norm") == {v1: 2}  # one per epoch, this run only
     assert "val_conf" not in set(flor.records(run=v1)["name"])  # nothing merged into that version
@@ -233,6 +235,56 @@ def test_a_failing_version_is_reported_with_its_log(recorded, project_env, tmp_p
     assert result.log is not None and "probe failure injected" in Path(result.log).read_text()
     assert len(_worktrees(root)) == 1
     assert f"log of {v2}" in flor.format_report([result])
+
+
+SCALED = """
+import lightning as L
+import torch
+import flor_lightning as flor
+from model import DigitsClassifier, DigitsData, trainer_kwargs
+
+SCALE = float(open("data/scale.txt").read())  # an ignored file, so not in the code snapshot
+
+
+class Scaled(DigitsClassifier):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self(x * SCALE), y)
+        self.log("train_loss", loss)
+        return loss
+
+
+L.seed_everything(0)
+trainer = flor.Trainer(**trainer_kwargs(max_epochs=2))
+trainer.fit(Scaled(), datamodule=DigitsData())
+"""
+
+
+@pytest.mark.integration
+def test_new_logging_on_the_training_path_retrains_and_shared_files_reach_the_version(project):
+    (project / "model.py").write_text((Path(__file__).parent / "models.py").read_text())
+    (project / "train.py").write_text(SCALED)
+    (project / ".gitignore").write_text("*.log\ndata/\n")
+    (project / "data").mkdir()
+    (project / "data" / "scale.txt").write_text("0.5\n")
+    git(project, "add", ".")
+    git(project, "commit", "-q", "-m", "scaled inputs")
+    done = subprocess.run([sys.executable, "train.py"], cwd=project, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    train = project / "train.py"
+    line = 'self.log("train_loss", loss)'
+    train.write_text(train.read_text().replace(line, line + '\n        self.log("train_x2", loss.detach() * 2)'))
+
+    [missing] = flor.replay_runs(echo=lambda _: None)
+    [result] = flor.replay_runs(share=["data"], echo=lambda _: None)
+
+    assert missing.status == "failed" and "data/scale.txt" in missing.reason, missing
+    assert (result.status, result.merge) == ("replayed", "merged"), result
+    # the merged training_step differs from the run's version there: its epochs are trained again
+    assert result.epochs_trained == [0, 1] and result.epochs_restored == []
+    assert result.new_names == ["train_x2"]
+    assert result.matched > 0 and result.mismatched == 0  # re-training reproduces the recording bit for bit
+    assert len(_worktrees(project)) == 1
 
 
 # ---- selection and arguments (no Trainer in this process) ----------------------------------
