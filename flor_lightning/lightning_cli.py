@@ -22,10 +22,10 @@ class LightningCLI(_LightningCLI):
     """Lightning's ``LightningCLI`` recording with :class:`flor_lightning.Trainer`, plus ``replay``.
 
     Takes LightningCLI's arguments (all but the model and datamodule classes by keyword);
-    ``trainer_class`` defaults to ``flor.Trainer`` (a subclass of it may be given). ``replay`` takes the same configuration as ``fit`` and
-    the options of :meth:`flor_lightning.Trainer.replay` (``--run``, ``--epochs``,
-    ``--segments``, ``--segment``, ``--train``). It writes no ``config.yaml``: that
-    belongs to the recorded run.
+    ``trainer_class`` defaults to ``flor.Trainer`` (a subclass of it may be given).
+    ``replay`` takes the same configuration as ``fit`` and the options of
+    :meth:`flor_lightning.Trainer.replay` (``--run``, ``--epochs``, ``--segments``,
+    ``--segment``, ``--train``). It writes no ``config.yaml``: that belongs to the recorded run.
 
     Example::
 

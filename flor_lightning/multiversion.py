@@ -340,6 +340,8 @@ def _in_worktree(job: _Job) -> VersionReplay:
                 files = merging.describe(merged.conflicts)
                 return VersionReplay(run_id, "skipped", "conflict", f"the edits conflict with this version in {files}")
             merge, reason = merged.status, (f"merged {merging.describe(merged.written)}" if merged.written else "")
+            if merged.binary:
+                reason = f"{reason}; binary files not brought in: {merging.describe(merged.binary)}".lstrip("; ")
         for path in job.share:
             _link(job.root / path, tree / path)
         return _run(job, tree, merge, reason)
@@ -401,8 +403,8 @@ def format_report(results: list[VersionReplay]) -> str:
             r.run_id,
             r.status,
             r.merge,
-            planner.describe(r.epochs_restored) or "-",
-            planner.describe(r.epochs_trained) or "-",
+            planner.describe(r.epochs_restored) if r.epochs_restored else "-",
+            planner.describe(r.epochs_trained) if r.epochs_trained else "-",
             str(r.matched) if r.status == "replayed" else "-",
             str(r.mismatched) if r.status == "replayed" else "-",
             ", ".join(r.new_names) or "-",

@@ -9,8 +9,11 @@ the working tree's:
 - ours equals base: the older version never touched the file since; theirs is taken whole
   (added, changed or deleted).
 - theirs equals base, or ours equals theirs: nothing to bring.
-- otherwise ``git merge-file`` merges the three; overlapping changes, a file deleted on one
-  side and changed on the other, or binary files are a *conflict*, never guessed.
+- otherwise ``git merge-file`` merges the three; overlapping changes, or a file deleted on
+  one side and changed on the other, are a *conflict*, never guessed.
+
+Binary files (a NUL byte in their first 8000 bytes, git's own test) are not brought in: model
+files or checkpoints that happen to sit untracked in the project are outputs, not edits.
 """
 
 from __future__ import annotations
@@ -45,10 +48,12 @@ class MergeResult:
     Attributes:
         written: files changed in the older version (written or deleted).
         conflicts: files where the edits and the older version's code overlap.
+        binary: edited binary files, left as the older version has them.
     """
 
     written: tuple[str, ...]
     conflicts: tuple[str, ...]
+    binary: tuple[str, ...] = ()
 
     @property
     def status(self) -> str:
@@ -110,16 +115,25 @@ def merge_into(worktree: Path, ours: str, edits: Edits, *, merge_file: MergeFile
     """Merge ``edits`` into ``worktree``, a checkout of commit ``ours``; conflicting files are left as they were."""
     written: list[str] = []
     conflicts: list[str] = []
+    binary: list[str] = []
     with git.Repo(worktree) as repo:
         for path in edits.paths:
-            mine = _blob(repo, ours, path)
-            result, conflict = three_way(mine, _blob(repo, edits.base, path), _blob(repo, edits.tree, path), merge_file)
+            mine, base, theirs = (_blob(repo, rev, path) for rev in (ours, edits.base, edits.tree))
+            if any(is_binary(b) for b in (mine, base, theirs)):
+                binary.append(path)
+                continue
+            result, conflict = three_way(mine, base, theirs, merge_file)
             if conflict:
                 conflicts.append(path)
             elif result != mine:
                 _write(worktree / path, result)
                 written.append(path)
-    return MergeResult(written=tuple(written), conflicts=tuple(conflicts))
+    return MergeResult(written=tuple(written), conflicts=tuple(conflicts), binary=tuple(binary))
+
+
+def is_binary(data: bytes | None) -> bool:
+    """Whether ``data`` looks binary to git: a NUL byte among its first 8000 bytes."""
+    return data is not None and b"\0" in data[:8000]
 
 
 def _blob(repo: git.Repo, rev: str, path: str) -> bytes | None:

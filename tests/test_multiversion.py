@@ -387,6 +387,21 @@ def test_three_way_merges_separate_changes_and_refuses_overlapping_ones():
     assert merging.three_way(b"\0bin1", b"\0bin0", b"\0bin2", merging.git_merge_file)[1] is True
 
 
+def test_binary_files_are_not_brought_in(project):
+    base = git(project, "rev-parse", "HEAD")
+    (project / "model.ckpt").write_bytes(b"\0weights")
+    (project / "train.py").write_text("print('edited')\n")
+    edits = merging.edits_since(project, base)
+    worktree = project.parent / "version"
+    git(project, "worktree", "add", "-q", "--detach", str(worktree), base)
+    try:
+        merged = merging.merge_into(worktree, base, edits)
+        assert (merged.written, merged.binary, merged.status) == (("train.py",), ("model.ckpt",), "merged")
+        assert not (worktree / "model.ckpt").exists() and (worktree / "train.py").read_text() == "print('edited')\n"
+    finally:
+        git(project, "worktree", "remove", "--force", str(worktree))
+
+
 def test_edits_since_lists_what_a_snapshot_would_take(project):
     base = git(project, "rev-parse", "HEAD")
     (project / "train.py").write_text("changed\n")
