@@ -367,7 +367,9 @@ def _run(job: _Job, tree: Path, merge: str, reason: str) -> VersionReplay:
     cmd += ["--probe", job.probe] if job.probe else []
     cmd += ["--", str(tree / job.run["script"]), *json.loads(job.run["argv"] or "[]")]
     env = {**os.environ, "FLOR_DB": str(job.db)}
-    env.pop("FLOR_REPLAY_ID", None)
+    # as `python <script>` from a shell: a seed set in this process (seed_everything) must not leak in
+    for var in ("FLOR_REPLAY_ID", "PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
+        env.pop(var, None)
     with log.open("w") as out:
         done = subprocess.run(cmd, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0 or not report_file.exists():

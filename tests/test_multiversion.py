@@ -335,6 +335,20 @@ def test_bad_arguments_are_refused_before_anything_runs(project):
         flor.replay_runs(share=["/abs"])
 
 
+def test_runs_that_cannot_be_replayed_say_why(project):
+    head = git(project, "rev-parse", "HEAD")
+    ok = {"shadow_commit": head, "script": "train.py"}
+    assert multiversion._unfit(ok, True, "finished", project) is None
+    assert "no code snapshot" in (multiversion._unfit({**ok, "shadow_commit": None}, True, "finished", project) or "")
+    assert multiversion._unfit(ok, False, "finished", project) == "no checkpoints"
+    assert multiversion._unfit(ok, True, "running", project) == "still recording"
+    assert "not inside the repository" in (
+        multiversion._unfit({**ok, "script": "/x/t.py"}, True, "crashed", project) or ""
+    )
+    gone = multiversion._unfit({**ok, "shadow_commit": "1" * 40}, True, "finished", project)
+    assert gone is not None and "not in this repository" in gone
+
+
 class _ModuleLevelProbe(Callback):
     pass
 
