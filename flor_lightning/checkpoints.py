@@ -221,11 +221,14 @@ class CheckpointStore:
     def load(self, path: str, sha256: str | None) -> dict[str, Any]:
         """Read a checkpoint as data (``weights_only=True``), verifying its checksum first.
 
+        ``path`` is on this store's filesystem, or a URL of another one (where ``flor push`` moved it).
+
         Raises:
             CheckpointError: the file is missing, its checksum differs, or it is not a checkpoint.
         """
+        fs = open_fs(path)[0] if "://" in path else self.fs
         try:
-            data = self.fs.cat_file(path)
+            data = fs.cat_file(path)
         except FileNotFoundError as err:
             raise CheckpointError(f"checkpoint {path!r} is missing") from err
         if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:

@@ -1,0 +1,439 @@
+"""The ``flor`` command line: runs, query, show, diff, replay, gc, push and plot.
+
+Every command takes ``--db PATH`` (default: ``.flor/flor.db`` of the project around the working
+directory, or ``FLOR_DB``). Tabular output is a terminal table by default; ``--format csv|json``
+writes machine-readable text (to ``--out`` if given), ``--format parquet`` needs ``--out``.
+
+Exit codes: 0 ok; 1 the command ran but found a problem (unknown run, no store, a replay
+skipped or failed, a corrupt checkpoint); 2 a usage error (bad option, bad ``--where``).
+Errors are one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from contextlib import closing
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from flor_lightning import housekeeping, planner, store
+from flor_lightning.errors import ConfigError, FlorError, GitError, StoreError
+from flor_lightning.locate import locate
+from flor_lightning.query import open_store, query, records, runs, store_path
+
+FORMATS = ("table", "csv", "json", "parquet")
+_SHOWN_HPARAMS = 4
+_SHOWN_METRICS = 4
+
+
+class Problem(FlorError):
+    """The command ran but found something wrong (exit code 1)."""
+
+
+# ---- output ------------------------------------------------------------------------------------
+
+
+def emit(df: pd.DataFrame, fmt: str, out: str | None) -> None:
+    """Write ``df`` as a table, csv, json (records) or parquet, to ``out`` or stdout."""
+    if fmt == "parquet":
+        if not out:
+            raise ConfigError("--format parquet writes a file: add --out PATH")
+        df.to_parquet(out, engine="pyarrow", index=False)
+        return
+    if fmt == "csv":
+        text = df.to_csv(index=False)
+    elif fmt == "json":
+        text = json.dumps(_plain_records(df), indent=1, default=str) + "\n"
+    else:
+        text = _table(df)
+    if out:
+        Path(out).write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
+def _plain_records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """Rows as dicts of Python values: full float precision (pandas' to_json keeps 15 digits), None for NaN."""
+    plain = df.copy()
+    for col in plain.columns:
+        if pd.api.types.is_datetime64_any_dtype(plain[col]):
+            plain[col] = plain[col].map(lambda t: t.isoformat() if pd.notna(t) else None)
+    plain = plain.astype(object).where(plain.notna(), None)
+    return [{str(k): _py(v) for k, v in row.items()} for row in plain.to_dict("records")]
+
+
+def _py(v: Any) -> Any:
+    return v.item() if hasattr(v, "item") and not isinstance(v, (list, dict, str)) else v
+
+
+def _table(df: pd.DataFrame) -> str:
+    """An aligned text table: text left-aligned, numbers right-aligned, missing values as ``-``."""
+    if df.empty:
+        return "(no rows)\n"
+    columns = [str(c) for c in df.columns]
+    cells = [[_cell(v) for v in row] for row in df.itertuples(index=False)]
+    numeric = [pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c]) for c in df.columns]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+
+    def line(values: list[str]) -> str:
+        parts = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)]
+        return "  ".join(parts).rstrip()
+
+    return "\n".join([line(columns), *(line(row) for row in cells)]) + "\n"
+
+
+def _cell(v: Any) -> str:
+    if v is None or (isinstance(v, float) and v != v) or v is pd.NaT:
+        return "-"
+    if isinstance(v, pd.Timestamp):
+        return str(v.strftime("%Y-%m-%d %H:%M:%S"))
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def _records_frame(items: Sequence[Any]) -> pd.DataFrame:
+    return pd.DataFrame([asdict(i) for i in items if is_dataclass(i) and not isinstance(i, type)])
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
+
+
+def _check_runs(db: str | None, run_ids: Sequence[str] | None) -> None:
+    if not run_ids:
+        return
+    with closing(open_store(db)) as conn:
+        known = {r["run_id"] for r in store.fetch(conn, "SELECT run_id FROM runs")}
+    unknown = sorted(set(run_ids) - known)
+    if unknown:
+        raise Problem(f"unknown run id(s) {unknown}; `flor runs` lists the recorded ones")
+
+
+# ---- commands ----------------------------------------------------------------------------------
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    """One row per run: run, started, status, script, commit, key hparams, final metrics."""
+    table = runs(db=args.db)
+    if table.empty:
+        emit(pd.DataFrame(columns=["run_id", "started", "status", "script", "commit"]), args.format, args.out)
+        return 0
+    base = table[["run_id", "started", "status", "script"]].assign(commit=table["shadow_commit"].str[:8])
+    hparams = pd.json_normalize(table["hparams"].tolist()).set_axis(table.index)
+    finals = _final_metrics(args.db)
+    finals = finals.rename(columns={c: f"final.{c}" for c in finals.columns if c in hparams.columns})
+    wide = pd.concat([base, hparams], axis=1).merge(finals, left_on="run_id", right_index=True, how="left")
+    if args.where:
+        wide = _where(wide, args.where)
+    if args.format != "table":
+        emit(wide, args.format, args.out)
+        return 0
+    shown = wide[["run_id", "started", "status", "script", "commit"]].copy()
+    shown["hparams"] = _pairs(wide, list(hparams.columns)[:_SHOWN_HPARAMS])
+    metric_cols = sorted(finals.columns, key=lambda c: (not c.startswith(("val", "final.val")), c))
+    shown["final metrics"] = _pairs(wide, metric_cols[:_SHOWN_METRICS])
+    emit(shown, "table", args.out)
+    return 0
+
+
+def _final_metrics(db: str | None) -> pd.DataFrame:
+    """Per run (index) and recorded name (columns): the value logged last in the run's last epoch."""
+    rec = records(db=db)
+    rec = rec[rec["replay_id"].isna()]
+    if rec.empty:
+        return pd.DataFrame(index=pd.Index([], name="run_id"))
+    last_epoch = rec.groupby("run_id")["epoch"].transform("max")
+    final = rec[rec["epoch"] == last_epoch].drop_duplicates(["run_id", "name"], keep="last")
+    table = final.pivot(index="run_id", columns="name", values="value")
+    table.columns.name = None
+    return table
+
+
+def _pairs(df: pd.DataFrame, cols: list[str]) -> list[str]:
+    def fmt(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    return [" ".join(f"{c}={fmt(row[c])}" for c in cols if pd.notna(row[c])) for _, row in df.iterrows()]
+
+
+def _where(df: pd.DataFrame, expr: str) -> pd.DataFrame:
+    try:
+        return df.query(expr).reset_index(drop=True)
+    except Exception as err:
+        raise ConfigError(f"cannot evaluate --where {expr!r}: {err}. Columns: {list(df.columns)}") from err
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    """flor.query() as a table: one row per (run, epoch, step), one column per name."""
+    _check_runs(args.db, args.run)
+    df = query(*args.names, run=args.run, where=args.where, replayed=args.replayed, db=args.db)
+    emit(df, args.format, args.out)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """Everything flor knows about one run."""
+    _check_runs(args.db, [args.run])
+    with closing(open_store(args.db)) as conn:
+        run = store.fetch(conn, "SELECT * FROM runs WHERE run_id = ?", [args.run])[0]
+        ckpts = store.fetch(
+            conn, "SELECT epoch, path, size FROM checkpoints WHERE run_id = ? ORDER BY epoch", [args.run]
+        )
+        replays = store.fetch(conn, "SELECT * FROM replays WHERE run_id = ? ORDER BY started", [args.run])
+    status = runs(db=args.db).set_index("run_id").loc[args.run, "status"]
+    info = {
+        "run": {k: run[k] for k in ("run_id", "project", "script", "host", "pid")} | {"status": status},
+        "argv": _json(run["argv"]),
+        "started": str(pd.to_datetime(run["started"], unit="s")),
+        "ended": str(pd.to_datetime(run["ended"], unit="s")) if run["ended"] else None,
+        "hparams": _json(run["hparams"]),
+        "settings": _json(run["settings"]),
+        "code": {k: run[k] for k in ("shadow_commit", "head_commit", "branch")},
+        "checkpoints": {
+            "count": len(ckpts),
+            "epochs": planner.describe([c["epoch"] for c in ckpts if c["epoch"] >= 0]) or "-",
+            "initial state": any(c["epoch"] < 0 for c in ckpts),
+            "bytes": sum(c["size"] for c in ckpts),
+            "where": sorted({c["path"].rsplit("/", 1)[0] for c in ckpts}),
+        },
+        "replays": [
+            {k: r[k] for k in ("replay_id", "status", "shadow_commit")} | {"report": _json(r["report"])}
+            for r in replays
+        ],
+    }
+    if args.format == "json":
+        sys.stdout.write(json.dumps(info, indent=1, default=str) + "\n")
+    else:
+        sys.stdout.write(_sections(info))
+    return 0
+
+
+def _json(text: str | None) -> Any:
+    return json.loads(text) if text else {}
+
+
+def _sections(info: dict[str, Any]) -> str:
+    lines = []
+    for section, body in info.items():
+        if isinstance(body, dict):
+            lines.append(f"{section}:")
+            lines += [f"  {k}: {_fmt(v)}" for k, v in body.items()]
+        elif isinstance(body, list) and section == "replays":
+            lines.append(f"replays: {len(body) or 'none'}")
+            lines += [_replay_line(r) for r in body]
+        else:
+            lines.append(f"{section}: {_fmt(body)}")
+    return "\n".join(lines) + "\n"
+
+
+def _replay_line(r: dict[str, Any]) -> str:
+    rep = r["report"] or {}
+    fidelity = (
+        f"re-derived {rep.get('rederived', 0)}, matched {rep.get('matched', 0)}, mismatched {rep.get('mismatched', 0)}"
+    )
+    epochs = f"restored {_epochs(rep.get('epochs_restored'))}, re-trained {_epochs(rep.get('epochs_trained'))}"
+    new = ", ".join(rep.get("new_names", [])) or "-"
+    return f"  {r['replay_id']}  {r['status']}  epochs {epochs}; new names: {new}; {fidelity}"
+
+
+def _epochs(epochs: list[int] | None) -> str:
+    return planner.describe(epochs) if epochs else "-"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, (list, dict)):
+        return json.dumps(v, default=str)
+    return "-" if v is None else str(v)
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    """Hyperparameters that differ, then `git diff` of the two runs' shadow commits."""
+    _check_runs(args.db, [args.run_a, args.run_b])
+    with closing(open_store(args.db)) as conn:
+        rows = {
+            r["run_id"]: r
+            for r in store.fetch(conn, "SELECT * FROM runs WHERE run_id IN (?, ?)", [args.run_a, args.run_b])
+        }
+    a, b = rows[args.run_a], rows[args.run_b]
+    ha, hb = _json(a["hparams"]), _json(b["hparams"])
+    changed = [(k, ha.get(k, "-"), hb.get(k, "-")) for k in sorted(set(ha) | set(hb)) if ha.get(k) != hb.get(k)]
+    sys.stdout.write("hparams that differ:\n")
+    sys.stdout.write(
+        _table(pd.DataFrame(changed, columns=["hparam", args.run_a, args.run_b])) if changed else "  none\n"
+    )
+    for row in (a, b):
+        if not row["shadow_commit"]:
+            raise Problem(f"run {row['run_id']} has no code snapshot (it was recorded outside git)")
+    done = subprocess.run(
+        ["git", "diff", "--no-color", a["shadow_commit"], b["shadow_commit"]],
+        cwd=_repo_root(args.db),
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise GitError(f"git diff of the shadow commits failed: {done.stderr.strip()}. Run flor from the project.")
+    sys.stdout.write(f"code: git diff {a['shadow_commit'][:8]} {b['shadow_commit'][:8]}\n")
+    sys.stdout.write(done.stdout or "  no code difference\n")
+    return 0
+
+
+def _repo_root(db: str | None) -> Path:
+    """The project repository of the store: the folder above ``.flor/`` or the one around the working directory."""
+    path = store_path(db).resolve()
+    return path.parent.parent if path.parent.name == ".flor" else locate().root
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    """Delete checkpoints of all but the N most recent runs per project."""
+    report = housekeeping.gc(keep_last=args.keep_last, dry_run=args.dry_run, db=args.db)
+    _housekeeping_output(report, report.freed, args, "would free" if args.dry_run else "freed")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    """Move checkpoints to another fsspec location, one verified file at a time."""
+    _check_runs(args.db, args.run)
+    report = housekeeping.push(args.url, runs=args.run, db=args.db)
+    _housekeeping_output(report, report.moved, args, "moved")
+    return 0
+
+
+def _housekeeping_output(
+    report: housekeeping.HousekeepingReport, items: Sequence[Any], args: argparse.Namespace, verb: str
+) -> None:
+    emit(_records_frame(items), args.format, args.out)
+    # in a terminal the summary follows the table; csv/json on stdout stay pure data
+    summary = sys.stdout if args.format == "table" else sys.stderr
+    for run_id, why in sorted(report.kept.items()):
+        summary.write(f"kept {run_id}: {why}\n")
+    summary.write(f"{verb} {report.bytes} bytes ({_human(report.bytes)})\n")
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Learning curves of the chosen metrics per run."""
+    from flor_lightning.plot import plot
+
+    _check_runs(args.db, args.run)
+    path = plot(args.names, args.out, run=args.run, x=args.x, db=args.db)
+    sys.stderr.write(f"flor: wrote {path}\n")
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Replay every selected past run from its own code version with today's logging."""
+    try:
+        from flor_lightning import multiversion
+    except ImportError as err:
+        raise ConfigError(f"flor replay needs flor_lightning.multiversion, which this install lacks: {err}") from err
+    _check_runs(args.db, args.run)
+    with contextlib.redirect_stdout(sys.stderr):  # progress lines: stdout carries only the report
+        results = multiversion.replay_runs(
+            args.where,
+            runs=args.run,
+            segments=args.segments,
+            probe=args.probe,
+            propagate=args.propagate,
+            parallel=args.parallel,
+            train=args.train,
+            db=args.db,
+        )
+    if args.format == "table":
+        text = multiversion.format_report(results)
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    else:
+        emit(_records_frame(results), args.format, args.out)
+    return 0 if results and all(r.status == "replayed" for r in results) else 1
+
+
+# ---- parser ------------------------------------------------------------------------------------
+
+
+def _common(p: argparse.ArgumentParser, *, formats: Sequence[str] = FORMATS) -> None:
+    p.add_argument("--db", help="the log store (default: .flor/flor.db of this project, or FLOR_DB)")
+    p.add_argument("--format", choices=formats, default="table", help="output format (default: table)")
+    p.add_argument("--out", help="write the output to this file (needed for parquet)")
+
+
+def _add(
+    sub: Any, name: str, func: Callable[[argparse.Namespace], int], help_text: str, **formats: Any
+) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help_text, description=func.__doc__)
+    _common(p, **formats)
+    p.set_defaults(func=func)
+    return p
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of ``flor``."""
+    top = argparse.ArgumentParser(
+        prog="flor", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = _add(sub, "runs", cmd_runs, "list recorded runs")
+    p.add_argument("--where", help='a pandas expression over run columns and hparams, e.g. "lr < 0.01"')
+    p = _add(sub, "query", cmd_query, "logged values, one row per (run, epoch, step)")
+    p.add_argument("names", nargs="*", help="logged names (default: all)")
+    p.add_argument("--run", action="append", help="a run id (repeat for several; default: all)")
+    p.add_argument("--where", help='a pandas expression over the columns, e.g. "epoch >= 5"')
+    p.add_argument("--replayed", action="store_true", help="add <name>@replay columns with replayed values")
+    p = _add(
+        sub, "show", cmd_show, "hparams, code version, checkpoints and replays of a run", formats=("table", "json")
+    )
+    p.add_argument("run", help="the run id")
+    p = _add(sub, "diff", cmd_diff, "code and hparam differences between two runs", formats=("table",))
+    p.add_argument("run_a")
+    p.add_argument("run_b")
+    p = _add(sub, "replay", cmd_replay, "replay past runs, each from its own code version")
+    p.add_argument("--where", help='which runs: a pandas expression over run columns and hparams, e.g. "lr < 0.01"')
+    p.add_argument("--run", action="append", help="a run id (repeat for several)")
+    p.add_argument("--segments", type=int, default=1, help="segments per run (default: 1)")
+    p.add_argument("--probe", help="a Callback applied to every version: path/to/file.py:ClassName")
+    p.add_argument("--no-propagate", dest="propagate", action="store_false", help="do not merge new self.log lines")
+    p.add_argument("--parallel", type=int, default=1, help="runs replayed at once (default: 1)")
+    p.add_argument(
+        "--train", action=argparse.BooleanOptionalAction, default=None, help="force re-training or restoring"
+    )
+    p = _add(sub, "gc", cmd_gc, "delete checkpoints of older runs")
+    p.add_argument("--keep-last", type=int, required=True, metavar="N", help="runs to keep per project")
+    p.add_argument("--dry-run", action="store_true", help="say what would be deleted, delete nothing")
+    p = _add(sub, "push", cmd_push, "move checkpoints to another fsspec location")
+    p.add_argument("url", help="destination, e.g. s3://bucket/flor or /mnt/archive/flor")
+    p.add_argument("--run", action="append", help="a run id (repeat for several; default: all)")
+    p = sub.add_parser("plot", help="draw learning curves into an image", description=cmd_plot.__doc__)
+    p.add_argument("--db", help="the log store (default: .flor/flor.db of this project, or FLOR_DB)")
+    p.add_argument("names", nargs="+", help="logged names to draw")
+    p.add_argument("--run", action="append", help="a run id (repeat for several; default: all)")
+    p.add_argument("--x", choices=("epoch", "step"), default="epoch", help="x axis (default: epoch)")
+    p.add_argument("--out", required=True, help="image file, e.g. curves.png")
+    p.set_defaults(func=cmd_plot)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``flor`` with ``argv`` (default: the process arguments); return the exit code."""
+    args = parser().parse_args(argv)  # exits 2 on a usage error
+    try:
+        return int(args.func(args))
+    except ConfigError as err:
+        print(f"flor: {err}", file=sys.stderr)
+        return 2
+    except (Problem, StoreError, FlorError) as err:
+        print(f"flor: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

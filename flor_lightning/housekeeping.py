@@ -1,0 +1,292 @@
+"""Stash housekeeping: free checkpoint space (:func:`gc`) and move checkpoints elsewhere (:func:`push`).
+
+Both work on the checkpoint index of the log store and the files it names, and both leave
+alone the runs that are in use: a run still recording, and a run with an unfinished replay
+(status ``running`` in ``replays`` and a segment process that may be alive, or no segment
+started yet). The order of their steps is chosen so that killing them at any moment loses no
+checkpoint the index names:
+
+- ``gc`` deletes a run's index rows first (one transaction) and its files after. Killed in
+  between, the files are orphans nobody reads; the next ``gc`` removes them with the run's folder.
+- ``push`` copies a file to a temporary name at the destination, renames it into place, checks
+  the copy's sha256 against the index, and only then points the index row at the copy and
+  deletes the local file. Killed at any step, the index names a complete file with the
+  recorded checksum; running ``push`` again finishes the move.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import socket
+import sqlite3
+import uuid
+from collections.abc import Sequence
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fsspec import AbstractFileSystem
+
+from flor_lightning import store
+from flor_lightning.checkpoints import open_fs
+from flor_lightning.errors import CheckpointError, ConfigError
+from flor_lightning.query import open_store
+
+_CHUNK = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Freed:
+    """What :func:`gc` removed (or, with ``dry_run``, would remove) for one run."""
+
+    run_id: str
+    project: str
+    files: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Moved:
+    """One checkpoint file :func:`push` moved."""
+
+    run_id: str
+    epoch: int
+    source: str
+    destination: str
+    bytes: int
+
+
+@dataclass
+class HousekeepingReport:
+    """What :func:`gc` or :func:`push` did; ``kept`` maps a run left alone to the reason."""
+
+    freed: list[Freed] = field(default_factory=list)
+    moved: list[Moved] = field(default_factory=list)
+    kept: dict[str, str] = field(default_factory=dict)
+    dry_run: bool = False
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.bytes for f in self.freed) + sum(m.bytes for m in self.moved)
+
+
+def fs_of(path: str, root: str | None) -> tuple[AbstractFileSystem, str]:
+    """The filesystem holding an indexed checkpoint ``path`` and the path on it.
+
+    A path with a protocol (what :func:`push` writes) names its own filesystem; a bare path
+    lies on the filesystem of the run's ``checkpoint_root``.
+    """
+    if "://" in path:
+        return open_fs(path)
+    return (open_fs(root)[0] if root else open_fs(path)[0]), path
+
+
+def busy_runs(conn: sqlite3.Connection, *, host: str | None = None) -> dict[str, str]:
+    """Runs in use, with the reason: still recording, or needed by an unfinished replay."""
+    host = host or socket.gethostname()
+    busy: dict[str, str] = {}
+    for r in store.fetch(conn, "SELECT run_id, pid, host FROM runs WHERE status = 'running'"):
+        if store.pid_alive(r["pid"], r["host"], host):
+            busy[r["run_id"]] = "still recording"
+    replays = store.fetch(conn, "SELECT replay_id, run_id FROM replays WHERE status = 'running'")
+    for rp in replays:
+        segs = store.fetch(conn, "SELECT status, pid, host FROM replay_segments WHERE replay_id = ?", [rp["replay_id"]])
+        alive = [s for s in segs if s["status"] == "running" and store.pid_alive(s["pid"], s["host"], host)]
+        if alive or not segs:
+            # No segment row yet: the replay is starting (or was killed before it began); keep it to be safe.
+            busy.setdefault(rp["run_id"], f"replay {rp['replay_id']} is unfinished")
+    return busy
+
+
+def select_for_gc(
+    runs: Sequence[dict[str, Any]], keep_last: int, busy: dict[str, str]
+) -> tuple[list[str], dict[str, str]]:
+    """Pure choice of :func:`gc`: the runs whose checkpoints go, and the kept ones with why.
+
+    ``runs`` are rows with run_id, project and started; per project the ``keep_last`` most
+    recently started runs are kept, and so is every run in ``busy``.
+    """
+    collect: list[str] = []
+    kept: dict[str, str] = {}
+    by_project: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        by_project.setdefault(r["project"], []).append(r)
+    for rows in by_project.values():
+        rows = sorted(rows, key=lambda r: (r["started"], r["run_id"]), reverse=True)
+        for i, r in enumerate(rows):
+            if i < keep_last:
+                kept[r["run_id"]] = f"one of the {keep_last} most recent runs of project {r['project']!r}"
+            elif r["run_id"] in busy:
+                kept[r["run_id"]] = busy[r["run_id"]]
+            else:
+                collect.append(r["run_id"])
+    return collect, kept
+
+
+def gc(*, keep_last: int, dry_run: bool = False, db: str | Path | None = None) -> HousekeepingReport:
+    """Delete the checkpoints of all but the ``keep_last`` most recent runs of each project.
+
+    Logged values, run rows and code snapshots stay; only checkpoint files and their index rows
+    go, so those runs can no longer be replayed from memoized epochs. A run still recording or
+    with an unfinished replay is never touched.
+
+    Example:
+        >>> from flor_lightning.housekeeping import gc
+        >>> gc(keep_last=5, dry_run=True).bytes  # doctest: +SKIP
+
+    Raises:
+        ConfigError: ``keep_last`` is not a non-negative integer.
+    """
+    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
+        raise ConfigError(f"keep_last must be an integer >= 0 (runs to keep per project), got {keep_last!r}")
+    report = HousekeepingReport(dry_run=dry_run)
+    with closing(open_store(db)) as conn:
+        conn.execute("BEGIN IMMEDIATE")  # no replay can register between the check and the index delete
+        try:
+            runs = store.fetch(conn, "SELECT run_id, project, started, checkpoint_root FROM runs")
+            collect, report.kept = select_for_gc(runs, keep_last, busy_runs(conn))
+            roots = {r["run_id"]: r["checkpoint_root"] for r in runs}
+            files = {
+                run_id: store.fetch(conn, "SELECT path, size FROM checkpoints WHERE run_id = ?", [run_id])
+                for run_id in collect
+            }
+            if not dry_run:
+                conn.executemany("DELETE FROM checkpoints WHERE run_id = ?", [[r] for r in collect])
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    project = {r["run_id"]: r["project"] for r in runs}
+    for run_id in collect:
+        count, size = _remove_run_files(files[run_id], roots[run_id], run_id, dry_run=dry_run)
+        if count:
+            report.freed.append(Freed(run_id, project[run_id], count, size))
+    return report
+
+
+def _remove_run_files(rows: list[dict[str, Any]], root: str | None, run_id: str, *, dry_run: bool) -> tuple[int, int]:
+    """Delete the indexed files of a run, then whatever is left in its folder (orphans of a killed gc)."""
+    count = size = 0
+    indexed = set()
+    for r in rows:
+        fs, path = fs_of(r["path"], root)
+        indexed.add(fs.unstrip_protocol(path))
+        if fs.exists(path):
+            count, size = count + 1, size + int(r["size"])
+            if not dry_run:
+                fs.rm(path)
+    if root:
+        fs, base = open_fs(root)
+        folder = f"{base}/{run_id}"
+        if fs.isdir(folder):
+            for left in fs.find(folder):
+                if fs.unstrip_protocol(left) not in indexed:
+                    count, size = count + 1, size + int(fs.size(left) or 0)
+            if not dry_run:
+                fs.rm(folder, recursive=True)
+    return count, size
+
+
+def push(url: str, *, runs: Sequence[str] | None = None, db: str | Path | None = None) -> HousekeepingReport:
+    """Move checkpoints to ``url`` (any fsspec URL), file by file, keeping the index right.
+
+    Files land at ``<url>/<project>/<run_id>/<name>``. Each is copied, checked against its
+    recorded sha256, recorded in the index at its new place, and only then deleted locally.
+    When every checkpoint of a run has moved, the run's ``checkpoint_root`` becomes
+    ``<url>/<project>``, so replay reads from there. Runs still recording or being replayed are
+    left alone (``kept``).
+
+    Example:
+        >>> from flor_lightning.housekeeping import push
+        >>> push("s3://bucket/flor")  # doctest: +SKIP
+
+    Raises:
+        ConfigError: ``url`` cannot be opened, or a run id is unknown.
+        CheckpointError: a checkpoint's bytes differ from its recorded sha256 (it is left where it is).
+    """
+    dst_fs, dst_root = open_fs(url)
+    report = HousekeepingReport()
+    with closing(open_store(db)) as conn:
+        rows = store.fetch(conn, "SELECT run_id, project, checkpoint_root FROM runs ORDER BY started, run_id")
+        unknown = sorted(set(runs or ()) - {r["run_id"] for r in rows})
+        if unknown:
+            raise ConfigError(f"unknown run id(s) {unknown}; `flor runs` lists the recorded ones")
+        busy = busy_runs(conn)
+        for run in rows:
+            if runs and run["run_id"] not in runs:
+                continue
+            if run["run_id"] in busy:
+                report.kept[run["run_id"]] = busy[run["run_id"]]
+                continue
+            if _push_run(conn, run, dst_fs, f"{dst_root}/{run['project']}", report):
+                # every checkpoint is there now: replay (and resume) look there first
+                new_root = f"{url.rstrip('/')}/{run['project']}"
+                store.update(conn, "runs", {"run_id": run["run_id"]}, {"checkpoint_root": new_root})
+    return report
+
+
+def _push_run(
+    conn: sqlite3.Connection, run: dict[str, Any], dst_fs: AbstractFileSystem, target: str, report: HousekeepingReport
+) -> bool:
+    """Move one run's checkpoints under ``target``; whether it had any."""
+    ckpts = store.fetch(conn, "SELECT * FROM checkpoints WHERE run_id = ? ORDER BY epoch", [run["run_id"]])
+    for row in ckpts:
+        src_fs, src = fs_of(row["path"], run["checkpoint_root"])
+        dst = f"{target}/{run['run_id']}/{posixpath.basename(src)}"
+        if src_fs is dst_fs and src_fs._strip_protocol(src) == dst_fs._strip_protocol(dst):
+            _remove_twin(run, posixpath.basename(src), dst_fs, target)  # moved by an earlier, interrupted push
+            continue
+        _copy_verified(src_fs, src, dst_fs, dst, row["sha256"])
+        store.update(
+            conn,
+            "checkpoints",
+            {"run_id": row["run_id"], "epoch": row["epoch"]},
+            {"path": dst_fs.unstrip_protocol(dst)},
+        )
+        src_fs.rm(src)
+        source, destination = src_fs.unstrip_protocol(src), dst_fs.unstrip_protocol(dst)
+        report.moved.append(Moved(row["run_id"], row["epoch"], source, destination, row["size"]))
+    return bool(ckpts)
+
+
+def _remove_twin(run: dict[str, Any], name: str, dst_fs: AbstractFileSystem, target: str) -> None:
+    """Delete the local copy left by a push killed after updating the index, before deleting the file."""
+    root = run["checkpoint_root"]
+    if not root:
+        return
+    fs, base = open_fs(root)
+    twin = f"{base}/{run['run_id']}/{name}"
+    same = fs is dst_fs and fs._strip_protocol(twin) == dst_fs._strip_protocol(f"{target}/{run['run_id']}/{name}")
+    if not same and fs.exists(twin):
+        fs.rm(twin)
+
+
+def _copy_verified(src_fs: AbstractFileSystem, src: str, dst_fs: AbstractFileSystem, dst: str, sha256: str) -> None:
+    """Copy ``src`` to ``dst`` through a temporary name; raise (leaving ``dst`` absent) if a checksum differs."""
+    tmp = f"{dst}.tmp-{uuid.uuid4().hex}"
+    dst_fs.makedirs(posixpath.dirname(dst), exist_ok=True)
+    source_hash = hashlib.sha256()
+    with src_fs.open(src, "rb") as fin, dst_fs.open(tmp, "wb") as fout:
+        while chunk := fin.read(_CHUNK):
+            source_hash.update(chunk)
+            fout.write(chunk)
+    if source_hash.hexdigest() != sha256:
+        dst_fs.rm(tmp)
+        raise CheckpointError(
+            f"checkpoint {src!r} does not match its recorded sha256, so it was not pushed (it stays where it is); "
+            "`flor gc` can delete it, replay works around it"
+        )
+    dst_fs.mv(tmp, dst)
+    if _sha256(dst_fs, dst) != sha256:
+        dst_fs.rm(dst)
+        raise CheckpointError(f"the copy of {src!r} at {dst!r} differs from the original; it was removed, push again")
+
+
+def _sha256(fs: AbstractFileSystem, path: str) -> str:
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

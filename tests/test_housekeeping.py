@@ -1,0 +1,269 @@
+"""Stash housekeeping on real recordings: ``gc`` frees checkpoint space, ``push`` moves checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pytest
+from helpers import git, rows, sha256
+from test_cli import MODEL_SOURCE, VAL_CONF, edit_model, flor_cmd, record, replay
+
+import flor_lightning as flor
+from flor_lightning import store
+from flor_lightning.checkpoints import CheckpointStore
+from flor_lightning.errors import CheckpointError, ConfigError
+from flor_lightning.housekeeping import busy_runs, gc, push, select_for_gc
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def three_runs(project: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, list[str]]:
+    """Three recorded runs of model.py (3 epochs each, a checkpoint per epoch), oldest first."""
+    (project / "model.py").write_text(MODEL_SOURCE)
+    git(project, "add", "model.py")
+    git(project, "commit", "-q", "-m", "model")
+    ids = [record(project, monkeypatch, lr=lr) for lr in (0.01, 0.02, 0.03)]
+    return project, ids
+
+
+def index(db: Path, run_id: str) -> list[dict[str, Any]]:
+    return rows(db, "SELECT * FROM checkpoints WHERE run_id = ? ORDER BY epoch", (run_id,))
+
+
+def run_dir(run_id: str) -> Path:
+    return Path(os.environ["FLOR_HOME"]) / "proj" / run_id
+
+
+def dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def add_replay(db: Path, run_id: str, *, pid: int | None, segment_status: str = "running") -> str:
+    """The rows replay.py writes for a replay in flight: ``replays`` running and, with a pid, a segment."""
+    replay_id = f"{run_id}.r{uuid.uuid4().hex[:6]}"
+    conn = store.connect(db)
+    try:
+        store.insert(
+            conn, "replays", {"replay_id": replay_id, "run_id": run_id, "started": time.time(), "status": "running"}
+        )
+        if pid is not None:
+            row = {"replay_id": replay_id, "segment": 0, "segments": 1, "rank": 0, "pid": pid}
+            row |= {"host": socket.gethostname(), "status": segment_status, "started": time.time()}
+            store.insert(conn, "replay_segments", row)
+    finally:
+        conn.close()
+    return replay_id
+
+
+# ---- gc ---------------------------------------------------------------------------------------------
+
+
+def test_select_for_gc_keeps_the_latest_per_project_and_busy_runs() -> None:
+    runs = [
+        {"run_id": "a1", "project": "a", "started": 1.0},
+        {"run_id": "a2", "project": "a", "started": 2.0},
+        {"run_id": "a3", "project": "a", "started": 3.0},
+        {"run_id": "b1", "project": "b", "started": 0.5},
+    ]
+    collect, kept = select_for_gc(runs, 1, {"a1": "replay x is unfinished"})
+    assert collect == ["a2"]
+    assert set(kept) == {"a3", "b1", "a1"} and kept["a1"] == "replay x is unfinished"
+    assert select_for_gc(runs, 0, {})[0] == ["a3", "a2", "a1", "b1"]
+
+
+def test_gc_dry_run_then_gc_as_a_process(three_runs: tuple[Path, list[str]]) -> None:
+    root, ids = three_runs
+    db = root / ".flor" / "flor.db"
+    values_before = flor.records()
+    sizes = {r: sum(c["size"] for c in index(db, r)) for r in ids}
+    assert all(len(index(db, r)) == 4 for r in ids)  # initial state + 3 epochs
+
+    dry = gc(keep_last=1, dry_run=True)
+    assert dry.bytes == sizes[ids[0]] + sizes[ids[1]]
+    assert all(len(index(db, r)) == 4 for r in ids) and all(run_dir(r).is_dir() for r in ids)
+
+    done = flor_cmd("gc", "--keep-last", "1", cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert f"freed {sizes[ids[0]] + sizes[ids[1]]} bytes" in done.stdout
+    assert ids[0] in done.stdout and ids[1] in done.stdout and f"kept {ids[2]}" in done.stdout
+    for r in ids[:2]:
+        assert index(db, r) == [] and not run_dir(r).exists()
+    assert len(index(db, ids[2])) == 4
+    assert all(Path(c["path"]).exists() and sha256(Path(c["path"])) == c["sha256"] for c in index(db, ids[2]))
+    assert flor.records().equals(values_before)  # logged values, runs and code stay
+    assert len(flor.runs()) == 3
+
+
+def test_gc_keeps_runs_an_unfinished_replay_needs(three_runs: tuple[Path, list[str]]) -> None:
+    root, ids = three_runs
+    db = root / ".flor" / "flor.db"
+    add_replay(db, ids[0], pid=os.getpid())  # a replay whose segment process is alive
+    add_replay(db, ids[1], pid=None)  # registered, no segment started yet
+    report = gc(keep_last=0)
+    assert {f.run_id for f in report.freed} == {ids[2]}
+    assert "unfinished" in report.kept[ids[0]] and "unfinished" in report.kept[ids[1]]
+    for r in ids[:2]:
+        assert len(index(db, r)) == 4 and all(Path(c["path"]).exists() for c in index(db, r))
+    assert index(db, ids[2]) == []
+
+
+def test_gc_collects_after_a_replay_died_or_finished(three_runs: tuple[Path, list[str]]) -> None:
+    root, ids = three_runs
+    db = root / ".flor" / "flor.db"
+    add_replay(db, ids[0], pid=dead_pid())  # killed: status still running, process gone
+    add_replay(db, ids[1], pid=os.getpid(), segment_status="finished")
+    assert busy_runs(store.connect(db)) == {}
+    report = gc(keep_last=1)
+    assert sorted(f.run_id for f in report.freed) == sorted(ids[:2])
+
+
+def test_gc_keeps_a_run_still_recording(three_runs: tuple[Path, list[str]]) -> None:
+    root, ids = three_runs
+    db = root / ".flor" / "flor.db"
+    conn = store.connect(db)
+    store.update(
+        conn, "runs", {"run_id": ids[0]}, {"status": "running", "pid": os.getpid(), "host": socket.gethostname()}
+    )
+    conn.close()
+    report = gc(keep_last=0)
+    assert report.kept == {ids[0]: "still recording"}
+    assert len(index(db, ids[0])) == 4
+
+
+def test_gc_killed_between_index_and_files_loses_nothing_and_the_next_gc_frees_them(
+    three_runs: tuple[Path, list[str]],
+) -> None:
+    """gc deletes index rows first: the state a kill leaves is orphan files, which the next gc removes."""
+    root, ids = three_runs
+    db = root / ".flor" / "flor.db"
+    orphan_bytes = sum(c["size"] for c in index(db, ids[0]))
+    conn = store.connect(db)
+    conn.execute("DELETE FROM checkpoints WHERE run_id = ?", [ids[0]])  # what a gc killed midway has done
+    conn.close()
+    report = gc(keep_last=2)
+    assert [(f.run_id, f.files, f.bytes) for f in report.freed] == [(ids[0], 4, orphan_bytes)]
+    assert not run_dir(ids[0]).exists()
+
+
+def test_gc_rejects_a_negative_keep_last(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ConfigError, match="keep_last must be an integer >= 0"):
+        gc(keep_last=-1)
+    from flor_lightning import cli
+
+    assert cli.main(["gc", "--keep-last", "-1"]) == 2
+    assert "keep_last must be" in capsys.readouterr().err
+
+
+# ---- push -------------------------------------------------------------------------------------------
+
+
+def assert_all_readable(db: Path, run_id: str) -> None:
+    """Every indexed checkpoint loads (checksum verified), wherever the index says it is."""
+    root = rows(db, "SELECT checkpoint_root FROM runs WHERE run_id = ?", (run_id,))[0]["checkpoint_root"]
+    ckpts = CheckpointStore(root)
+    for c in index(db, run_id):
+        assert ckpts.load(c["path"], c["sha256"])  # raises if missing or its sha256 differs
+
+
+def test_push_to_a_second_local_root_then_replay_reads_from_it(
+    three_runs: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    root, ids = three_runs
+    db = root / ".flor" / "flor.db"
+    remote = tmp_path / "archive"
+    before = {r: index(db, r) for r in ids}
+
+    done = flor_cmd("push", str(remote), "--run", ids[0], "--format", "json", cwd=root)
+    assert done.returncode == 0, done.stderr
+    moved = json.loads(done.stdout)
+    assert [m["epoch"] for m in moved] == [-1, 0, 1, 2]
+    after = index(db, ids[0])
+    for old, new in zip(before[ids[0]], after, strict=True):
+        name = Path(old["path"]).name
+        assert new["path"] == f"file://{remote}/proj/{ids[0]}/{name}"
+        assert new["sha256"] == old["sha256"] and sha256(remote / "proj" / ids[0] / name) == old["sha256"]
+        assert not Path(old["path"]).exists()
+    assert rows(db, "SELECT checkpoint_root FROM runs WHERE run_id = ?", (ids[0],))[0]["checkpoint_root"] == (
+        f"{remote}/proj"
+    )
+    assert index(db, ids[1]) == before[ids[1]]  # other runs untouched
+    assert not list(remote.rglob("*.tmp-*"))
+
+    edit_model(root, *VAL_CONF)
+    report = replay(root, ids[0], lr=0.01)
+    assert report.epochs_restored == [0, 1, 2] and report.bad_checkpoints == []
+    assert report.new_names == ["val_conf"] and report.mismatched == 0 and report.matched > 0
+
+
+def test_push_to_memory_then_replay_in_process(three_runs: tuple[Path, list[str]]) -> None:
+    """memory:// lives in this process only, so the replay after the push runs here too."""
+    root, ids = three_runs
+    db = root / ".flor" / "flor.db"
+    url = f"memory://flor-push-{uuid.uuid4().hex[:8]}"
+    report = push(url)
+    assert len(report.moved) == 12 and report.bytes == sum(c["size"] for r in ids for c in index(db, r))
+    fs, remote_root = fsspec.core.url_to_fs(url)
+    for r in ids:
+        prefix = f"memory://{remote_root}/proj/{r}/"  # the canonical URL (memory:///flor-push-...)
+        assert all(c["path"].startswith(prefix) and fs.exists(c["path"]) for c in index(db, r))
+        assert not run_dir(r).exists() or not list(run_dir(r).glob("*.ckpt"))
+    assert push(url).moved == []  # nothing left to move
+
+    edit_model(root, *VAL_CONF)
+    rep = replay(root, ids[1], lr=0.02)
+    assert rep.epochs_restored == [0, 1, 2] and rep.bad_checkpoints == []
+    assert rep.new_names == ["val_conf"] and rep.mismatched == 0
+
+
+def test_interrupted_push_leaves_every_checkpoint_readable_and_push_again_finishes(
+    three_runs: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    root, ids = three_runs
+    db = root / ".flor" / "flor.db"
+    remote = tmp_path / "archive"
+    run = ids[0]
+    # the third file fails its checksum during the copy: push stops there, as if interrupted
+    third = Path(index(db, run)[2]["path"])
+    good = third.read_bytes()
+    third.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    with pytest.raises(CheckpointError, match="does not match its recorded sha256"):
+        push(str(remote), runs=[run])
+    paths = [c["path"] for c in index(db, run)]
+    assert [p.startswith("file://") for p in paths] == [True, True, False, False]
+    assert not list(remote.rglob("*.tmp-*")) and not (remote / "proj" / run / third.name).exists()
+    third.write_bytes(good)
+    assert_all_readable(db, run)  # half moved: every checkpoint loads from where the index says
+
+    # killed after the index row moved but before the local file was deleted: the local copy stays behind
+    fourth = index(db, run)[3]
+    copy = remote / "proj" / run / Path(fourth["path"]).name
+    copy.write_bytes(Path(fourth["path"]).read_bytes())
+    conn = store.connect(db)
+    store.update(conn, "checkpoints", {"run_id": run, "epoch": fourth["epoch"]}, {"path": f"file://{copy}"})
+    conn.close()
+    assert_all_readable(db, run)
+
+    report = push(str(remote), runs=[run])
+    assert [m.epoch for m in report.moved] == [1]  # the one left; the twin of epoch 2 is cleaned up
+    assert not list(run_dir(run).glob("*.ckpt"))
+    assert_all_readable(db, run)
+
+
+def test_push_unknown_run_and_bad_url(three_runs: tuple[Path, list[str]], capsys: pytest.CaptureFixture[str]) -> None:
+    from flor_lightning import cli
+
+    assert cli.main(["push", "memory://x", "--run", "nope"]) == 1
+    assert "unknown run id(s) ['nope']" in capsys.readouterr().err
+    assert cli.main(["push", "nosuchproto://bucket/x"]) == 2
+    assert "cannot use checkpoint location" in capsys.readouterr().err
