@@ -24,8 +24,10 @@ check: setup
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 
+## every benchmark, one results table (benchmarks/results/RESULTS.md, embedded in README.md); < 15 min
 bench: setup
-	$(BIN)/python benchmarks/record_overhead.py
+	$(BIN)/pip install -q -c requirements-cpu.txt -e '.[bench]' || echo "peers not installed: their rows say SKIPPED"
+	$(BIN)/python benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) .flor build *.egg-info
