@@ -38,6 +38,7 @@ from flor_lightning.errors import ConfigError, GitError
 from flor_lightning.locate import locate
 from flor_lightning.query import runs as runs_table
 from flor_lightning.query import store_path
+from flor_lightning.shadow import SHADOW_BRANCH
 
 _GIT_LOCK = threading.Lock()  # worktree add/remove of concurrent replays, one at a time
 
@@ -107,8 +108,10 @@ def replay_runs(
 
     Args:
         where: a pandas expression over the runs table (run_id, started, status, script,
-            shadow_commit, head_commit, branch and each hyperparameter), e.g. ``"lr < 0.01"``.
-        runs: run ids to replay (with ``where``: those of them that match).
+            shadow_commit, head_commit, branch and each hyperparameter), e.g. ``"lr < 0.01"``,
+            choosing among the runs that can be replayed (with a code snapshot and checkpoints).
+        runs: run ids to replay (with ``where``: those of them that match); one that cannot be
+            replayed is reported ``skipped`` with the reason.
         segments: replay each run in this many segments, one after another.
         probe: a Callback class (defined at module level in a file) or ``"path/to/file.py:ClassName"``,
             instantiated with no arguments and added to each version's Trainer during its replay.
@@ -140,37 +143,35 @@ def replay_runs(
         raise ConfigError(f"{loc.root} is not in a git repository; run from the project that recorded the runs")
     db_path = store_path(db).resolve()
     table = run_frame(db_path)
-    chosen = select_runs(table, where, runs)
     with closing(store.connect(db_path)) as conn:
         rows = {r["run_id"]: r for r in store.fetch(conn, "SELECT * FROM runs")}
         with_ckpt = {r["run_id"] for r in store.fetch(conn, "SELECT DISTINCT run_id FROM checkpoints")}
-    status = dict(zip(table["run_id"], table["status"], strict=True))
-    bases = _bases(table) if base is None else None
-    edits_by_base: dict[str, merging.Edits] = {}
+    problems = {
+        run_id: _unfit(rows[run_id], run_id in with_ckpt, status)
+        for run_id, status in zip(table["run_id"], table["status"], strict=True)
+    }
+    if runs is None:  # choose among the runs that can be replayed; named runs that cannot are reported
+        table = table[[problems[r] is None for r in table["run_id"]]]
+    chosen = select_runs(table, where, runs)
+    bases = {} if base is not None else _bases(table)
+    edits: dict[str, merging.Edits] = {}
     results: dict[str, VersionReplay] = {}
     jobs = []
     for run_id in chosen:
         row = rows[run_id]
-        problem = _unfit(row, run_id in with_ckpt, status[run_id], loc.root)
+        problem = problems[run_id] or _missing_commit(loc.root, row["shadow_commit"])
         if problem:
             results[run_id] = VersionReplay(run_id, "skipped", "-", problem)
             continue
-        edits = None
-        if propagate:
-            start = base or (bases or {}).get(row["script"]) or row["shadow_commit"]
-            if start not in edits_by_base:
-                edits_by_base[start] = merging.edits_since(loc.root, start)
-            edits = edits_by_base[start]
-        jobs.append(_Job(row, loc.root, db_path, edits, probe_spec, segments, train, tuple(share), echo))
+        start = base or bases.get(row["script"]) or row["shadow_commit"]
+        if propagate and start not in edits:
+            edits[start] = merging.edits_since(loc.root, start)
+        todo = edits[start] if propagate else None
+        jobs.append(_Job(row, loc.root, db_path, todo, probe_spec, segments, train, tuple(share), echo))
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         for result in pool.map(_replay_version, jobs):
             results[result.run_id] = result
     return [results[r] for r in chosen]
-
-
-def propagate_edits(root: Path, base: str) -> merging.Edits:
-    """The edits since ``base`` (see :func:`flor_lightning.merging.edits_since`)."""
-    return merging.edits_since(root, base)
 
 
 def _check_arguments(segments: int, parallel: int, train: bool | None, share: Sequence[str]) -> None:
@@ -258,6 +259,8 @@ def select_runs(table: pd.DataFrame, where: str | None, runs: Sequence[str] | No
     """
     if isinstance(runs, str):
         runs = [runs]
+    if runs is not None and not runs:
+        raise ConfigError("runs=[] selects nothing; pass run ids, or None to choose among all runs")
     known = list(table["run_id"]) if len(table) else []
     if runs is not None:
         unknown = sorted(set(runs) - set(known))
@@ -270,9 +273,15 @@ def select_runs(table: pd.DataFrame, where: str | None, runs: Sequence[str] | No
         except Exception as err:
             raise ConfigError(f"cannot evaluate where={where!r}: {err}. Columns: {list(table.columns)}") from err
         if table.empty:
-            raise ConfigError(f"where={where!r} matches no recorded run. Columns: {list(table.columns)}")
+            raise ConfigError(
+                f"where={where!r} matches none of the runs that can be replayed (with a code snapshot and "
+                f"checkpoints). Columns: {list(table.columns)}"
+            )
     if table.empty:
-        raise ConfigError("no recorded run to replay; record one with flor.Trainer(...).fit(...) first")
+        raise ConfigError(
+            "no run to replay: none has a code snapshot and checkpoints. Record one with flor.Trainer(...).fit(...) "
+            "in a git repository first"
+        )
     return list(table.sort_values(["started", "run_id"], kind="stable")["run_id"])
 
 
@@ -282,7 +291,7 @@ def _bases(table: pd.DataFrame) -> dict[str | None, str]:
     return {script: commit for script, commit in zip(done["script"], done["shadow_commit"], strict=True)}
 
 
-def _unfit(row: dict[str, Any], has_checkpoints: bool, status: str, root: Path) -> str | None:
+def _unfit(row: dict[str, Any], has_checkpoints: bool, status: str) -> str | None:
     """Why a run cannot be replayed from its version, or None."""
     if not row["shadow_commit"]:
         return "no code snapshot (recorded outside git)"
@@ -292,9 +301,13 @@ def _unfit(row: dict[str, Any], has_checkpoints: bool, status: str, root: Path) 
         return "still recording"
     if not row["script"] or Path(row["script"]).is_absolute():
         return f"its script {row['script']!r} is not inside the repository"
+    return None
+
+
+def _missing_commit(root: Path, commit: str) -> str | None:
     with git.Repo(root) as repo:
-        if not repo.git.rev_parse("-q", "--verify", f"{row['shadow_commit']}^{{commit}}", with_exceptions=False):
-            return f"its shadow commit {row['shadow_commit'][:10]} is not in this repository"
+        if not repo.git.rev_parse("-q", "--verify", f"{commit}^{{commit}}", with_exceptions=False):
+            return f"its shadow commit {commit[:10]} is not in this repository (fetch {SHADOW_BRANCH})"
     return None
 
 

@@ -311,12 +311,14 @@ def test_where_selects_runs_oldest_first():
 
 
 def test_a_where_that_matches_nothing_names_the_columns():
-    with pytest.raises(ConfigError, match=r"matches no recorded run. Columns: \[.*'lr'"):
+    with pytest.raises(ConfigError, match=r"matches none of the runs that can be replayed.*Columns: \[.*'lr'"):
         multiversion.select_runs(_table(), "lr > 1", None)
     with pytest.raises(ConfigError, match=r"cannot evaluate where='nope > 1'.*Columns"):
         multiversion.select_runs(_table(), "nope > 1", None)
     with pytest.raises(ConfigError, match=r"unknown run id\(s\) \['zz'\]"):
         multiversion.select_runs(_table(), None, ["zz"])
+    with pytest.raises(ConfigError, match=r"runs=\[\] selects nothing"):
+        multiversion.select_runs(_table(), None, [])
 
 
 def test_bad_arguments_are_refused_before_anything_runs(project):
@@ -338,15 +340,13 @@ def test_bad_arguments_are_refused_before_anything_runs(project):
 def test_runs_that_cannot_be_replayed_say_why(project):
     head = git(project, "rev-parse", "HEAD")
     ok = {"shadow_commit": head, "script": "train.py"}
-    assert multiversion._unfit(ok, True, "finished", project) is None
-    assert "no code snapshot" in (multiversion._unfit({**ok, "shadow_commit": None}, True, "finished", project) or "")
-    assert multiversion._unfit(ok, False, "finished", project) == "no checkpoints"
-    assert multiversion._unfit(ok, True, "running", project) == "still recording"
-    assert "not inside the repository" in (
-        multiversion._unfit({**ok, "script": "/x/t.py"}, True, "crashed", project) or ""
-    )
-    gone = multiversion._unfit({**ok, "shadow_commit": "1" * 40}, True, "finished", project)
-    assert gone is not None and "not in this repository" in gone
+    assert multiversion._unfit(ok, True, "finished") is None
+    assert "no code snapshot" in (multiversion._unfit({**ok, "shadow_commit": None}, True, "finished") or "")
+    assert multiversion._unfit(ok, False, "finished") == "no checkpoints"
+    assert multiversion._unfit(ok, True, "running") == "still recording"
+    assert "not inside the repository" in (multiversion._unfit({**ok, "script": "/x/t.py"}, True, "crashed") or "")
+    assert multiversion._missing_commit(project, head) is None
+    assert "not in this repository" in (multiversion._missing_commit(project, "1" * 40) or "")
 
 
 class _ModuleLevelProbe(Callback):
