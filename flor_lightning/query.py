@@ -7,11 +7,15 @@ import socket
 import sqlite3
 from collections.abc import Sequence
 from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import adbc_driver_sqlite.dbapi as adbc_sqlite
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from flor_lightning import store
 from flor_lightning.errors import ConfigError, StoreError
@@ -84,13 +88,8 @@ def records(
     return _records(path, list(names), _as_list(run))
 
 
-def _records(db_path: Path, names: list[str], run_ids: list[str] | None, *, detail: bool = True) -> pd.DataFrame:
-    """The ``logs`` rows, read through ADBC straight into Arrow columns.
-
-    One Python object per value (sqlite3's cursor) made a million-value store take seconds to
-    read; Arrow columns take a fraction of that. ADBC infers a column's type from its first rows,
-    so every column is made non-NULL in SQL and its NULLs restored here.
-    """
+def _filters(names: list[str], run_ids: list[str] | None) -> tuple[list[str], list[str]]:
+    """SQL conditions on ``logs`` (to be AND-ed) and their parameters."""
     clauses, params = [], []
     if names:
         clauses.append(f"name IN ({store.placeholders(names)})")
@@ -98,23 +97,38 @@ def _records(db_path: Path, names: list[str], run_ids: list[str] | None, *, deta
     if run_ids:
         clauses.append(f"run_id IN ({store.placeholders(run_ids)})")
         params += run_ids
-    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-    extra = "stage, level, ifnull(batch_idx, -1) AS batch_idx, " if detail else ""
-    sql = (
-        f"SELECT rowid AS seq, run_id, ifnull(replay_id, '') AS replay_id, {extra}epoch, step, name, "
-        f"ifnull(value, 0.0) AS value, value IS NULL AS no_value, ifnull(text, '') AS text FROM logs {where}"
-    )
+    return clauses, params
+
+
+def _read_arrow(db_path: Path, sql: str, params: list[str]) -> pa.Table:
+    """A read-only query's result as Arrow columns, through ADBC (no Python object per value)."""
     with adbc_sqlite.connect(f"file:{db_path}?mode=ro") as conn, conn.cursor() as cur:
         cur.execute(sql, params)
-        df = cur.fetch_df()
+        return cur.fetch_arrow_table()
+
+
+def _records(db_path: Path, names: list[str], run_ids: list[str] | None) -> pd.DataFrame:
+    """The ``logs`` rows, read through ADBC straight into Arrow columns.
+
+    One Python object per value (sqlite3's cursor) made a million-value store take seconds to
+    read; Arrow columns take a fraction of that. ADBC infers a column's type from its first rows,
+    so every column is made non-NULL in SQL and its NULLs restored here.
+    """
+    clauses, params = _filters(names, run_ids)
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    sql = (
+        "SELECT rowid AS seq, run_id, ifnull(replay_id, '') AS replay_id, stage, level, "
+        "ifnull(batch_idx, -1) AS batch_idx, epoch, step, name, "
+        f"ifnull(value, 0.0) AS value, value IS NULL AS no_value, ifnull(text, '') AS text FROM logs {where}"
+    )
+    df = _read_arrow(db_path, sql, params).to_pandas()
     if df.empty:
         df = pd.DataFrame({c: pd.Series(dtype=t) for c, t in _EMPTY.items() if c in df.columns})
     if not df["seq"].is_monotonic_increasing:  # an index scan: restore the order values were written in
         df = df.sort_values("seq", kind="stable")
     df = df.drop(columns="seq").reset_index(drop=True)
     df["replay_id"] = df["replay_id"].replace("", None).astype(object)
-    if detail:
-        df["batch_idx"] = df["batch_idx"].where(df["batch_idx"] >= 0).astype("float64")
+    df["batch_idx"] = df["batch_idx"].where(df["batch_idx"] >= 0).astype("float64")
     value = df["value"].astype("float64").where(df["no_value"] == 0)
     text = (df["text"] != "") & (df["text"] != "nan")
     if text.any():
@@ -152,7 +166,7 @@ def query(
     Run-level columns (run_id, started, status, script, shadow_commit and each hyperparameter)
     come first. A value logged several times for the same (run, epoch, step) keeps its last
     occurrence; :func:`records` keeps them all. Where a name was recorded and also replayed,
-    the recorded value stays in the column; values only replayed fill it.
+    the recorded value stays in the column (a recorded NaN too); values only replayed fill it.
 
     Args:
         names: the logged names wanted (default: all).
@@ -168,7 +182,6 @@ def query(
     """
     path = store_path(db)
     run_ids = _as_list(run)
-    rec = _records(path, list(names), run_ids, detail=False)
     with closing(store.connect(path)) as conn:
         run_rows = store.fetch(conn, "SELECT * FROM runs ORDER BY started, run_id")
     runs_df = _runs_frame(run_rows)
@@ -176,11 +189,11 @@ def query(
         unknown = sorted(set(run_ids) - set(runs_df["run_id"]))
         if unknown:
             raise ConfigError(f"unknown run id(s) {unknown}; flor.runs() lists the recorded ones")
-        runs_df = runs_df[runs_df["run_id"].isin(run_ids)]
-    table = _pivot(rec, replayed=replayed)
-    info = _run_info(runs_df, set(table.columns))
-    out = info.merge(table, on="run_id", how="inner") if len(table) else info.iloc[0:0].assign(epoch=[], step=[])
-    out = out.sort_values(["started", "run_id", "epoch", "step"], kind="stable").reset_index(drop=True)
+        runs_df = runs_df[runs_df["run_id"].isin(run_ids)].reset_index(drop=True)
+    axes, table = _pivot(_cells(path, list(names), run_ids, list(runs_df["run_id"])), replayed=replayed)
+    info = _run_info(runs_df, {*KEY, *table.columns})
+    rows = info.take(axes[0]).reset_index(drop=True)
+    out = pd.concat([rows, pd.DataFrame({"epoch": axes[1], "step": axes[2]}), table], axis=1)
     if where:
         try:
             out = out.query(where).reset_index(drop=True)
@@ -189,29 +202,136 @@ def query(
     return out
 
 
-def _pivot(rec: pd.DataFrame, *, replayed: bool) -> pd.DataFrame:
-    """Long records -> one row per (run, epoch, step); recorded values win over replayed ones."""
-    is_replay = rec["replay_id"].notna()
-    recorded = _wide(rec[~is_replay])
-    latest = _wide(rec[is_replay])
-    table = recorded.combine_first(latest) if len(latest) else recorded
-    if replayed and len(latest):
-        table = table.join(latest.add_suffix("@replay"), how="outer")
-    table.columns.name = None
-    return table.reset_index()
+# a value's flags: 4 when replayed; plus 0 when a number, 1 when NaN (stored as text), 2 when text
+_FLAGS = "(replay_id IS NOT NULL) * 4 + CASE WHEN value IS NOT NULL THEN 0 WHEN text = 'nan' THEN 1 ELSE 2 END"
 
 
-def _wide(rec: pd.DataFrame) -> pd.DataFrame:
-    if rec.empty:
-        return pd.DataFrame(index=pd.MultiIndex.from_arrays([[], [], []], names=KEY))
-    last = rec.drop_duplicates([*KEY, "name"], keep="last")
-    wide = last.set_index([*KEY, "name"])["value"].unstack("name")
-    for col in wide.columns:
-        if wide[col].dtype == object:
-            converted = pd.to_numeric(wide[col], errors="coerce")
-            if converted.notna().sum() == wide[col].notna().sum():
-                wide[col] = converted
-    return wide
+@dataclass(frozen=True)
+class _Cells:
+    """Every stored value the pivot needs, one array entry per value, in the order they were written."""
+
+    run: np.ndarray  # position of the run in the wanted runs' order (-1: not wanted)
+    epoch: np.ndarray
+    step: np.ndarray
+    name: np.ndarray  # position in names
+    names: list[str]  # sorted
+    value: np.ndarray  # float64, NaN where the value is NaN or text
+    replayed: np.ndarray  # bool
+    text: np.ndarray | None  # object array of text values (None elsewhere); None when no value is text
+
+
+def _cells(db_path: Path, names: list[str], run_ids: list[str] | None, run_order: list[str]) -> _Cells:
+    """Read what the pivot needs: six columns through ADBC, then integer codes computed in Arrow.
+
+    Text is rare, so it is read by a second query, in the same read transaction, only when there
+    is some; both queries list values in write order, so the n-th text is the n-th text value.
+    """
+    clauses, params = _filters(names, run_ids)
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    sql = f"SELECT run_id, epoch, step, name, ifnull(value, 0.0) AS value, {_FLAGS} AS flags FROM logs {where}"
+    with adbc_sqlite.connect(f"file:{db_path}?mode=ro") as conn, conn.cursor() as cur:
+        cur.execute(f"{sql} ORDER BY rowid", params)
+        table = cur.fetch_arrow_table()
+        flags = np.asarray(table["flags"]) if table.num_rows else np.zeros(0, dtype=np.int64)
+        is_text = flags % 4 == 2
+        texts = None
+        if is_text.any():
+            text_where = " AND ".join([*clauses, "value IS NULL", "ifnull(text, '') != 'nan'"])
+            cur.execute(f"SELECT text FROM logs WHERE {text_where} ORDER BY rowid", params)
+            texts = cur.fetch_arrow_table()["text"].to_numpy(zero_copy_only=False)
+    if texts is not None and len(texts) != is_text.sum():
+        raise StoreError("the log store changed while it was read; query again")
+    text = None
+    if texts is not None:
+        text = np.full(len(flags), None, dtype=object)
+        text[is_text] = texts
+    value = np.asarray(table["value"], dtype=np.float64) if table.num_rows else np.zeros(0)
+    value = np.where(flags % 4 == 0, value, np.nan)
+    all_names = sorted(pc.unique(table["name"]).to_pylist()) if table.num_rows else []
+    return _Cells(
+        run=_codes(table, "run_id", run_order),
+        epoch=np.asarray(table["epoch"], dtype=np.int64) if table.num_rows else np.zeros(0, dtype=np.int64),
+        step=np.asarray(table["step"], dtype=np.int64) if table.num_rows else np.zeros(0, dtype=np.int64),
+        name=_codes(table, "name", all_names),
+        names=all_names,
+        value=value,
+        replayed=flags >= 4,
+        text=text,
+    )
+
+
+def _codes(table: pa.Table, column: str, labels: list[str]) -> np.ndarray:
+    """Each value's position in ``labels`` (-1 where absent), computed in Arrow: no Python object per value."""
+    if table.num_rows == 0:
+        return np.zeros(0, dtype=np.int64)
+    at = pc.index_in(table[column], value_set=pa.array(labels, pa.string()))
+    return np.asarray(pc.fill_null(at, -1), dtype=np.int64)
+
+
+def _pivot(cells: _Cells, *, replayed: bool) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], pd.DataFrame]:
+    """Long cells -> one row per (run, epoch, step), one column per name; recorded values win over
+    replayed ones and, among equals, the last written wins.
+
+    Works on integer codes: rows are ordered by (run position, epoch, step), a value's cell is
+    ``row x width + name``, and one stable sort finds each cell's winner.
+
+    Returns:
+        (run position, epoch, step) of each row, and a frame of the columns by name (sorted,
+        then the ``@replay`` ones), float64 unless they hold text.
+    """
+    keep = np.flatnonzero(cells.run >= 0)  # values of runs not asked for are dropped
+    run, epoch, step, name = cells.run[keep], cells.epoch[keep], cells.step[keep], cells.name[keep]
+    is_replay = cells.replayed[keep]
+
+    rows = np.lexsort((step, epoch, run))
+    new_row = np.ones(len(rows), dtype=bool)
+    new_row[1:] = (np.diff(run[rows]) != 0) | (np.diff(epoch[rows]) != 0) | (np.diff(step[rows]) != 0)
+    row = np.empty(len(rows), dtype=np.int64)
+    row[rows] = np.cumsum(new_row) - 1
+    first = rows[new_row]
+    axes = (run[first], epoch[first], step[first])
+
+    n = len(cells.names)
+    width = 2 * n if replayed else n
+    cell = row * width + name
+    rank = (~is_replay).astype(np.int8)  # a recorded value outranks a replayed one in the same cell
+    index = keep
+    if replayed:  # replayed values also go to their own "@replay" columns
+        extra = np.flatnonzero(is_replay)
+        cell = np.concatenate([cell, row[extra] * width + n + name[extra]])
+        rank = np.concatenate([rank, np.zeros(len(extra), dtype=np.int8)])
+        index = np.concatenate([index, keep[extra]])
+    by_cell = np.lexsort((rank, cell))  # stable: within a cell and rank, write order
+    last = np.ones(len(by_cell), dtype=bool)
+    last[:-1] = np.diff(cell[by_cell]) != 0
+    win_cell, win = cell[by_cell[last]], index[by_cell[last]]
+    win_row, win_col = win_cell // width, win_cell % width
+    # one column after the other, as pandas keeps a block of float columns: no copy into the frame
+    grid = np.full((width, len(first)), np.nan)
+    grid[win_col, win_row] = cells.value[win]
+    filled = np.zeros(width, dtype=bool)
+    filled[win_col] = True
+    labels = cells.names + [f"{x}@replay" for x in cells.names] if replayed else cells.names
+    if not filled.all():  # @replay columns of names never replayed
+        grid, labels = grid[filled], [label for label, f in zip(labels, filled, strict=True) if f]
+        win_col = np.cumsum(filled)[win_col] - 1
+    table = pd.DataFrame(grid.T, columns=labels, copy=False)
+    if cells.text is not None:  # overlay the text winners on their columns
+        texts = cells.text[win]
+        has_text = texts != None  # noqa: E711  # elementwise over the object array
+        for j in np.unique(win_col[has_text]):
+            chosen = has_text & (win_col == j)
+            table[labels[j]] = _with_text(grid[j], win_row[chosen], texts[chosen])
+    return axes, table
+
+
+def _with_text(numbers: np.ndarray, rows: np.ndarray, texts: np.ndarray) -> Any:
+    """A column holding text values: object dtype, unless all its values read as numbers."""
+    out = numbers.astype(object)
+    out[rows] = texts
+    series = pd.Series(out, dtype=object)
+    converted = pd.to_numeric(series, errors="coerce")
+    return converted if converted.notna().sum() == series.notna().sum() else series
 
 
 def _run_info(runs_df: pd.DataFrame, taken: set[str]) -> pd.DataFrame:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import socket
 import sqlite3
 import subprocess
@@ -263,3 +264,63 @@ def test_an_explicit_db_is_read_from_anywhere(db: Path, tmp_path: Path, monkeypa
 
     assert len(flor.query(db=db)) == 12
     assert len(flor.runs(db=str(db))) == 2
+
+
+def reference_pivot(rec: pd.DataFrame, replayed: bool) -> pd.DataFrame:
+    """The pivot spelled out in plain pandas over records(): last written wins, recorded before replayed."""
+    out: dict[tuple[Any, ...], dict[str, Any]] = {}
+    rec = rec.assign(seq=range(len(rec)), recorded=rec["replay_id"].isna())
+    for r in rec.sort_values(["recorded", "seq"], kind="stable").itertuples():  # later rows overwrite
+        out.setdefault((r.run_id, r.epoch, r.step), {})[r.name] = r.value
+    if replayed:
+        for r in rec[~rec["recorded"]].itertuples():
+            out[(r.run_id, r.epoch, r.step)][f"{r.name}@replay"] = r.value
+    return pd.DataFrame([{"run_id": k[0], "epoch": k[1], "step": k[2], **v} for k, v in out.items()])
+
+
+@pytest.mark.parametrize("replayed", [False, True])
+def test_pivot_agrees_with_a_plain_reference_on_a_messy_store(project: Path, replayed: bool) -> None:
+    """Duplicates, replays of recorded and new names, text, NaN and a run the filter leaves out."""
+    rng = random.Random(7)
+    path = project / ".flor" / "flor.db"
+    conn = store.connect(path)
+    runs = [f"2026010{i}-000000-run{i:03d}" for i in range(3)]
+    for i, run_id in enumerate(runs):
+        add_run(conn, run_id, started=float(10 - i), hparams={"i": i})
+    conn.close()
+    rows: list[tuple[Any, ...]] = []
+    for _ in range(600):
+        run_id, replay = rng.choice(runs), rng.choice([None, None, None, "rpA", "rpB"])
+        epoch = rng.randrange(3)
+        value: Any = rng.choice([rng.random(), rng.randrange(5), math.nan, "text", [1, 2]])
+        rows.append(
+            (run_id, replay, "train", "step", epoch, epoch * 4 + rng.randrange(4), 0, rng.choice("abcd"), value)
+        )
+    add_values(path, rows)
+
+    wanted = runs[:2]
+    got = flor.query(run=wanted, replayed=replayed)
+    rec = flor.records(run=wanted)
+    expected = reference_pivot(rec, replayed)
+
+    assert list(got["run_id"].unique()) == [runs[1], runs[0]]  # the run started first comes first
+    assert not got.duplicated(["run_id", "epoch", "step"]).any()
+    got = got.set_index(["run_id", "epoch", "step"])
+    expected = expected.set_index(["run_id", "epoch", "step"]).reindex(got.index)
+    assert len(expected) == len(got) == len(rec.drop_duplicates(["run_id", "epoch", "step"]))
+    value_columns = sorted(c for c in got.columns if c not in RUN_LEVEL and c != "i")
+    assert value_columns == sorted(expected.columns)
+    for col in value_columns:
+        for key, a, b in zip(got.index, got[col], expected[col], strict=True):
+            same = (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)) or a == b
+            assert same, (col, key, a, b)
+
+
+def test_a_recorded_nan_stays_although_a_replay_has_a_number(db: Path) -> None:
+    add_values(
+        db,
+        [(RUN_A, None, "train", "step", 0, 0, 0, "odd", math.nan), (RUN_A, "rp", "train", "step", 0, 0, 0, "odd", 5.0)],
+    )
+
+    assert math.isnan(flor.query("odd", run=RUN_A)["odd"].iloc[0])
+    assert flor.query("odd", run=RUN_A, replayed=True)["odd@replay"].iloc[0] == 5.0
