@@ -11,7 +11,8 @@ checkpoint the index names:
 - ``push`` copies a file to a temporary name at the destination, renames it into place, checks
   the copy's sha256 against the index, and only then points the index row at the copy and
   deletes the local file. Killed at any step, the index names a complete file with the
-  recorded checksum; running ``push`` again finishes the move.
+  recorded checksum; running ``push`` again finishes the move (and removes the unfinished
+  temporary copy or the local file a kill left behind).
 """
 
 from __future__ import annotations
@@ -232,6 +233,8 @@ def _push_run(
 ) -> bool:
     """Move one run's checkpoints under ``target``; whether it had any."""
     ckpts = store.fetch(conn, "SELECT * FROM checkpoints WHERE run_id = ? ORDER BY epoch", [run["run_id"]])
+    for partial in dst_fs.glob(f"{target}/{run['run_id']}/*.tmp-*"):  # copies an interrupted push left unfinished
+        dst_fs.rm(partial)
     for row in ckpts:
         src_fs, src = fs_of(row["path"], run["checkpoint_root"])
         dst = f"{target}/{run['run_id']}/{posixpath.basename(src)}"

@@ -267,3 +267,73 @@ def test_push_unknown_run_and_bad_url(three_runs: tuple[Path, list[str]], capsys
     assert "unknown run id(s) ['nope']" in capsys.readouterr().err
     assert cli.main(["push", "nosuchproto://bucket/x"]) == 2
     assert "cannot use checkpoint location" in capsys.readouterr().err
+
+
+KILLER = """
+import os, signal, sys
+from fsspec.implementations.local import LocalFileSystem
+from flor_lightning import housekeeping, store
+
+point, n, url, run = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+calls = 0
+
+def killing(original):
+    def wrapped(*args, **kwargs):
+        global calls
+        calls += 1
+        if calls == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs)
+    return wrapped
+
+if point == "before-rename":
+    LocalFileSystem.mv = killing(LocalFileSystem.mv)
+elif point == "before-index":
+    store.update = killing(store.update)
+else:
+    LocalFileSystem.rm = killing(LocalFileSystem.rm)
+if url == "gc":
+    housekeeping.gc(keep_last=int(run))
+else:
+    housekeeping.push(url, runs=[run])
+"""
+
+
+@pytest.mark.parametrize("point", ["before-rename", "before-index", "before-delete"])
+def test_push_killed_with_sigkill_loses_nothing(three_runs: tuple[Path, list[str]], tmp_path: Path, point: str) -> None:
+    """A real SIGKILL at the second file's rename, index update or local delete; then push again."""
+    root, ids = three_runs
+    db = root / ".flor" / "flor.db"
+    remote, run = tmp_path / "archive", ids[0]
+    done = subprocess.run(
+        [sys.executable, "-c", KILLER, point, "2", str(remote), run], cwd=root, capture_output=True, text=True
+    )
+    assert done.returncode == -9, done.stderr
+    paths = [c["path"] for c in index(db, run)]
+    moved = {"before-rename": 1, "before-index": 1, "before-delete": 2}[point]
+    assert sum(p.startswith("file://") for p in paths) == moved
+    assert_all_readable(db, run)  # whatever step the kill hit, every indexed checkpoint loads
+
+    report = push(str(remote), runs=[run])
+    assert len(report.moved) == 4 - moved
+    assert all(c["path"].startswith(f"file://{remote}/proj/{run}/") for c in index(db, run))
+    assert not list(run_dir(run).glob("*.ckpt")) and not list(remote.rglob("*.tmp-*"))
+    assert_all_readable(db, run)
+
+
+def test_gc_killed_with_sigkill_between_files_loses_nothing(three_runs: tuple[Path, list[str]]) -> None:
+    """A real SIGKILL at gc's second file deletion: the kept run is intact, the next gc frees the rest."""
+    root, ids = three_runs
+    db = root / ".flor" / "flor.db"
+    total = sum(c["size"] for r in ids[:2] for c in index(db, r))
+    first_file = index(db, ids[0])[0]["size"]
+    done = subprocess.run(
+        [sys.executable, "-c", KILLER, "before-delete", "2", "gc", "1"], cwd=root, capture_output=True
+    )
+    assert done.returncode == -9, done.stderr
+    assert index(db, ids[0]) == index(db, ids[1]) == []  # index rows went first, in one transaction
+    assert len(index(db, ids[2])) == 4
+    assert_all_readable(db, ids[2])
+    report = gc(keep_last=1)
+    assert report.bytes == total - first_file  # the orphans the kill left, and nothing else
+    assert not run_dir(ids[0]).exists() and not run_dir(ids[1]).exists()
