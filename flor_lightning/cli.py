@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -25,7 +26,7 @@ from typing import Any
 import pandas as pd
 
 from flor_lightning import housekeeping, planner, store
-from flor_lightning.errors import ConfigError, FlorError, GitError, StoreError
+from flor_lightning.errors import ConfigError, FlorError, GitError
 from flor_lightning.locate import locate
 from flor_lightning.query import open_store, query, records, runs, store_path
 
@@ -430,9 +431,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"flor: {err}", file=sys.stderr)
         return 2
-    except (Problem, StoreError, FlorError) as err:
+    except FlorError as err:
         print(f"flor: {err}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `flor query | head`: the reader left, which is no error of ours
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (stops the interpreter's exit-time flush error)
+        return 0
 
 
 if __name__ == "__main__":

@@ -303,3 +303,17 @@ def test_replay_command_reports_and_sets_the_exit_code(
     assert done.returncode == 0
     code, _, err = flor_in_process(capsys, "replay", "--run", run_a, "--run", "nope")
     assert code == 1 and "unknown run" in err  # nothing replayed
+
+
+class _ClosedPipe(io.StringIO):
+    def write(self, s: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_reader_that_leaves_early_is_not_an_error(
+    recorded: tuple[Path, str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`flor query | head -1`: the pipe closes under flor's output."""
+    monkeypatch.setattr(sys, "stdout", _ClosedPipe())
+    assert cli.main(["query", "val_loss"]) == 0
+    assert capsys.readouterr().err == ""
