@@ -87,6 +87,7 @@ class _Job:
     segments: int
     train: bool | None
     share: tuple[str, ...]
+    timeout: float | None
     echo: Callable[[str], None]
 
 
@@ -102,6 +103,7 @@ def replay_runs(
     db: str | Path | None = None,
     base: str | None = None,
     share: Sequence[str] = (),
+    timeout: float | None = None,
     echo: Callable[[str], None] = print,
 ) -> list[VersionReplay]:
     """Replay past runs, each from its own code version, with the new logging brought in.
@@ -124,6 +126,7 @@ def replay_runs(
             recorded run of each run's script).
         share: repo-relative paths (e.g. an ignored ``data`` folder) linked into each version's
             checkout, for files the code snapshot leaves out.
+        timeout: seconds after which a version's replay process is killed and reported failed.
         echo: where the one-line progress messages go.
 
     Returns:
@@ -137,6 +140,8 @@ def replay_runs(
         >>> print(flor.format_report(flor.replay_runs("lr < 0.01", parallel=2)))  # doctest: +SKIP
     """
     _check_arguments(segments, parallel, train, share)
+    if timeout is not None and not timeout > 0:
+        raise ConfigError(f"timeout must be a number of seconds > 0 (or None), got {timeout!r}")
     probe_spec = probe_reference(probe) if probe is not None else None
     loc = locate()
     if not loc.in_git:
@@ -167,7 +172,7 @@ def replay_runs(
         if propagate and start not in edits:
             edits[start] = merging.edits_since(loc.root, start)
         todo = edits[start] if propagate else None
-        jobs.append(_Job(row, loc.root, db_path, todo, probe_spec, segments, train, tuple(share), echo))
+        jobs.append(_Job(row, loc.root, db_path, todo, probe_spec, segments, train, tuple(share), timeout, echo))
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         for result in pool.map(_replay_version, jobs):
             results[result.run_id] = result
@@ -194,6 +199,11 @@ def probe_reference(probe: str | type[Callback]) -> str:
     if isinstance(probe, type):
         if not issubclass(probe, Callback):
             raise ConfigError(f"probe {probe.__qualname__} is not a lightning Callback; subclass Callback")
+        if probe.__module__ == "__main__":
+            raise ConfigError(
+                f"probe {probe.__qualname__} is defined in the script being run; define it in its own module "
+                "(e.g. probes.py): each replay process loads the probe's file, and loading this script would run it"
+            )
         if "<locals>" in probe.__qualname__:
             raise ConfigError(f"probe {probe.__qualname__} is defined inside a function; define it at module level")
         try:
@@ -383,8 +393,13 @@ def _run(job: _Job, tree: Path, merge: str, reason: str) -> VersionReplay:
     # as `python <script>` from a shell: a seed set in this process (seed_everything) must not leak in
     for var in ("FLOR_REPLAY_ID", "PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
         env.pop(var, None)
-    with log.open("w") as out:
-        done = subprocess.run(cmd, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT, check=False)
+    try:
+        with log.open("w") as out:
+            done = subprocess.run(
+                cmd, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT, check=False, timeout=job.timeout
+            )
+    except subprocess.TimeoutExpired:  # subprocess.run has killed it
+        return VersionReplay(run_id, "failed", merge, f"timed out after {job.timeout}s and was killed", log=str(log))
     if done.returncode != 0 or not report_file.exists():
         return VersionReplay(run_id, "failed", merge, _last_error(log, done.returncode), log=str(log))
     report = json.loads(report_file.read_text())

@@ -237,6 +237,16 @@ def test_a_failing_version_is_reported_with_its_log(recorded, project_env, tmp_p
     assert f"log of {v2}" in flor.format_report([result])
 
 
+@pytest.mark.integration
+def test_a_replay_past_its_timeout_is_killed_and_reported(recorded, project_env):
+    root, (_, v2, _) = project_env, recorded["runs"]
+
+    [result] = flor.replay_runs(runs=[v2], timeout=0.5, echo=lambda _: None)
+
+    assert (result.status, result.reason) == ("failed", "timed out after 0.5s and was killed")
+    assert len(_worktrees(root)) == 1
+
+
 SCALED = """
 import lightning as L
 import torch
@@ -335,6 +345,8 @@ def test_bad_arguments_are_refused_before_anything_runs(project):
         flor.replay_runs(probe="p.py:NotACallback")
     with pytest.raises(ConfigError, match="share paths are relative"):
         flor.replay_runs(share=["/abs"])
+    with pytest.raises(ConfigError, match="timeout must be"):
+        flor.replay_runs(timeout=0)
 
 
 def test_runs_that_cannot_be_replayed_say_why(project):
@@ -362,6 +374,9 @@ def test_a_probe_class_is_referenced_by_its_file_and_name():
 
     with pytest.raises(ConfigError, match="define it at module level"):
         multiversion.probe_reference(Local)
+    in_script = type("InScript", (Callback,), {"__module__": "__main__"})
+    with pytest.raises(ConfigError, match="define it in its own module"):
+        multiversion.probe_reference(in_script)
 
 
 def test_a_probe_hooking_the_training_path_asks_for_retraining():
