@@ -146,6 +146,9 @@ def replay_runs(
     loc = locate()
     if not loc.in_git:
         raise ConfigError(f"{loc.root} is not in a git repository; run from the project that recorded the runs")
+    missing = [p for p in share if not (loc.root / p).exists()]
+    if missing:
+        raise ConfigError(f"share paths {missing} do not exist under {loc.root}; share existing files or folders")
     db_path = store_path(db).resolve()
     table = run_frame(db_path)
     with closing(store.connect(db_path)) as conn:
@@ -155,10 +158,10 @@ def replay_runs(
         run_id: _unfit(rows[run_id], run_id in with_ckpt, status)
         for run_id, status in zip(table["run_id"], table["status"], strict=True)
     }
+    bases = {} if base is not None else _bases(table)
     if runs is None:  # choose among the runs that can be replayed; named runs that cannot are reported
         table = table[[problems[r] is None for r in table["run_id"]]]
     chosen = select_runs(table, where, runs)
-    bases = {} if base is not None else _bases(table)
     edits: dict[str, merging.Edits] = {}
     results: dict[str, VersionReplay] = {}
     jobs = []
@@ -371,8 +374,6 @@ def _in_worktree(job: _Job) -> VersionReplay:
 
 
 def _link(source: Path, target: Path) -> None:
-    if not source.exists():
-        raise ConfigError(f"share path {str(source)!r} does not exist")
     if target.exists() or target.is_symlink():
         return  # the version has its own
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -347,6 +347,8 @@ def test_bad_arguments_are_refused_before_anything_runs(project):
         flor.replay_runs(share=["/abs"])
     with pytest.raises(ConfigError, match="timeout must be"):
         flor.replay_runs(timeout=0)
+    with pytest.raises(ConfigError, match=r"share paths \['data'\] do not exist"):
+        flor.replay_runs(share=["data"])
 
 
 def test_runs_that_cannot_be_replayed_say_why(project):
