@@ -143,7 +143,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
         emit(wide, args.format, args.out)
         return 0
     shown = wide[["run_id", "started", "status", "script", "commit"]].copy()
-    shown["hparams"] = _pairs(wide, list(hparams.columns)[:_SHOWN_HPARAMS])
+    # the hparams that tell the runs apart come first; the rest of the `_SHOWN_HPARAMS` in their order
+    varying = sorted(hparams.columns, key=lambda c: wide[c].astype(str).nunique() <= 1)
+    shown["hparams"] = _pairs(wide, varying[:_SHOWN_HPARAMS])
     metric_cols = sorted(finals.columns, key=lambda c: (not c.startswith(("val", "final.val")), c))
     shown["final metrics"] = _pairs(wide, metric_cols[:_SHOWN_METRICS])
     emit(shown, "table", args.out)

@@ -160,7 +160,7 @@ def test_runs_table_as_a_process(recorded: tuple[Path, str, str]) -> None:
     assert [line.split()[0] for line in lines] == [run_a, run_b]  # oldest first
     shadow = flor.runs().set_index("run_id").loc[run_a, "shadow_commit"]
     assert shadow[:8] in lines[0] and "finished" in lines[0] and "train.py" in lines[0]
-    assert "lr=0.01" in lines[0] and "lr=0.001" in lines[1]
+    assert "  lr=0.01 hidden=32" in lines[0] and "  lr=0.001 hidden=32" in lines[1]  # what differs comes first
     final_acc = flor.query("val_acc", run=run_a)["val_acc"].dropna().iloc[-1]
     assert f"val_acc={final_acc:.4g}" in lines[0]
 
