@@ -144,6 +144,9 @@ def _skipped(name: str, plan: _Plan) -> Callable[..., Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Replay run ``--run`` by running the script; 0 when it replayed, 3 when the script never called fit."""
     args, script = parse(sys.argv[1:] if argv is None else argv)
+    path = Path(script[0]).resolve()
+    sys.argv = [str(path), *script[1:]]
+    sys.path[0] = str(path.parent)  # as `python script.py` has it; the probe's imports resolve there too
     probe = None
     if args.probe:
         file, _, qualname = args.probe.rpartition(":")
@@ -153,9 +156,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     pl.Trainer.fit = _replaying_fit(plan, pl.Trainer.fit)  # type: ignore[method-assign]
     for name in ("validate", "test", "predict"):
         setattr(pl.Trainer, name, _skipped(name, plan))
-    path = Path(script[0]).resolve()
-    sys.argv = [str(path), *script[1:]]
-    sys.path[0] = str(path.parent)
     runpy.run_path(str(path), run_name="__main__")
     if not plan.done:
         print(f"flor: error: {path.name} finished without calling Trainer.fit, so run {args.run} was not replayed")

@@ -49,17 +49,19 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--lr", type=float, required=True)
 args = parser.parse_args()
 L.seed_everything(0)
-trainer = flor.Trainer(**trainer_kwargs(max_epochs=2))
+recorder = flor.FlorCallback()
+trainer = {trainer}(callbacks=[recorder], **trainer_kwargs(max_epochs=2))
 trainer.fit(Version(args.lr), datamodule=DigitsData())
-print("RUN", trainer.flor.run_id)
+print("RUN", recorder.run_id)
 """
 VAL_LOSS = 'self.log("val_loss", F.cross_entropy(logits, y))'
-# (hidden units, the val_loss line, learning rate) of the three recorded versions; the first
-# changed the very line the new metric is added below, so merging the new metric conflicts there.
+# (hidden units, the val_loss line, learning rate, Trainer) of the three recorded versions: the
+# first changed the very line the new metric is added below, so merging the new metric conflicts
+# there; the second records with a plain Lightning Trainer and a FlorCallback.
 VERSIONS = [
-    (16, 'self.log("val_loss", F.cross_entropy(logits, y), prog_bar=True)', 0.05),
-    (24, VAL_LOSS, 0.01),
-    (32, VAL_LOSS, 0.005),
+    (16, 'self.log("val_loss", F.cross_entropy(logits, y), prog_bar=True)', 0.05, "flor.Trainer"),
+    (24, VAL_LOSS, 0.01, "L.Trainer"),
+    (32, VAL_LOSS, 0.005, "flor.Trainer"),
 ]
 NEW_METRIC = VAL_LOSS + '\n        self.log("val_conf", logits.softmax(1).max(1).values.mean())'
 
@@ -73,8 +75,8 @@ class WeightNorm(Callback):
 """
 
 
-def _script(hidden: int, val_loss: str) -> str:
-    return SCRIPT.format(hidden=hidden, val_loss=val_loss)
+def _script(hidden: int, val_loss: str, trainer: str) -> str:
+    return SCRIPT.format(hidden=hidden, val_loss=val_loss, trainer=trainer)
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +105,8 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     (root / ".gitignore").write_text("__pycache__/\nlightning_logs/\n")
     (root / "probes.py").write_text(PROBE.format(name="old_probe"))  # same module and class name as today's
     run_ids = []
-    for i, (hidden, val_loss, lr) in enumerate(VERSIONS):
-        (root / "train.py").write_text(_script(hidden, val_loss))
+    for i, (hidden, val_loss, lr, trainer) in enumerate(VERSIONS):
+        (root / "train.py").write_text(_script(hidden, val_loss, trainer))
         sh("git", "add", ".")
         sh("git", "commit", "-q", "-m", f"version {i + 1}")
         out = sh(sys.executable, "train.py", "--lr", str(lr))
