@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import socket
 import sqlite3
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,50 +223,83 @@ class _Cells:
     text: np.ndarray | None  # object array of text values (None elsewhere); None when no value is text
 
 
+_ROWS_PER_READER = 250_000  # a store smaller than this is read by one reader
+
+
 def _cells(db_path: Path, names: list[str], run_ids: list[str] | None, run_order: list[str]) -> _Cells:
     """Read what the pivot needs: six columns through ADBC, then integer codes computed in Arrow.
 
-    Text is rare, so it is read by a second query, in the same read transaction, only when there
-    is some; both queries list values in write order, so the n-th text is the n-th text value.
+    A big store is read by one reader per CPU (up to 4), each over its own range of rows in its
+    own read-only connection; ADBC fills Arrow columns without holding the GIL, so they overlap.
     """
     clauses, params = _filters(names, run_ids)
-    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-    sql = f"SELECT run_id, epoch, step, name, ifnull(value, 0.0) AS value, {_FLAGS} AS flags FROM logs {where}"
-    with adbc_sqlite.connect(f"file:{db_path}?mode=ro") as conn, conn.cursor() as cur:
-        cur.execute(f"{sql} ORDER BY rowid", params)
-        table = cur.fetch_arrow_table()
-        flags = np.asarray(table["flags"]) if table.num_rows else np.zeros(0, dtype=np.int64)
-        is_text = flags % 4 == 2
-        texts = None
-        if is_text.any():
-            text_where = " AND ".join([*clauses, "value IS NULL", "ifnull(text, '') != 'nan'"])
-            cur.execute(f"SELECT text FROM logs WHERE {text_where} ORDER BY rowid", params)
-            texts = cur.fetch_arrow_table()["text"].to_numpy(zero_copy_only=False)
-    if texts is not None and len(texts) != is_text.sum():
-        raise StoreError("the log store changed while it was read; query again")
-    text = None
-    if texts is not None:
-        text = np.full(len(flags), None, dtype=object)
-        text[is_text] = texts
-    value = np.asarray(table["value"], dtype=np.float64) if table.num_rows else np.zeros(0)
-    value = np.where(flags % 4 == 0, value, np.nan)
-    all_names = sorted(pc.unique(table["name"]).to_pylist()) if table.num_rows else []
+    readers, first, last = 1, 0, 0
+    if not run_ids:  # with a run filter the run index finds the rows: one reader
+        with closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as conn:
+            # two queries: sqlite finds a lone min() or max() of rowid at once, both together by a scan
+            first = conn.execute("SELECT min(rowid) FROM logs").fetchone()[0] or 0
+            last = conn.execute("SELECT max(rowid) FROM logs").fetchone()[0] or 0
+        readers = max(1, min(os.cpu_count() or 1, 4, (last - first + 1) // _ROWS_PER_READER))
+    bounds = np.linspace(first, last + 1, readers + 1).astype(np.int64)
+    spans: list[tuple[int, int] | None] = [(int(lo), int(hi) - 1) for lo, hi in itertools.pairwise(bounds)]
+    if readers == 1:
+        spans = [None]
+    with ThreadPoolExecutor(readers) as pool:
+        parts = [p for p in pool.map(lambda span: _read_span(db_path, clauses, params, span), spans) if p[0].num_rows]
+    if not parts:
+        none = np.zeros(0, dtype=np.int64)
+        return _Cells(none, none, none, none, [], np.zeros(0), np.zeros(0, dtype=bool), None)
+    table = pa.concat_tables([t for t, _ in parts])
+    text = None if all(t is None for _, t in parts) else np.concatenate([_texts(t, len(p)) for p, t in parts])
+    flags = np.asarray(table["flags"])
+    all_names = sorted(pc.unique(table["name"]).to_pylist())
     return _Cells(
         run=_codes(table, "run_id", run_order),
-        epoch=np.asarray(table["epoch"], dtype=np.int64) if table.num_rows else np.zeros(0, dtype=np.int64),
-        step=np.asarray(table["step"], dtype=np.int64) if table.num_rows else np.zeros(0, dtype=np.int64),
+        epoch=np.asarray(table["epoch"], dtype=np.int64),
+        step=np.asarray(table["step"], dtype=np.int64),
         name=_codes(table, "name", all_names),
         names=all_names,
-        value=value,
+        value=np.where(flags % 4 == 0, np.asarray(table["value"], dtype=np.float64), np.nan),
         replayed=flags >= 4,
         text=text,
     )
 
 
+def _texts(text: np.ndarray | None, n: int) -> np.ndarray:
+    return text if text is not None else np.full(n, None, dtype=object)
+
+
+def _read_span(
+    db_path: Path, clauses: list[str], params: list[str], span: tuple[int, int] | None
+) -> tuple[pa.Table, np.ndarray | None]:
+    """The values with rowid in ``span`` (inclusive; None: all), in write order, and their text (None
+    when none is text).
+
+    Text is rare, so it is read by a second query, in the same read transaction, only when there
+    is some; both queries list values in write order, so the n-th text is the n-th text value.
+    """
+    conditions = [*clauses, "rowid BETWEEN ? AND ?"] if span else clauses
+    args = [*params, *span] if span else params
+    sql = f"SELECT run_id, epoch, step, name, ifnull(value, 0.0) AS value, {_FLAGS} AS flags FROM logs"
+    where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+    with adbc_sqlite.connect(f"file:{db_path}?mode=ro") as conn, conn.cursor() as cur:
+        cur.execute(f"{sql} {where} ORDER BY rowid", args)
+        table = cur.fetch_arrow_table()
+        is_text = np.asarray(table["flags"]) % 4 == 2 if table.num_rows else np.zeros(0, dtype=bool)
+        if not is_text.any():
+            return table, None
+        text_where = " AND ".join([*conditions, "value IS NULL", "ifnull(text, '') != 'nan'"])
+        cur.execute(f"SELECT text FROM logs WHERE {text_where} ORDER BY rowid", args)
+        texts = cur.fetch_arrow_table()["text"].to_numpy(zero_copy_only=False)
+    if len(texts) != is_text.sum():
+        raise StoreError("the log store changed while it was read; query again")
+    text = np.full(len(is_text), None, dtype=object)
+    text[is_text] = texts
+    return table, text
+
+
 def _codes(table: pa.Table, column: str, labels: list[str]) -> np.ndarray:
     """Each value's position in ``labels`` (-1 where absent), computed in Arrow: no Python object per value."""
-    if table.num_rows == 0:
-        return np.zeros(0, dtype=np.int64)
     at = pc.index_in(table[column], value_set=pa.array(labels, pa.string()))
     return np.asarray(pc.fill_null(at, -1), dtype=np.int64)
 

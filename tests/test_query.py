@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import random
@@ -18,6 +19,7 @@ import pytest
 import flor_lightning as flor
 from flor_lightning import ConfigError, StoreError, store
 
+flor_query = importlib.import_module("flor_lightning.query")  # flor_lightning.query is the function
 RUN_A, RUN_B = "20260101-000000-aaaaaa", "20260102-000000-bbbbbb"
 RUN_LEVEL = ["run_id", "started", "status", "script", "shadow_commit"]
 
@@ -278,9 +280,13 @@ def reference_pivot(rec: pd.DataFrame, replayed: bool) -> pd.DataFrame:
     return pd.DataFrame([{"run_id": k[0], "epoch": k[1], "step": k[2], **v} for k, v in out.items()])
 
 
-@pytest.mark.parametrize("replayed", [False, True])
-def test_pivot_agrees_with_a_plain_reference_on_a_messy_store(project: Path, replayed: bool) -> None:
-    """Duplicates, replays of recorded and new names, text, NaN and a run the filter leaves out."""
+@pytest.mark.parametrize(("replayed", "rows_per_reader"), [(False, 250_000), (True, 250_000), (True, 100)])
+def test_pivot_agrees_with_a_plain_reference_on_a_messy_store(
+    project: Path, monkeypatch: pytest.MonkeyPatch, replayed: bool, rows_per_reader: int
+) -> None:
+    """Duplicates, replays of recorded and new names, text, NaN and a run the filter leaves out;
+    read by one reader, or by several over ranges of rows (as a big store is)."""
+    monkeypatch.setattr(flor_query, "_ROWS_PER_READER", rows_per_reader)
     rng = random.Random(7)
     path = project / ".flor" / "flor.db"
     conn = store.connect(path)
