@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import socket
@@ -14,7 +15,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning
 import torch
@@ -37,6 +38,45 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _warned_no_git = False
+
+
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class RecordStats:
+    """What recording has cost so far; :attr:`FlorCallback.stats` stays readable after ``fit``.
+
+    Attributes:
+        checkpoints_written: checkpoint files written and renamed into place.
+        checkpoint_bytes: their total size.
+        writer_cpu_seconds: CPU time of the background checkpoint writer (all writes, failed ones too).
+        blocked_seconds: training-thread time spent waiting for an earlier write to finish.
+        snapshot_seconds: training-thread time spent copying the state to checkpoint.
+        checkpoint_every: the checkpoint period in force (with ``"auto"``, the latest one chosen).
+    """
+
+    checkpoints_written: int = 0
+    checkpoint_bytes: int = 0
+    writer_cpu_seconds: float = 0.0
+    blocked_seconds: float = 0.0
+    snapshot_seconds: float = 0.0
+    checkpoint_every: int = 1
+
+
+def auto_checkpoint_period(cost_seconds: float, epoch_seconds: float, budget: float) -> int:
+    """The checkpoint period, in epochs, that keeps checkpointing's CPU under ``budget`` of training.
+
+    ``cost_seconds`` is the CPU one checkpoint takes (the snapshot on the training thread plus the
+    background write), ``epoch_seconds`` an epoch's wall time and ``budget`` a fraction of it.
+
+    Example:
+        >>> auto_checkpoint_period(0.2, 2.0, 0.02)  # 0.2 s per checkpoint, 0.04 s allowed per epoch
+        5
+    """
+    if epoch_seconds <= 0 or budget <= 0:
+        return 1
+    return max(1, math.ceil(cost_seconds / (budget * epoch_seconds) - 1e-9))
 
 
 def new_run_id(now: float) -> str:
@@ -65,12 +105,21 @@ class FlorCallback(Callback):
     state is checkpointed in the background after every ``checkpoint_every``-th epoch (and
     the last one); the code is committed to the ``flor.shadow`` branch.
 
+    With ``checkpoint_every="auto"`` the period adapts so that checkpointing's CPU time (the
+    snapshot plus the background write, measured on the latest checkpoint) stays under
+    ``checkpoint_budget`` of the epoch time: the initial state, the first and the last epoch are
+    always checkpointed, then every ``ceil(cost / (budget x epoch time))``-th epoch. Replay
+    re-trains forward from the nearest earlier checkpoint where one is missing.
+
     The checkpoint of epoch ``e`` is the state once epoch ``e`` is entirely done (its
     validation, epoch-end hooks and scheduler step included): it is taken as epoch ``e + 1``
     starts, or as training ends. Checkpoint ``-1`` is the state before the first epoch.
 
     Args:
-        checkpoint_every: checkpoint every this many epochs (the final epoch always is).
+        checkpoint_every: checkpoint every this many epochs (the final epoch always is), or
+            ``"auto"``: as often as ``checkpoint_budget`` allows.
+        checkpoint_budget: with ``checkpoint_every="auto"``, the share of epoch time that
+            checkpointing may take in CPU time (default 0.02: 2%).
         checkpoint_dir: checkpoint root, a local path or fsspec URL; default
             ``$FLOR_HOME/<project>`` or ``~/.flor/<project>``.
         max_file_bytes: files larger than this stay out of the code snapshot.
@@ -85,14 +134,21 @@ class FlorCallback(Callback):
     def __init__(
         self,
         *,
-        checkpoint_every: int = 1,
+        checkpoint_every: int | Literal["auto"] = 1,
+        checkpoint_budget: float = 0.02,
         checkpoint_dir: str | None = None,
         max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
         flush_interval: float = 1.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool) or checkpoint_every < 1:
-            raise ConfigError(f"checkpoint_every must be a whole number >= 1, got {checkpoint_every!r}")
+        if checkpoint_every != AUTO and (
+            not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool) or checkpoint_every < 1
+        ):
+            raise ConfigError(f"checkpoint_every must be a whole number >= 1 or 'auto', got {checkpoint_every!r}")
+        if not isinstance(checkpoint_budget, (int, float)) or not 0 < checkpoint_budget <= 1:
+            raise ConfigError(
+                f"checkpoint_budget must be a fraction of epoch time in (0, 1], e.g. 0.02; got {checkpoint_budget!r}"
+            )
         if flush_interval <= 0:
             raise ConfigError(f"flush_interval must be > 0 seconds, got {flush_interval!r}")
         if checkpoint_dir is not None and "://" in checkpoint_dir:
@@ -102,6 +158,7 @@ class FlorCallback(Callback):
                 f"checkpoint_dir {checkpoint_dir!r}: its parent folder does not exist; create it or choose another"
             )
         self.checkpoint_every = checkpoint_every
+        self.checkpoint_budget = float(checkpoint_budget)
         self.checkpoint_dir = checkpoint_dir
         self.max_file_bytes = max_file_bytes
         self.flush_interval = flush_interval
@@ -118,6 +175,12 @@ class FlorCallback(Callback):
         self._owns_run_until: str | None = None  # "fit" or "stage" while this callback's run is open
         self._resume_from: tuple[str, int] | None = None
         self._checkpoint_epochs: set[int] = set()
+        self._period = 1 if checkpoint_every == AUTO else int(checkpoint_every)
+        self._previous_epoch_start: float | None = None
+        self._epoch_seconds = 0.0
+        self._checkpoints: CheckpointStore | None = None  # the latest run's, kept after it closes for stats
+        self._snapshot_seconds = 0.0
+        self._last_snapshot_seconds = 0.0
 
     # ---- session life cycle -------------------------------------------------------------
 
@@ -139,6 +202,7 @@ class FlorCallback(Callback):
     def _open(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, fitting: bool) -> _Session:
         self.location = loc = locate()
         self._checkpoint_epochs = set()
+        self._previous_epoch_start = None
         ignore_flor_folder(loc.db_path.parent)
         checkpoints = None
         run_id = self.run_id
@@ -172,6 +236,8 @@ class FlorCallback(Callback):
                 raise
             self._owns_run_until = "fit" if fitting else "stage"
         self.run_id = run_id
+        if checkpoints is not None:
+            self._checkpoints, self._snapshot_seconds = checkpoints, 0.0
         writer = store.LogWriter(lambda: store.connect(loc.db_path), interval=self.flush_interval)
         self.capture.start(writer, run_id, self.replay_id)
         return _Session(run_id, self.replay_id, conn, writer, checkpoints)
@@ -320,11 +386,28 @@ class FlorCallback(Callback):
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.capture.batches_ended()
+        now = self._clock()
+        if self._previous_epoch_start is not None:
+            self._epoch_seconds = now - self._previous_epoch_start
+        self._previous_epoch_start = now
         # Epoch 0 too: checkpoint -1 is the initial state, from which replay can re-train epoch 0.
-        if trainer.current_epoch % self.checkpoint_every == 0 and not self._checkpointed(trainer.current_epoch - 1):
+        done = trainer.current_epoch - 1
+        if self._due(done) and not self._checkpointed(done):
             self._checkpoint(trainer)
         self._epoch_started = self._clock()
         self._val_seconds = 0.0
+
+    def _due(self, epoch: int) -> bool:
+        """Whether the state at the end of ``epoch`` is to be checkpointed now (the last epoch always is)."""
+        if self.checkpoint_every != AUTO:
+            return (epoch + 1) % self._period == 0
+        session = self._session
+        cost = session.checkpoints.last_write_cpu_seconds if session and session.checkpoints else None
+        if cost is not None and self._epoch_seconds > 0:
+            cost += self._last_snapshot_seconds
+            self._period = auto_checkpoint_period(cost, self._epoch_seconds, self.checkpoint_budget)
+        last = max(self._checkpoint_epochs, default=None)
+        return epoch <= 0 or last is None or epoch - last >= self._period
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -422,7 +505,11 @@ class FlorCallback(Callback):
                 )
 
         try:
-            session.checkpoints.save(snapshot(state), session.run_id, epoch, step, index)
+            start = time.perf_counter()
+            copy = snapshot(state)
+            self._last_snapshot_seconds = time.perf_counter() - start
+            self._snapshot_seconds += self._last_snapshot_seconds
+            session.checkpoints.save(copy, session.run_id, epoch, step, index)
         except CheckpointError as err:
             # Training goes on: a full or read-only checkpoint store must not cost the user the run.
             # The failed file never reached its final name nor the index, so the store stays
@@ -431,9 +518,23 @@ class FlorCallback(Callback):
 
     @property
     def blocked_seconds(self) -> float:
-        """Training-thread seconds spent waiting for an earlier checkpoint write (for benchmarks)."""
-        s = self._session
-        return s.checkpoints.blocked_seconds if s and s.checkpoints else 0.0
+        """Training-thread seconds spent waiting for an earlier checkpoint write (also in :attr:`stats`)."""
+        return self.stats.blocked_seconds
+
+    @property
+    def stats(self) -> RecordStats:
+        """What recording the latest fit cost so far; still readable once the fit has ended."""
+        c = self._checkpoints
+        if c is None:
+            return RecordStats(checkpoint_every=self._period)
+        return RecordStats(
+            checkpoints_written=c.written,
+            checkpoint_bytes=c.bytes_written,
+            writer_cpu_seconds=c.writer_cpu_seconds,
+            blocked_seconds=c.blocked_seconds,
+            snapshot_seconds=self._snapshot_seconds,
+            checkpoint_every=self._period,
+        )
 
 
 def _relative(path: Path, root: Path) -> str:

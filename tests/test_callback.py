@@ -16,6 +16,7 @@ from models import TEST_BATCHES, TRAIN_BATCHES, VAL_BATCHES, DigitsClassifier, D
 
 import flor_lightning as flor
 from flor_lightning import ConfigError, FlorCallback
+from flor_lightning.callback import RecordStats, auto_checkpoint_period
 from flor_lightning.shadow import SHADOW_BRANCH
 
 EPOCHS = 3
@@ -272,6 +273,23 @@ def test_checkpoint_every_must_be_a_positive_whole_number(every: object) -> None
         FlorCallback(checkpoint_every=every)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("budget", [0, -0.1, 1.5, "2%", None])
+def test_checkpoint_budget_must_be_a_fraction(budget: object) -> None:
+    with pytest.raises(ConfigError, match="checkpoint_budget"):
+        FlorCallback(checkpoint_every="auto", checkpoint_budget=budget)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("cost", "epoch", "budget", "period"),
+    [(0.2, 2.0, 0.02, 5), (0.2, 2.0, 0.1, 1), (0.21, 2.0, 0.1, 2), (0.0, 2.0, 0.02, 1), (1.0, 0.0, 0.02, 1)],
+)
+def test_auto_checkpoint_period_keeps_cost_under_budget(cost: float, epoch: float, budget: float, period: int) -> None:
+    assert auto_checkpoint_period(cost, epoch, budget) == period
+    if epoch > 0 and cost > 0:  # the period chosen spends at most the budget, one period fewer would not
+        assert cost / period <= budget * epoch + 1e-12
+        assert period == 1 or cost / (period - 1) > budget * epoch
+
+
 def test_flush_interval_must_be_positive() -> None:
     with pytest.raises(ConfigError, match="flush_interval"):
         FlorCallback(flush_interval=0)
@@ -416,3 +434,38 @@ def test_a_checkpoint_store_that_fails_mid_run_does_not_stop_training(project: P
     assert [c["epoch"] for c in indexed] == [-1, 0]
     moved = next(flor_home.rglob("moved"))
     assert sorted(p.name for p in moved.iterdir()) == ["epoch=00000.ckpt", "initial.ckpt"]
+
+
+# ---- what recording costs, and the adaptive checkpoint period -------------------------------------
+
+
+@pytest.mark.integration
+def test_stats_count_the_checkpoints_and_stay_readable_after_fit(project: Path) -> None:
+    callback = FlorCallback()
+    assert callback.stats == RecordStats()
+
+    fit(callbacks=[callback])
+
+    indexed = rows(project / ".flor" / "flor.db", "SELECT size FROM checkpoints")
+    stats = callback.stats  # the run is closed by now
+    assert stats.checkpoints_written == len(indexed) == EPOCHS + 1
+    assert stats.checkpoint_bytes == sum(r["size"] for r in indexed)
+    assert stats.writer_cpu_seconds > 0
+    assert stats.snapshot_seconds > 0
+    assert stats.blocked_seconds >= 0
+    assert callback.blocked_seconds == stats.blocked_seconds
+    assert stats.checkpoint_every == 1
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("budget", "expected"), [(1e-9, [-1, 0, 4]), (1.0, [-1, 0, 1, 2, 3, 4])])
+def test_auto_checkpoint_period_follows_the_budget(project: Path, budget: float, expected: list[int]) -> None:
+    """A tiny budget leaves only the initial, first and last checkpoints; a whole epoch's allows all."""
+    callback = FlorCallback(checkpoint_every="auto", checkpoint_budget=budget)
+
+    fit(callbacks=[callback], max_epochs=5)
+
+    indexed = rows(project / ".flor" / "flor.db", "SELECT epoch FROM checkpoints ORDER BY epoch")
+    assert [r["epoch"] for r in indexed] == expected
+    assert (callback.stats.checkpoint_every > 4) == (budget < 1)
+    assert the_run()["status"] == "finished"

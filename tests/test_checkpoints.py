@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import os
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +21,7 @@ from torch.nn import functional as F
 
 import flor_lightning as flor
 from flor_lightning import rng
-from flor_lightning.checkpoints import CheckpointInfo, CheckpointStore, snapshot
+from flor_lightning.checkpoints import WRITER_NICENESS, CheckpointInfo, CheckpointStore, snapshot
 from flor_lightning.errors import CheckpointError, ConfigError
 
 
@@ -64,6 +66,25 @@ def test_save_then_load_round_trips_as_data(ckpts: CheckpointStore) -> None:
     assert loaded["optimizer_states"][0]["param_groups"] == state["optimizer_states"][0]["param_groups"]
     assert loaded["optimizer_states"][0]["state"][0]["step"].item() == 4.0
     assert (loaded["epoch"], loaded["name"], loaded["flags"]) == (3, "run", (True, None, b"raw"))
+
+
+def test_writer_counts_what_it_wrote(ckpts: CheckpointStore) -> None:
+    first, second = save(ckpts, sample_state(), epoch=0), save(ckpts, sample_state(), epoch=1)
+
+    assert ckpts.written == 2
+    assert ckpts.bytes_written == first.size + second.size
+    assert ckpts.last_write_cpu_seconds is not None
+    assert 0 < ckpts.last_write_cpu_seconds <= ckpts.writer_cpu_seconds
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+def test_writer_thread_runs_at_the_lowest_priority_and_training_does_not(ckpts: CheckpointStore) -> None:
+    seen: list[int] = []
+    ckpts.save(snapshot(sample_state()), "run-a", 0, 0, lambda info: seen.append(os.getpriority(os.PRIO_PROCESS, 0)))
+    ckpts.wait()
+
+    assert seen == [WRITER_NICENESS]  # on_done runs on the writer thread
+    assert os.getpriority(os.PRIO_PROCESS, 0) < WRITER_NICENESS  # the caller keeps its own
 
 
 def test_recorded_checksum_and_size_are_those_of_the_file(ckpts: CheckpointStore) -> None:

@@ -203,3 +203,18 @@ def test_replay_before_any_recording(project):
     (project / "model.py").write_text(MODEL_SOURCE)
     with pytest.raises(ReplayError, match="nothing to replay"):
         replay(load_module(project))
+
+
+def test_a_run_recorded_with_an_adaptive_period_replays_exactly(project):
+    """checkpoint_every="auto" on a tiny budget keeps only -1, 0 and the last: replay trains across the gap."""
+    (project / "model.py").write_text(MODEL_SOURCE)
+    m = load_module(project)
+    L.seed_everything(7)
+    auto = flor.FlorCallback(checkpoint_every="auto", checkpoint_budget=1e-9)
+    trainer = flor.Trainer(**trainer_kwargs(max_epochs=4, callbacks=[auto]))
+    trainer.fit(m.DigitsClassifier(), datamodule=m.DigitsData())
+    epochs = [r["epoch"] for r in rows(project / ".flor" / "flor.db", "SELECT epoch FROM checkpoints ORDER BY epoch")]
+    assert epochs == [-1, 0, 3]
+    report = replay(edit(project, *VAL_F1), max_epochs=4)
+    assert report.epochs_restored == [0, 3] and report.epochs_trained == [1, 2]
+    assert report.mismatched == 0 and report.matched == report.rederived > 0
