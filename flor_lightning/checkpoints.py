@@ -7,11 +7,11 @@ serializes it straight into the destination file under a temporary name while ha
 bytes, makes it durable, renames it into place and only then reports it (path, sha256, size).
 A reader therefore never sees half a file, and the index never names a file that is not there.
 
-The writer competes with training for the CPU, so it keeps its cost down: on Linux it runs at
-the lowest priority (niceness is per thread there), so it takes the CPU time training leaves
-idle rather than slowing training's own threads, and once a local file is durable its pages
-are dropped from the page cache (a checkpoint is read again only by a replay), sparing the
-kernel the memory pressure of hundreds of MB written per epoch.
+The writer competes with training for the CPU and memory, so once a local file is durable its
+pages are dropped from the page cache (a checkpoint is read again only by a replay), sparing the
+kernel the memory pressure of hundreds of MB written per epoch. It runs at normal priority: at
+the lowest (nice 19) it was starved on a busy machine while it held the log store's write lock,
+and a recording then failed with "database is locked" after sqlite's 30 s wait.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import hashlib
 import io
 import logging
 import os
-import sys
 import threading
 import time
 import uuid
@@ -37,8 +36,6 @@ from fsspec import AbstractFileSystem
 from flor_lightning.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
-
-WRITER_NICENESS = 19  # the checkpoint writer's niceness on Linux: it yields to training
 
 _LEAVES = (int, float, bool, str, type(None), bytes)
 # Subclasses of the leaf types (numpy.float64, IntEnum, str mixins) pickle as their own class,
@@ -207,7 +204,6 @@ class CheckpointStore:
             ) from err
 
     def _write(self, state: Any, run_id: str, epoch: int, step: int, on_done: Callable[[CheckpointInfo], None]) -> None:
-        _lower_priority()
         cpu = time.thread_time()
         start = self._clock()
         final = self.path(run_id, epoch)
@@ -271,13 +267,6 @@ def _drop_from_page_cache(f: Any) -> None:
     if hasattr(os, "posix_fadvise"):
         with contextlib.suppress(AttributeError, OSError, io.UnsupportedOperation):  # not a local file
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-
-
-def _lower_priority() -> None:
-    """Give the calling thread the lowest CPU priority; on Linux this affects that thread only."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError):  # a sandbox may refuse it: the writer then runs at normal priority
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
 
 
 def _fsync_dir(fs: AbstractFileSystem, path: str) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import os
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +19,7 @@ from torch.nn import functional as F
 
 import flor_lightning as flor
 from flor_lightning import rng
-from flor_lightning.checkpoints import WRITER_NICENESS, CheckpointInfo, CheckpointStore, snapshot
+from flor_lightning.checkpoints import CheckpointInfo, CheckpointStore, snapshot
 from flor_lightning.errors import CheckpointError, ConfigError
 
 
@@ -75,16 +73,6 @@ def test_writer_counts_what_it_wrote(ckpts: CheckpointStore) -> None:
     assert ckpts.bytes_written == first.size + second.size
     assert ckpts.last_write_cpu_seconds is not None
     assert 0 < ckpts.last_write_cpu_seconds <= ckpts.writer_cpu_seconds
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
-def test_writer_thread_runs_at_the_lowest_priority_and_training_does_not(ckpts: CheckpointStore) -> None:
-    seen: list[int] = []
-    ckpts.save(snapshot(sample_state()), "run-a", 0, 0, lambda info: seen.append(os.getpriority(os.PRIO_PROCESS, 0)))
-    ckpts.wait()
-
-    assert seen == [WRITER_NICENESS]  # on_done runs on the writer thread
-    assert os.getpriority(os.PRIO_PROCESS, 0) < WRITER_NICENESS  # the caller keeps its own
 
 
 def test_recorded_checksum_and_size_are_those_of_the_file(ckpts: CheckpointStore) -> None:
