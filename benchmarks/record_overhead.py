@@ -595,21 +595,36 @@ def _round_ratios(ov: dict[str, dict[str, Any]], peer: str) -> list[float]:
     return [f / p for f, p in zip(ov["flor"]["rounds"], ov[peer]["rounds"], strict=True) if p > 0]
 
 
+def _quiet_rounds(fits: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """The fits of the rounds in which no fit was disturbed by other work, and the number of rounds.
+
+    A round's variants are compared with its own plain fit; a round where other processes kept more
+    than ``OTHER_LOAD_LIMIT`` CPUs busy during any fit measures them, not the variants.
+    """
+    rounds = sorted({r["repeat"] for r in fits})
+    noisy = {r["repeat"] for r in fits if r["other_load"] > OTHER_LOAD_LIMIT}
+    return [r for r in fits if r["repeat"] not in noisy], len(rounds)
+
+
 def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows this benchmark adds to RESULTS.md: W1's targets and comparisons."""
     skipped = {r["variant"]: r["skipped"] for r in results if "skipped" in r}
-    ov = _overheads([r for r in results if "skipped" not in r])
+    fits = [r for r in results if "skipped" not in r]
+    quiet, n_rounds = _quiet_rounds(fits)
+    ov = _overheads(quiet or fits)
     if not {"plain", "flor"} <= ov.keys():
         return []
     flor_ovh = ov["flor"]["overhead"]
     rounds = ov["flor"]["rounds"]
-    rows = [
+    n_quiet = len({r["repeat"] for r in quiet})
+    judged = f" ({n_quiet} of {n_rounds} rounds quiet)" if quiet else " (UNJUDGED: other work disturbed every round)"
+    rows: list[dict[str, Any]] = [
         {
             "id": "w1_overhead",
-            "comparison": "W1 record overhead per epoch, flor vs plain Lightning",
+            "comparison": "W1 record overhead per epoch, flor vs plain Lightning" + judged,
             "measured": f"{_pct(flor_ovh)} [{_pct(min(rounds))}-{_pct(max(rounds))}]",
             "target": f"≤ {TARGET_OVERHEAD:.0%}",
-            "ok": flor_ovh <= TARGET_OVERHEAD,
+            "ok": flor_ovh <= TARGET_OVERHEAD if quiet else None,
         }
     ]
     peers = {
@@ -618,10 +633,15 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         "mlflow": "MLflow Lightning autolog (sqlite, checkpoint every epoch)",
     }
     for v, name in peers.items():
-        row: dict[str, Any] = {"id": f"w1_vs_{v}", "comparison": f"W1 flor's overhead ÷ {name}'s", "target": "-", "ok": None}
+        row: dict[str, Any] = {
+            "id": f"w1_vs_{v}",
+            "comparison": f"W1 flor's overhead ÷ {name}'s",
+            "target": "-",
+            "ok": None,
+        }
         if v == "modelckpt":
-            row |= {"target": f"≤ {TARGET_VS_MODELCKPT}", "ok": ov.get(v, {}).get("overhead", 0) > 0
-                    and flor_ovh <= TARGET_VS_MODELCKPT * ov[v]["overhead"]}  # fmt: skip
+            ok = ov.get(v, {}).get("overhead", 0) > 0 and flor_ovh <= TARGET_VS_MODELCKPT * ov[v]["overhead"]
+            row |= {"target": f"≤ {TARGET_VS_MODELCKPT}", "ok": ok if quiet else None}
         if v in ov:
             ratio = flor_ovh / ov[v]["overhead"] if ov[v]["overhead"] > 0 else float("nan")
             rounds_ratio = _round_ratios(ov, v)
@@ -647,7 +667,16 @@ def report(cfg: W1Config, results: list[dict[str, Any]], log_lines: list[str]) -
     results = [r for r in results if "skipped" not in r]
     ov = _overheads(results)
     first = results[0]
-    target_lines, _ = _targets(ov)
+    quiet, n_rounds = _quiet_rounds(results)
+    target_lines, _ = _targets(_overheads(quiet) if quiet else ov)
+    n_quiet = len({r["repeat"] for r in quiet})
+    judged = (
+        f"- targets judged on the {n_quiet} of {n_rounds} rounds in which no fit was disturbed by other work "
+        f"(other load ≤ {OTHER_LOAD_LIMIT} CPUs)"
+        if quiet
+        else "- targets UNJUDGED: other work disturbed every round; the lines below use every fit"
+    )
+    target_lines.insert(0, judged)
     plain_epoch = median(ov["plain"]["epochs"])
     lines = [
         "## Recording overhead: flor_lightning vs plain Lightning",

@@ -45,9 +45,9 @@ class Bench:
 
 
 BENCHES = (
-    Bench("record_overhead", "W1 + W3", ("--repeats", "3", "--epochs", "5", "--quiet-wait", "5", "--retries", "2")),
-    Bench("replay_speedup", "W2", ("--repeats", "2", "--quiet-wait", "30")),
-    Bench("query_speed", "W4", ("--repeats", "5", "--quiet-wait", "3")),
+    Bench("record_overhead", "W1 + W3", ("--repeats", "3", "--epochs", "4", "--quiet-wait", "2", "--retries", "1")),
+    Bench("replay_speedup", "W2", ("--repeats", "2", "--quiet-wait", "10")),
+    Bench("query_speed", "W4", ("--repeats", "5", "--quiet-wait", "1")),
 )
 
 # Where the time goes, for each target that failed when it was last measured (profiles and
@@ -68,8 +68,10 @@ WHERE_TIME_GOES = {
     "and 2 ranks x 2 recorded threads oversubscribe 2 cores",
     "w2_train-replay-2_scaling": "re-training on 2 ranks keeps the recording's 2 torch threads per rank "
     "(bit-exactness) on 2 cores: 4 threads on 2 cores; recorded with 1 thread it scales (train-replay-2-1t)",
-    "w4_full": "about half is reading 1M rows out of sqlite into Arrow (ADBC fetch_df), the rest pandas: "
-    "drop_duplicates, unstack, merge with the run table — see query_speed.md's profile",
+    "w2_train-replay-2-1t_scaling": "rank 1's start-up inside the call (it imports torch and Lightning again, "
+    "then the gloo process group: ~5 s) against ~14 s of re-training; the training loops alone scale (loop ratio)",
+    "w4_full": "most of it is reading the 1M rows out of sqlite into Arrow (ADBC fetch), the rest the pandas "
+    "pivot and the join with the run table — query_speed.md profiles it (cProfile, this run)",
 }
 
 
