@@ -91,6 +91,12 @@ def run_bench(bench: Bench, out_dir: Path, *, smoke: bool) -> dict[str, Any]:
     return {"bench": bench, "seconds": seconds, "targets": json.loads(raw_path.read_text()).get("targets", [])}
 
 
+def collect(bench: Bench, out_dir: Path, seconds: float) -> dict[str, Any]:
+    """One benchmark's targets from the .json an earlier run left in ``out_dir``."""
+    raw = json.loads((out_dir / f"{bench.name}.json").read_text())
+    return {"bench": bench, "seconds": seconds, "targets": raw.get("targets", [])}
+
+
 def _verdict(ok: bool | None) -> str:
     return "info" if ok is None else ("PASS" if ok else "**FAIL**")
 
@@ -114,12 +120,13 @@ def explanations(runs: list[dict[str, Any]]) -> list[str]:
     return ["Where the time goes, for each FAIL:", "", *lines] if lines else []
 
 
-def results_text(runs: list[dict[str, Any]], wall: float, other_load: float, link_dir: str, *, smoke: bool) -> str:
-    mode = "smoke mode (tiny sizes, timings meaningless)" if smoke else "full run"
+def results_text(runs: list[dict[str, Any]], meta: dict[str, Any], link_dir: str) -> str:
+    mode = "smoke mode (tiny sizes, timings meaningless)" if meta["smoke"] else "full run"
+    wall, other_load = meta["wall"], meta["other_load"]
     lines = [
         "## Benchmark results",
         "",
-        f"`python benchmarks/run_all.py` ({mode}), {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs: "
+        f"`python benchmarks/run_all.py` ({mode}), {meta['date']}, {os.cpu_count()} CPUs: "
         f"{wall / 60:.1f} min in all ("
         + ", ".join(f"{r['bench'].name} {r['seconds']:.0f} s" for r in runs)
         + f"). Other work kept {other_load:.2f} CPUs busy on average meanwhile (from /proc/stat); "
@@ -162,18 +169,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, into a temporary folder; README untouched")
     parser.add_argument("--out-dir", type=Path, help="where the .md/.json files go (default benchmarks/results)")
     parser.add_argument("--only", nargs="+", choices=[b.name for b in BENCHES], help="run only these benchmarks")
+    parser.add_argument("--collect", action="store_true", help="run nothing: rebuild RESULTS.md (and the README "
+                        "table) from the .json files of the last run in --out-dir")  # fmt: skip
     args = parser.parse_args(argv)
     out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="flor-bench-smoke-")) if args.smoke else HERE / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
-    start, busy0, cpu0 = time.perf_counter(), _busy_seconds(), _children_cpu()
-    runs = [run_bench(b, out_dir, smoke=args.smoke) for b in BENCHES if not args.only or b.name in args.only]
-    wall = time.perf_counter() - start
-    other_load = max(0.0, (_busy_seconds() - busy0) - (_children_cpu() - cpu0)) / wall
-    text = results_text(runs, wall, other_load, "", smoke=args.smoke)
+    benches = [b for b in BENCHES if not args.only or b.name in args.only]
+    if args.collect:
+        meta = json.loads((out_dir / "run_all.json").read_text())
+        runs = [collect(b, out_dir, meta["seconds"].get(b.name, float("nan"))) for b in benches]
+    else:
+        start, busy0, cpu0 = time.perf_counter(), _busy_seconds(), _children_cpu()
+        runs = [run_bench(b, out_dir, smoke=args.smoke) for b in benches]
+        wall = time.perf_counter() - start
+        meta = {
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "smoke": args.smoke,
+            "wall": wall,
+            "other_load": max(0.0, (_busy_seconds() - busy0) - (_children_cpu() - cpu0)) / wall,
+            "seconds": {r["bench"].name: r["seconds"] for r in runs},
+        }
+        (out_dir / "run_all.json").write_text(json.dumps(meta, indent=1))
+    text = results_text(runs, meta, "")
     (out_dir / "RESULTS.md").write_text(text)
     print("\n" + text, end="", flush=True)
-    if not args.smoke and not args.only and out_dir == HERE / "results":
-        readme_text = results_text(runs, wall, other_load, "benchmarks/results/", smoke=False)
+    if not meta["smoke"] and not args.only and out_dir == HERE / "results":
+        readme_text = results_text(runs, meta, "benchmarks/results/")
         if not update_readme(readme_text.split("\n", 2)[2]):  # without its own heading
             print(f"README.md has no {BEGIN} ... {END} markers: not updated", flush=True)
     print(f"\nresults in {out_dir / 'RESULTS.md'}")

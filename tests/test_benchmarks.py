@@ -50,7 +50,7 @@ def test_run_all_smoke_prints_every_table_and_one_row_per_target(tmp_path: Path)
     results = (tmp_path / "RESULTS.md").read_text()
     assert results in out
     for row in (  # one row per target and per peer; a missing peer says SKIPPED, a ran one a ratio
-        "| W1 record overhead per epoch, flor vs plain Lightning | ",
+        "| W1 record overhead per epoch, flor vs plain Lightning (",
         "| W1 flor's overhead ÷ ModelCheckpoint(every_n_epochs=1, save_top_k=-1)'s | ",
         "| W1 flor's overhead ÷ ModelCheckpoint + AsyncCheckpointIO's | ",
         "| W1 flor's overhead ÷ MLflow Lightning autolog (sqlite, checkpoint every epoch)'s | ",
