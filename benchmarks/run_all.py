@@ -58,6 +58,10 @@ WHERE_TIME_GOES = {
     "torch's 2 threads on 2 cores — see record_overhead.md's breakdown",
     "w1_vs_modelckpt": "both write ~100 MB per epoch; on 2 cores flor's background write still competes with "
     "training for CPU, so it hides only part of what ModelCheckpoint pays inline",
+    "w1_auto_overhead": "with checkpoint_every='auto' the writer runs about once per period instead of every "
+    "epoch; what remains is the write that falls inside the measured epochs (record_overhead.md lists the "
+    "checkpoints written and the period chosen) and the run-to-run noise of a 2-core machine",
+    "w1_auto_vs_modelckpt": "the same, against ModelCheckpoint's per-epoch save of the same state",
     "w3_self_log": "flor's wrapper around LightningModule.log (capture.py) on the training thread — see "
     "record_overhead.md's self.log section",
     "w2_replay-1_ideal": "fixed costs the ideal leaves out: Trainer setup, the code check against the shadow "

@@ -107,8 +107,8 @@ class FlorCallback(Callback):
 
     With ``checkpoint_every="auto"`` the period adapts so that checkpointing's CPU time (the
     snapshot plus the background write, measured on the latest checkpoint) stays under
-    ``checkpoint_budget`` of the epoch time: the initial state, the first and the last epoch are
-    always checkpointed, then every ``ceil(cost / (budget x epoch time))``-th epoch. Replay
+    ``checkpoint_budget`` of the epoch time: the initial state and the last epoch are always
+    checkpointed, in between every ``ceil(cost / (budget x epoch time))``-th epoch. Replay
     re-trains forward from the nearest earlier checkpoint where one is missing.
 
     The checkpoint of epoch ``e`` is the state once epoch ``e`` is entirely done (its
@@ -401,13 +401,15 @@ class FlorCallback(Callback):
         """Whether the state at the end of ``epoch`` is to be checkpointed now (the last epoch always is)."""
         if self.checkpoint_every != AUTO:
             return (epoch + 1) % self._period == 0
-        session = self._session
-        cost = session.checkpoints.last_write_cpu_seconds if session and session.checkpoints else None
+        checkpoints = self._session.checkpoints if self._session else None
+        if checkpoints is not None and checkpoints.last_write_cpu_seconds is None:
+            checkpoints.join()  # the first write's cost sets the period, so it is known before deciding
+        cost = checkpoints.last_write_cpu_seconds if checkpoints else None
         if cost is not None and self._epoch_seconds > 0:
             cost += self._last_snapshot_seconds
             self._period = auto_checkpoint_period(cost, self._epoch_seconds, self.checkpoint_budget)
         last = max(self._checkpoint_epochs, default=None)
-        return epoch <= 0 or last is None or epoch - last >= self._period
+        return epoch < 0 or last is None or epoch - last >= self._period
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -189,13 +189,17 @@ class CheckpointStore:
         if earlier is not None:
             raise earlier
 
-    def wait(self) -> None:
-        """Block until the write in flight (if any) is done; raise its error."""
+    def join(self) -> None:
+        """Block until the write in flight (if any) is done; its error is left for ``wait``."""
         if self._thread is not None:
             start = self._clock()
             self._thread.join()
             self.blocked_seconds += self._clock() - start
             self._thread = None
+
+    def wait(self) -> None:
+        """Block until the write in flight (if any) is done; raise its error."""
+        self.join()
         if self._error is not None:
             (epoch, err), self._error = self._error, None
             raise CheckpointError(
