@@ -6,17 +6,31 @@ every logged value back with ``flor.query()``.
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
-from flor_lightning.callback import FlorCallback
 from flor_lightning.errors import CheckpointError, ConfigError, FlorError, GitError, ReplayError, StoreError
-from flor_lightning.multiversion import VersionReplay, format_report, replay_runs
+
+# Eager: importing the submodule flor_lightning.query would otherwise shadow the function query.
 from flor_lightning.query import export, query, records, runs
-from flor_lightning.resume import last_checkpoint
-from flor_lightning.trainer import Trainer
 
 if TYPE_CHECKING:
+    from flor_lightning.callback import FlorCallback
     from flor_lightning.lightning_cli import LightningCLI
+    from flor_lightning.multiversion import VersionReplay, format_report, replay_runs
+    from flor_lightning.resume import last_checkpoint
+    from flor_lightning.trainer import Trainer
+
+# Imported on first use, so that ``flor --help`` or ``flor runs`` need not load torch and Lightning.
+_LAZY = {
+    "FlorCallback": "callback",
+    "LightningCLI": "lightning_cli",  # jsonargparse configures itself on import
+    "Trainer": "trainer",
+    "VersionReplay": "multiversion",
+    "format_report": "multiversion",
+    "last_checkpoint": "resume",
+    "replay_runs": "multiversion",
+}
 
 __version__ = "0.1.0"
 
@@ -43,9 +57,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # LightningCLI imports jsonargparse, which configures itself on import: only on first use.
-    if name == "LightningCLI":
-        from flor_lightning.lightning_cli import LightningCLI
-
-        return LightningCLI
-    raise AttributeError(f"module 'flor_lightning' has no attribute {name!r}")
+    if name not in _LAZY:
+        raise AttributeError(f"module 'flor_lightning' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"flor_lightning.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value

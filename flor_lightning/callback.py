@@ -24,9 +24,9 @@ from typing_extensions import override
 
 from flor_lightning import _lightning, rng, store
 from flor_lightning.capture import LogCapture
-from flor_lightning.checkpoints import CheckpointInfo, CheckpointStore, open_fs, snapshot
+from flor_lightning.checkpoints import CheckpointInfo, CheckpointStore, snapshot
 from flor_lightning.errors import CheckpointError, ConfigError, FlorError, GitError
-from flor_lightning.locate import Location, checkpoint_root, ignore_flor_folder, locate
+from flor_lightning.locate import Location, checkpoint_root, ignore_flor_folder, locate, open_fs
 from flor_lightning.resume import recorded_checkpoints, reopen_run, run_exists
 from flor_lightning.shadow import DEFAULT_MAX_FILE_BYTES
 from flor_lightning.shadow import snapshot as shadow_snapshot

@@ -28,12 +28,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 from fsspec import AbstractFileSystem
 
 from flor_lightning.errors import CheckpointError, ConfigError
+from flor_lightning.locate import open_fs
 
 log = logging.getLogger(__name__)
 
@@ -117,18 +117,6 @@ class _HashingWriter(io.RawIOBase):
         self._f.write(view)
         self.size += view.nbytes
         return view.nbytes
-
-
-def open_fs(url: str) -> tuple[AbstractFileSystem, str]:
-    """The fsspec filesystem and root path for ``url`` (a local path or any fsspec URL)."""
-    try:
-        fs, root = fsspec.core.url_to_fs(url)
-    except (ImportError, ValueError) as err:
-        raise ConfigError(
-            f"cannot use checkpoint location {url!r}: {err}. Install the fsspec backend for that protocol "
-            "(e.g. s3fs for s3://) or pass a local path."
-        ) from err
-    return fs, root.rstrip("/")
 
 
 class CheckpointStore:

@@ -253,7 +253,7 @@ def _replay_line(r: dict[str, Any]) -> str:
 
 
 def _epochs(epochs: list[int] | None) -> str:
-    return planner.describe(epochs) if epochs else "-"
+    return planner.describe(epochs or []) or "-"
 
 
 def _fmt(v: Any) -> str:

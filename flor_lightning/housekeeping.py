@@ -31,8 +31,8 @@ from typing import Any
 from fsspec import AbstractFileSystem
 
 from flor_lightning import store
-from flor_lightning.checkpoints import open_fs
 from flor_lightning.errors import CheckpointError, ConfigError
+from flor_lightning.locate import open_fs
 from flor_lightning.query import open_store
 
 _CHUNK = 8 * 1024 * 1024

@@ -7,6 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
+from fsspec import AbstractFileSystem
+
 from flor_lightning.errors import ConfigError
 from flor_lightning.shadow import find_repo_root
 
@@ -59,3 +62,15 @@ def ignore_flor_folder(folder: Path) -> None:
     marker = folder / ".gitignore"
     if not marker.exists():
         marker.write_text("# created by flor_lightning: the log store is not source code\n*\n")
+
+
+def open_fs(url: str) -> tuple[AbstractFileSystem, str]:
+    """The fsspec filesystem and root path for ``url`` (a local path or any fsspec URL)."""
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as err:
+        raise ConfigError(
+            f"cannot use checkpoint location {url!r}: {err}. Install the fsspec backend for that protocol "
+            "(e.g. s3fs for s3://) or pass a local path."
+        ) from err
+    return fs, root.rstrip("/")

@@ -68,7 +68,9 @@ def epoch_list(epochs: Sequence[int] | range | None, recorded: Sequence[int]) ->
 
 
 def describe(epochs: Sequence[int]) -> str:
-    """``0-5`` for a contiguous list, else the list itself."""
+    """``0-5`` for a contiguous list, ``""`` for an empty one, else the list itself."""
+    if not epochs:
+        return ""
     if epochs and list(epochs) == list(range(epochs[0], epochs[-1] + 1)):
         return f"{epochs[0]}-{epochs[-1]}" if len(epochs) > 1 else str(epochs[0])
     return str(list(epochs))
@@ -126,7 +128,7 @@ def steps_for(epochs: Sequence[int], checkpoints: Collection[int], *, train: boo
             if not earlier:
                 raise ReplayError(
                     f"no checkpoint at or before epoch {e - 1} to start epoch {e} from; checkpoints exist for "
-                    f"epochs {describe(sorted(have)) if have else '(none)'}. Replay later epochs, or record again."
+                    f"epochs {describe(sorted(have)) or '(none)'}. Replay later epochs, or record again."
                 )
             start = max(earlier)
             steps.append(EpochStep(start + 1, "train", start, wanted=start + 1 == e))

@@ -7,8 +7,8 @@ import socket
 import sqlite3
 from pathlib import Path
 
-from flor_lightning.checkpoints import open_fs
 from flor_lightning.errors import CheckpointError
+from flor_lightning.locate import open_fs
 from flor_lightning.query import open_store
 
 

@@ -19,8 +19,6 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from flor_lightning.errors import StoreError
 
 # Named, ordered migrations: each runs once, in order, inside one transaction.
@@ -222,12 +220,10 @@ def encode_value(value: Any) -> tuple[float | None, str | None]:
     Numbers (and one-element tensors/arrays) go to ``value``; NaN is stored as text 'nan'
     because sqlite turns a NaN REAL into NULL; anything else is stored as its text.
     """
-    if isinstance(value, torch.Tensor):  # the common case, kept short: it runs for every value
-        value = value.item() if value.numel() == 1 else value.tolist()
-        if isinstance(value, float):
-            return (float(value), None) if value == value else (None, "nan")
-    elif hasattr(value, "item") and getattr(value, "size", 0) == 1:
-        value = value.item()
+    if hasattr(value, "tolist"):  # tensors, numpy arrays and scalars (no torch import: `flor` stays quick)
+        value = value.tolist()
+        while isinstance(value, list) and len(value) == 1:  # a one-element tensor is its element
+            value = value[0]
     if isinstance(value, bool):
         return float(value), None
     if isinstance(value, (int, float)):

@@ -7,6 +7,7 @@ import pytest
 from flor_lightning.errors import ReplayError
 from flor_lightning.planner import (
     EpochStep,
+    describe,
     epoch_list,
     estimate_seconds,
     plan_segments,
@@ -98,3 +99,8 @@ def test_segment_arguments_are_validated(segments, segment, message):
 def test_estimate_counts_loads_validation_and_training():
     steps = [EpochStep(0, "restore", 0), EpochStep(1, "train", 0)]
     assert estimate_seconds(steps, {0: 10.0, 1: 10.0}, {0: 1.0, 1: 1.0}, 0.5) == pytest.approx(0.5 + 1 + 0.5 + 1 + 10)
+
+
+@pytest.mark.parametrize(("epochs", "text"), [([], ""), ([3], "3"), ([0, 1, 2], "0-2"), ([0, 2], "[0, 2]")])
+def test_describe_epochs(epochs: list[int], text: str) -> None:
+    assert describe(epochs) == text
