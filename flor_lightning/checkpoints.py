@@ -224,6 +224,13 @@ class CheckpointStore:
         finally:
             self.writer_cpu_seconds += time.thread_time() - cpu
 
+    def _fs(self, path: str) -> AbstractFileSystem:
+        return open_fs(path)[0] if "://" in path else self.fs
+
+    def exists(self, path: str) -> bool:
+        """Whether the checkpoint file at ``path`` (this store's, or a URL where it was pushed) exists."""
+        return bool(self._fs(path).exists(path))
+
     def load(self, path: str, sha256: str | None) -> dict[str, Any]:
         """Read a checkpoint as data (``weights_only=True``), verifying its checksum first.
 
@@ -232,9 +239,8 @@ class CheckpointStore:
         Raises:
             CheckpointError: the file is missing, its checksum differs, or it is not a checkpoint.
         """
-        fs = open_fs(path)[0] if "://" in path else self.fs
         try:
-            data = fs.cat_file(path)
+            data = self._fs(path).cat_file(path)
         except FileNotFoundError as err:
             raise CheckpointError(f"checkpoint {path!r} is missing") from err
         if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:

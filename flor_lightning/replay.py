@@ -160,7 +160,7 @@ def run_replay(
     if not rec["checkpoint_root"]:
         raise ReplayError(f"run {rec['run_id']} has no checkpoint location recorded; it cannot be replayed")
     ckpts = CheckpointStore(rec["checkpoint_root"])
-    missing = sorted(e for e, r in ckpt_rows.items() if not ckpts.fs.exists(r["path"]))
+    missing = sorted(e for e, r in ckpt_rows.items() if not ckpts.exists(r["path"]))
     good = {e for e in ckpt_rows if e not in missing}
     recorded_epochs = [t["epoch"] for t in timings] or sorted(e for e in ckpt_rows if e >= 0)
     wanted = planner.epoch_list(epochs, recorded_epochs)

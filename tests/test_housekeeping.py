@@ -226,6 +226,25 @@ def test_push_to_memory_then_replay_in_process(three_runs: tuple[Path, list[str]
     assert rep.new_names == ["val_conf"] and rep.mismatched == 0
 
 
+def test_replay_after_a_partial_push_to_memory_reads_both_places(three_runs: tuple[Path, list[str]]) -> None:
+    """Half the checkpoints pushed (the third failed its checksum): replay finds every one where the index says."""
+    root, ids = three_runs
+    db = root / ".flor" / "flor.db"
+    run = ids[1]
+    third = Path(index(db, run)[2]["path"])
+    good = third.read_bytes()
+    third.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    with pytest.raises(CheckpointError, match="does not match its recorded sha256"):
+        push(f"memory://flor-partial-{uuid.uuid4().hex[:8]}", runs=[run])
+    third.write_bytes(good)
+    assert [c["path"].startswith("memory://") for c in index(db, run)] == [True, True, False, False]
+
+    edit_model(root, *VAL_CONF)
+    rep = replay(root, run, lr=0.02)
+    assert rep.epochs_restored == [0, 1, 2] and rep.epochs_trained == [] and rep.bad_checkpoints == []
+    assert rep.mismatched == 0 and rep.matched > 0
+
+
 def test_interrupted_push_leaves_every_checkpoint_readable_and_push_again_finishes(
     three_runs: tuple[Path, list[str]], tmp_path: Path
 ) -> None:
