@@ -80,7 +80,11 @@ def main() -> None:
     args = parser.parse_args()
 
     L.seed_everything(0, workers=True)
-    trainer = flor.Trainer(max_epochs=args.epochs, deterministic=True, enable_model_summary=False, logger=False)
+    # flor checkpoints the full state every epoch, so Lightning's own ModelCheckpoint (which would
+    # write checkpoints/*.ckpt into this folder, and so into the code snapshot) is off.
+    trainer = flor.Trainer(
+        max_epochs=args.epochs, deterministic=True, enable_model_summary=False, logger=False, enable_checkpointing=False
+    )
     if args.replay:
         trainer.replay(DigitsClassifier(), datamodule=DigitsData())
     else:
