@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -196,6 +197,10 @@ def cmd_show(args: argparse.Namespace) -> int:
             conn, "SELECT epoch, path, size FROM checkpoints WHERE run_id = ? ORDER BY epoch", [args.run]
         )
         replays = store.fetch(conn, "SELECT * FROM replays WHERE run_id = ? ORDER BY started", [args.run])
+        host = socket.gethostname()
+        for r in replays:  # killed (kill -9, a version replay's timeout): its row could not say so
+            if r["status"] == "running" and not housekeeping.replay_alive(conn, r["replay_id"], host):
+                r["status"] = "crashed"
     status = runs(db=args.db).set_index("run_id").loc[args.run, "status"]
     info = {
         "run": {k: run[k] for k in ("run_id", "project", "script", "host", "pid")} | {"status": status},

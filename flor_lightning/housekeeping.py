@@ -93,12 +93,18 @@ def busy_runs(conn: sqlite3.Connection, *, host: str | None = None) -> dict[str,
             busy[r["run_id"]] = "still recording"
     replays = store.fetch(conn, "SELECT replay_id, run_id FROM replays WHERE status = 'running'")
     for rp in replays:
-        segs = store.fetch(conn, "SELECT status, pid, host FROM replay_segments WHERE replay_id = ?", [rp["replay_id"]])
-        alive = [s for s in segs if s["status"] == "running" and store.pid_alive(s["pid"], s["host"], host)]
-        if alive or not segs:
-            # No segment row yet: the replay is starting (or was killed before it began); keep it to be safe.
+        if replay_alive(conn, rp["replay_id"], host):
             busy.setdefault(rp["run_id"], f"replay {rp['replay_id']} is unfinished")
     return busy
+
+
+def replay_alive(conn: sqlite3.Connection, replay_id: str, host: str) -> bool:
+    """Whether a replay marked running may still be: a segment's process lives, or none has started yet.
+
+    With no segment row the replay is starting (or was killed before it began): kept to be safe.
+    """
+    segs = store.fetch(conn, "SELECT status, pid, host FROM replay_segments WHERE replay_id = ?", [replay_id])
+    return not segs or any(s["status"] == "running" and store.pid_alive(s["pid"], s["host"], host) for s in segs)
 
 
 def select_for_gc(

@@ -18,7 +18,7 @@ from helpers import git, rows, sha256
 from test_cli import MODEL_SOURCE, VAL_CONF, edit_model, flor_cmd, record, replay
 
 import flor_lightning as flor
-from flor_lightning import store
+from flor_lightning import cli, store
 from flor_lightning.checkpoints import CheckpointStore
 from flor_lightning.errors import CheckpointError, ConfigError
 from flor_lightning.housekeeping import busy_runs, gc, push, select_for_gc
@@ -116,6 +116,18 @@ def test_gc_keeps_runs_an_unfinished_replay_needs(three_runs: tuple[Path, list[s
     for r in ids[:2]:
         assert len(index(db, r)) == 4 and all(Path(c["path"]).exists() for c in index(db, r))
     assert index(db, ids[2]) == []
+
+
+def test_show_names_a_killed_replay_crashed(
+    three_runs: tuple[Path, list[str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, ids = three_runs
+    db = root / ".flor" / "flor.db"
+    dead = add_replay(db, ids[0], pid=dead_pid())
+    alive = add_replay(db, ids[0], pid=os.getpid())
+    assert cli.main(["show", ids[0], "--format", "json", "--db", str(db)]) == 0
+    status = {r["replay_id"]: r["status"] for r in json.loads(capsys.readouterr().out)["replays"]}
+    assert status == {dead: "crashed", alive: "running"}
 
 
 def test_gc_collects_after_a_replay_died_or_finished(three_runs: tuple[Path, list[str]]) -> None:
