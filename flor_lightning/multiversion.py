@@ -36,10 +36,12 @@ from flor_lightning import planner, store
 from flor_lightning import propagate as merging
 from flor_lightning.errors import ConfigError, GitError
 from flor_lightning.locate import locate
+from flor_lightning.query import run_info, store_path
 from flor_lightning.query import runs as runs_table
-from flor_lightning.query import store_path
 from flor_lightning.shadow import SHADOW_BRANCH
 
+# What `where` can name besides the hyperparameters (a clashing hyperparameter is ``hparam.<name>``).
+RUN_FRAME_COLUMNS = ("run_id", "project", "started", "status", "script", "shadow_commit", "head_commit", "branch")
 _GIT_LOCK = threading.Lock()  # worktree add/remove of concurrent replays, one at a time
 
 
@@ -150,7 +152,7 @@ def replay_runs(
     if missing:
         raise ConfigError(f"share paths {missing} do not exist under {loc.root}; share existing files or folders")
     db_path = store_path(db).resolve()
-    table = run_frame(db_path)
+    table = run_info(runs_table(db=db_path), RUN_FRAME_COLUMNS)
     with closing(store.connect(db_path)) as conn:
         rows = {r["run_id"]: r for r in store.fetch(conn, "SELECT * FROM runs")}
         with_ckpt = {r["run_id"] for r in store.fetch(conn, "SELECT DISTINCT run_id FROM checkpoints")}
@@ -249,19 +251,6 @@ def load_probe(path: Path, qualname: str) -> Any:
             raise ConfigError(f"probe file {str(path)!r} has no {qualname!r}")
         obj = getattr(obj, part)
     return obj
-
-
-def run_frame(db_path: Path) -> pd.DataFrame:
-    """The runs table with hyperparameters as columns (``hparam.<name>`` where a name clashes)."""
-    table = runs_table(db=db_path)
-    cols = [c for c in ("run_id", "project", "started", "status", "script", "shadow_commit", "head_commit", "branch")]
-    info = table[[c for c in cols if c in table.columns]].copy()
-    if "hparams" in table and len(table):
-        hparams = pd.json_normalize(table["hparams"].tolist())
-        hparams.index = info.index
-        for col in hparams.columns:
-            info[col if col not in info.columns else f"hparam.{col}"] = hparams[col]
-    return info
 
 
 def select_runs(table: pd.DataFrame, where: str | None, runs: Sequence[str] | None) -> list[str]:

@@ -7,7 +7,7 @@ import json
 import os
 import socket
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
@@ -194,7 +194,7 @@ def query(
             raise ConfigError(f"unknown run id(s) {unknown}; flor.runs() lists the recorded ones")
         runs_df = runs_df[runs_df["run_id"].isin(run_ids)].reset_index(drop=True)
     axes, table = _pivot(_cells(path, list(names), run_ids, list(runs_df["run_id"])), replayed=replayed)
-    info = _run_info(runs_df, {*KEY, *table.columns})
+    info = run_info(runs_df, taken={*KEY, *table.columns})
     rows = info.take(axes[0]).reset_index(drop=True)
     out = pd.concat([rows, pd.DataFrame({"epoch": axes[1], "step": axes[2]}), table], axis=1)
     if where:
@@ -370,8 +370,11 @@ def _with_text(numbers: np.ndarray, rows: np.ndarray, texts: np.ndarray) -> Any:
     return converted if converted.notna().sum() == series.notna().sum() else series
 
 
-def _run_info(runs_df: pd.DataFrame, taken: set[str]) -> pd.DataFrame:
-    info = runs_df[RUN_COLUMNS].copy()
+def run_info(runs_df: pd.DataFrame, columns: Sequence[str] = RUN_COLUMNS, taken: Iterable[str] = ()) -> pd.DataFrame:
+    """``columns`` of :func:`runs`' table and one column per hyperparameter, ``hparam.<name>``
+    where the name is ``taken`` or one of ``columns``."""
+    info = runs_df[[c for c in columns if c in runs_df.columns]].copy()
+    taken = set(taken)
     hparams = pd.json_normalize(runs_df["hparams"].tolist()) if len(runs_df) else pd.DataFrame()
     hparams.index = info.index
     for col in hparams.columns:
