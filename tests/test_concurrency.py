@@ -51,8 +51,11 @@ def overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
 
 def test_two_recordings_at_once_store_every_value_once(project: Path, zygote: Zygote, tmp_path: Path) -> None:
     # a fresh project: both processes create the store and the shadow branch at the same moment
-    at = time.time() + 0.5
-    a, b = (start(zygote, project, tmp_path, name, start_at=at) for name in ("a", "b"))
+    at, gate = time.time() + 0.5, tmp_path / "gate"
+    a, b = (start(zygote, project, tmp_path, name, start_at=at, gate=str(gate)) for name in ("a", "b"))
+    for child in (a, b):  # each holds after its first epoch until both are there: their spans overlap for certain
+        assert zygote.wait_event(child, lambda e: e == "epoch-end 0", timeout=60) is not None, child.log_tail()
+    gate.touch()
     runs_ab = [finish(zygote, child, tmp_path, name)["run_id"] for child, name in ((a, "a"), (b, "b"))]
     alone = finish(zygote, start(zygote, project, tmp_path, "alone"), tmp_path, "alone")["run_id"]
 
@@ -74,10 +77,14 @@ def test_two_recordings_at_once_store_every_value_once(project: Path, zygote: Zy
 
 def test_replay_beside_a_new_recording(project: Path, zygote: Zygote, tmp_path: Path) -> None:
     first = finish(zygote, start(zygote, project, tmp_path, "first"), tmp_path, "first")["run_id"]
-    at = time.time() + 0.5
-    replaying = start(zygote, project, tmp_path, "replay", target="replay", run_id=first, start_at=at)
-    recording = start(zygote, project, tmp_path, "second", start_at=at)
-    report = finish(zygote, replaying, tmp_path, "replay")
+    gate = tmp_path / "gate"  # the second recording holds after its first epoch until the replay is done
+    recording = start(zygote, project, tmp_path, "second", gate=str(gate))
+    held = zygote.wait_event(recording, lambda e: e == "epoch-end 0", timeout=60)
+    assert held is not None, recording.log_tail()
+    report = finish(
+        zygote, start(zygote, project, tmp_path, "replay", target="replay", run_id=first), tmp_path, "replay"
+    )
+    gate.touch()
     second = finish(zygote, recording, tmp_path, "second")["run_id"]
 
     assert report["new_names"] == ["val_conf"]
@@ -92,7 +99,7 @@ def test_replay_beside_a_new_recording(project: Path, zygote: Zygote, tmp_path: 
     (done,) = rows(db, "SELECT status, started, ended FROM replays")
     assert done["status"] == "finished"
     (run,) = rows(db, "SELECT started, ended FROM runs WHERE run_id = ?", (second,))
-    assert overlap((done["started"], done["ended"]), (run["started"], run["ended"]))
+    assert run["started"] < done["started"] and done["ended"] < run["ended"]  # the replay ran inside the recording
     assert set(flor.runs()["status"]) == {"finished"}
 
 

@@ -64,6 +64,19 @@ class Reporter(L.Callback):
         emit(f"epoch-end {trainer.current_epoch}")
 
 
+class Gate(L.Callback):
+    """Holds the recording at the end of its first epoch until ``path`` exists (at most 120 s),
+    so that a test can run something else while the recording is open for certain."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        deadline = time.monotonic() + 120
+        while trainer.current_epoch == 0 and not os.path.exists(self.path) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
 def _instrument() -> None:
     """Report each checkpoint write and each log flush as it begins and once it is durable.
 
@@ -110,12 +123,16 @@ def record_until_killed(*, flush_interval: float, train_batches: int) -> None:
     flor.Trainer(callbacks=callbacks, **kwargs).fit(BigClassifier(), datamodule=DigitsData())
 
 
-def record(*, out: str, max_epochs: int = 3, start_at: float | None = None, flush_interval: float = 1.0) -> None:
-    """Record the digits model (seed 0) and write ``{"run_id": ...}`` to ``out``."""
+def record(
+    *, out: str, max_epochs: int = 3, start_at: float | None = None, flush_interval: float = 1.0, gate: str = ""
+) -> None:
+    """Record the digits model (seed 0) and write ``{"run_id": ...}`` to ``out``; with ``gate``,
+    hold after the first epoch until that file exists (:class:`Gate`)."""
     torch.set_num_threads(1)
     _wait_until(start_at)
     L.seed_everything(0, verbose=False)
-    callbacks = [flor.FlorCallback(flush_interval=flush_interval), Reporter()]
+    callbacks: list[L.Callback] = [flor.FlorCallback(flush_interval=flush_interval), Reporter()]
+    callbacks += [Gate(gate)] if gate else []
     trainer = flor.Trainer(callbacks=callbacks, **trainer_kwargs(max_epochs=max_epochs))
     trainer.fit(DigitsClassifier(), datamodule=DigitsData())
     with open(out, "w") as f:
