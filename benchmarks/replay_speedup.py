@@ -28,9 +28,11 @@ exit; replays also print ``ReplayReport.seconds``. Process start + imports (~7 s
 interpreter exit (~1.5 s) and DDP start-up (rank 1 imports everything again) are fixed costs of
 every run, so speedups are given on the wall time and on the in-process call.
 
-The ideal speedup comes from the recording: (train + validation) / (checkpoint load +
-validation), summed over epochs, per slowest segment; validation and training times from the
-``epochs`` table of ``.flor/flor.db``, load times measured. A measured speedup reaching 80% of
+The ideal replay time comes from the recording: checkpoint load + validation (+ training, when
+re-training), summed over the epochs of the slowest segment; validation and training times from
+the ``epochs`` table of ``.flor/flor.db``, load times measured. The ideal speedup is the
+baseline's measured time in this run over that ideal time, so the fraction of ideal reached is
+ideal replay time / measured replay time. A measured speedup reaching 80% of
 it passes; 2 segments reaching 1.8x of 1 segment passes the scaling target.
 
 ``OMP_WAIT_POLICY=PASSIVE`` is set for every run (``--omp-spin`` leaves it unset): on this KVM
@@ -485,9 +487,12 @@ def ideal_seconds(rec: dict[str, Any], segments: int, retrain: bool) -> float:
     return max(sum(cost[e] for e in g) for g in split(epochs, cost, segments))
 
 
-def ideal(rec: dict[str, Any], segments: int, retrain: bool) -> float:
-    """The ideal speedup: the recording's (train + validation) over :func:`ideal_seconds`."""
-    return (sum(rec["train"].values()) + sum(rec["val"].values())) / ideal_seconds(rec, segments, retrain)
+def ideal(num: Numbers, rec: dict[str, Any], v: Variant, phase: str = "call") -> float:
+    """The ideal speedup: the baseline's measured ``phase`` over :func:`ideal_seconds`, so that
+    measured / ideal = ideal seconds / the replay's measured seconds. (The recording's own
+    train + validation would be the wrong numerator: it ran once, with flor's checkpoint writes
+    competing for the 2 cores, while the measured speedup divides the baseline of this run.)"""
+    return num.m(BASELINE[v.group], phase) / ideal_seconds(rec, v.devices, v.edit == "train")
 
 
 # ---- the benchmark ------------------------------------------------------------------------
@@ -655,28 +660,34 @@ def recording_table(recs: dict[str, dict[str, Any]]) -> list[str]:
 
 def ideal_table(num: Numbers, recs: dict[str, dict[str, Any]], variants: Sequence[Variant]) -> list[str]:
     lines = [
-        "| variant | ideal speedup: (train+val) / (load+val), slowest segment | measured, call | fraction of ideal "
+        "| variant | ideal speedup of the call: baseline call / ideal replay s | measured, call | fraction of ideal "
         "| measured, wall | fraction of ideal | measured, training loop | fraction of ideal "
-        "| ideal replay s (load+val) | ideal s / call s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| ideal replay s (load+val, slowest segment) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     targets = []
     for v in variants:
         if v.mode != "replay" or v.name not in num:
             continue
-        best = ideal(recs[v.group], v.devices, v.edit == "train")
         least = ideal_seconds(recs[v.group], v.devices, v.edit == "train")
-        call, wall, loop = (num.speedup(v.name, v.group, p) for p in ("call", "wall", "loop"))
+        best = {p: ideal(num, recs[v.group], v, p) for p in ("call", "wall", "loop")}
+        got = {p: num.speedup(v.name, v.group, p) for p in best}
+        part = {p: got[p] / best[p] for p in best}
         lines.append(
-            f"| {v.name} | {best:.2f}x | {call:.2f}x | {call / best:.0%} | {wall:.2f}x | {wall / best:.0%} "
-            f"| {loop:.2f}x | {loop / best:.0%} | {least:.2f} | {least / num.m(v.name, 'call'):.0%} |"
+            f"| {v.name} | {best['call']:.2f}x | {got['call']:.2f}x | {part['call']:.0%} | {got['wall']:.2f}x "
+            f"| {part['wall']:.0%} | {got['loop']:.2f}x | {part['loop']:.0%} | {least:.2f} |"
         )
         targets.append(
-            f"- target: {v.name} ≥ {TARGET_FRACTION:.0%} of ideal: in-process call {call / best:.0%} → "
-            f"{verdict(call / best >= TARGET_FRACTION)}; subprocess wall {wall / best:.0%} → "
-            f"{verdict(wall / best >= TARGET_FRACTION)}"
+            f"- target: {v.name} ≥ {TARGET_FRACTION:.0%} of ideal: in-process call {part['call']:.0%} → "
+            f"{verdict(part['call'] >= TARGET_FRACTION)}; subprocess wall {part['wall']:.0%} → "
+            f"{verdict(part['wall'] >= TARGET_FRACTION)}"
         )
-    return [*lines, "", *targets]
+    note = (
+        "- a fraction over 100% means the replay beat the estimate: the ideal's validation times are the "
+        "recording's, whose validation ran beside flor's background checkpoint writes, and its load times "
+        "were measured apart, after the recording; the replay's validation runs alone"
+    )
+    return [*lines, "", *targets, note]
 
 
 SCALING = (("replay-1", "replay-2"), ("train-replay-1", "train-replay-2"), ("train-replay-1-1t", "train-replay-2-1t"))
@@ -740,7 +751,6 @@ def quiet_lines(results: list[dict[str, Any]], recs: dict[str, Any], variants: S
             lines.append(f"| {v.name} | {n} (baseline {BASELINE[v.group]}: {len(num.rows.get(BASELINE[v.group], []))}) "
                          "| - | - | - |")  # fmt: skip
             continue
-        best = ideal(recs[v.group], v.devices, v.edit == "train")
         call, loop = num.speedup(v.name, v.group, "call"), num.speedup(v.name, v.group, "loop")
         one = pairs.get(v.name)
         scale = (
@@ -749,7 +759,8 @@ def quiet_lines(results: list[dict[str, Any]], recs: dict[str, Any], variants: S
             else "-"
         )
         lines.append(
-            f"| {v.name} | {n} | {call:.2f}x / {loop:.2f}x | {call / best:.0%} / {loop / best:.0%} | {scale} |"
+            f"| {v.name} | {n} | {call:.2f}x / {loop:.2f}x | {call / ideal(num, recs[v.group], v):.0%} "
+            f"/ {loop / ideal(num, recs[v.group], v, 'loop'):.0%} | {scale} |"
         )
     return lines
 
@@ -879,7 +890,7 @@ def targets(recs: dict[str, Any], results: list[dict[str, Any]]) -> list[dict[st
     num = Numbers(results)
     rows: list[dict[str, Any]] = []
     for v in (v for v in VARIANTS if v.name in ("replay-1", "replay-2") and v.name in num and "retrain" in num):
-        best = ideal(recs[v.group], v.devices, retrain=False)
+        best = ideal(num, recs[v.group], v)
         call = num.speedup(v.name, v.group, "call")
         rows.append({
             "id": f"w2_{v.name}_ideal",
