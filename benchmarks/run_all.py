@@ -172,7 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, into a temporary folder; README untouched")
     parser.add_argument("--out-dir", type=Path, help="where the .md/.json files go (default benchmarks/results)")
-    parser.add_argument("--only", nargs="+", choices=[b.name for b in BENCHES], help="run only these benchmarks")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=[b.name for b in BENCHES],
+        help="run only these benchmarks (their "
+        "detailed files are rewritten; RESULTS.md and the README keep the last full run)",
+    )
     parser.add_argument("--collect", action="store_true", help="run nothing: rebuild RESULTS.md (and the README "
                         "table) from the .json files of the last run in --out-dir")  # fmt: skip
     args = parser.parse_args(argv)
@@ -193,10 +199,15 @@ def main(argv: list[str] | None = None) -> int:
             "other_load": max(0.0, (_busy_seconds() - busy0) - (_children_cpu() - cpu0)) / wall,
             "seconds": {r["bench"].name: r["seconds"] for r in runs},
         }
-        (out_dir / "run_all.json").write_text(json.dumps(meta, indent=1))
     text = results_text(runs, meta, "")
-    (out_dir / "RESULTS.md").write_text(text)
     print("\n" + text, end="", flush=True)
+    whole = not args.only or out_dir != HERE / "results"
+    if not whole:  # a partial run leaves the summary of the last full run whole (its detailed files are new)
+        print(f"\n--only: {out_dir / 'RESULTS.md'} and the README keep the last full run; rerun without --only")
+        return 0
+    if not args.collect:
+        (out_dir / "run_all.json").write_text(json.dumps(meta, indent=1))
+    (out_dir / "RESULTS.md").write_text(text)
     if not meta["smoke"] and not args.only and out_dir == HERE / "results":
         readme_text = results_text(runs, meta, "benchmarks/results/")
         if not update_readme(readme_text.split("\n", 2)[2]):  # without its own heading
