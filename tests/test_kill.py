@@ -94,7 +94,8 @@ def check_checkpoints(db: Path, folder: Path, run_id: str, events: list[str]) ->
         assert reader.load(indexed[-1]["path"], indexed[-1]["sha256"])["flor"]["run_id"] == run_id
 
     files = [p for p in folder.iterdir() if not p.name.startswith(".probe-")] if folder.exists() else []
-    cut_path = Path(reader.path(run_id, cut_epoch)) if cut_epoch is not None else None
+    # the file name only: reader's root is the run's folder itself, and path() adds the run id again
+    cut_path = folder / Path(reader.path(run_id, cut_epoch)).name if cut_epoch is not None else None
     partial = [p for p in files if ".tmp-" in p.name]
     assert all(p.name.startswith(f"{cut_path.name}.tmp-") for p in partial) if cut_path else not partial
     assert len(partial) <= 1

@@ -97,34 +97,27 @@ def test_writer_takes_a_batch_of_values_as_one_item_in_order(tmp_path):
     assert rows == [(0, 0, "a", 1.0), (1, 1, "a", 2.0), (1, 1, "b", 3.0), (1, None, "a_epoch", 1.5)]
 
 
-@pytest.mark.parametrize("json_rows", [True, False])
-def test_writer_stores_every_kind_of_value_exactly(tmp_path, monkeypatch, json_rows):
-    """A flush is one JSON statement; one holding ±inf or a NUL character is inserted row by row."""
-    monkeypatch.setattr(store, "_JSON_ROWS", json_rows)
-    as_json, json_rows_of = [], store._json_rows
-
-    def spy(rows):
-        batch = json_rows_of(rows)
-        as_json.append(batch is not None)
-        return batch
-
-    monkeypatch.setattr(store, "_json_rows", spy)
+def test_writer_stores_every_kind_of_value_exactly(tmp_path):
+    """Values of every kind come back as they went in, in order, from flushes of one row, of
+    fewer rows than one insert statement takes, and of several statements' worth."""
     path = tmp_path / "f.db"
     store.connect(path).close()
     writer = store.LogWriter(lambda: store.connect(path), interval=60)
     plain = [0.1 + 0.2, 1e-320, -2.5e300, 3, True, math.nan, "é😀", [1, 2], None]
     odd = [math.inf, -math.inf, "a\x00b", "a \\u0000 b"]
-    for i, values in enumerate((plain, odd)):
+    many = [float(i) for i in range(2 * store._ROWS_PER_INSERT + 5)]
+    for i, values in enumerate((plain, odd, many)):
         writer.add_batch(("r", None, "train", "step", 0, i, None), [x for v in values for x in ("m", v)])
         writer.flush()
+    writer.add(("r", None, "train", "step", 0, 3, 7, "one", 4.5))
     writer.close()
-    assert as_json == ([True, False] if json_rows else [])
-    rows = sqlite3.connect(path).execute("SELECT run_id, replay_id, batch_idx, value, text FROM logs ORDER BY rowid")
+    rows = sqlite3.connect(path).execute("SELECT run_id, step, batch_idx, value, text FROM logs ORDER BY rowid")
     rows = rows.fetchall()
-    assert [r[:3] for r in rows] == [("r", None, None)] * (len(plain) + len(odd))
+    assert [r[:2] for r in rows] == [("r", i) for i, vs in enumerate((plain, odd, many, [0])) for _ in vs]
     decoded = [store.decode_value(v, t) for *_, v, t in rows]
     assert math.isnan(decoded.pop(5))
-    assert decoded == [0.1 + 0.2, 1e-320, -2.5e300, 3.0, 1.0, "é😀", "[1, 2]", "null", *odd]
+    assert decoded == [0.1 + 0.2, 1e-320, -2.5e300, 3.0, 1.0, "é😀", "[1, 2]", "null", *odd, *many, 4.5]
+    assert rows[-1][2] == 7
 
 
 def test_writer_flushes_on_its_own_interval(tmp_path):
