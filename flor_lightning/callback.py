@@ -262,6 +262,7 @@ class FlorCallback(Callback):
                 "project": loc.project,
                 "script": rel_script,
                 "argv": list(sys.argv[1:]),
+                "cwd": _relative(Path.cwd(), loc.root),
                 "started": self._clock(),
                 "status": "running",
                 "pid": os.getpid(),

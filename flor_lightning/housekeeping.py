@@ -3,8 +3,8 @@
 Both work on the checkpoint index of the log store and the files it names, and both leave
 alone the runs that are in use: a run still recording, and a run with an unfinished replay
 (status ``running`` in ``replays`` and a segment process that may be alive, or no segment
-started yet). The order of their steps is chosen so that killing them at any moment loses no
-checkpoint the index names:
+started yet and the process that registered the replay alive). The order of their steps is
+chosen so that killing them at any moment loses no checkpoint the index names:
 
 - ``gc`` deletes a run's index rows first (one transaction) and its files after. Killed in
   between, the files are orphans nobody reads; the next ``gc`` removes them with the run's folder.
@@ -99,12 +99,14 @@ def busy_runs(conn: sqlite3.Connection, *, host: str | None = None) -> dict[str,
 
 
 def replay_alive(conn: sqlite3.Connection, replay_id: str, host: str) -> bool:
-    """Whether a replay marked running may still be: a segment's process lives, or none has started yet.
-
-    With no segment row the replay is starting (or was killed before it began): kept to be safe.
+    """Whether a replay marked running may still be: a segment's process lives, or none has started
+    yet and the process that registered the replay lives (unknown in stores older than 0004: kept).
     """
     segs = store.fetch(conn, "SELECT status, pid, host FROM replay_segments WHERE replay_id = ?", [replay_id])
-    return not segs or any(s["status"] == "running" and store.pid_alive(s["pid"], s["host"], host) for s in segs)
+    if not segs:
+        (owner,) = store.fetch(conn, "SELECT pid, host FROM replays WHERE replay_id = ?", [replay_id])
+        return owner["pid"] is None or store.pid_alive(owner["pid"], owner["host"], host)
+    return any(s["status"] == "running" and store.pid_alive(s["pid"], s["host"], host) for s in segs)
 
 
 def select_for_gc(

@@ -380,13 +380,14 @@ def _run(job: _Job, tree: Path, merge: str, reason: str) -> VersionReplay:
     cmd += ["--probe", job.probe] if job.probe else []
     cmd += ["--", str(tree / job.run["script"]), *json.loads(job.run["argv"] or "[]")]
     env = {**os.environ, "FLOR_DB": str(job.db)}
+    cwd = _working_dir(tree, job.run.get("cwd"))
     # as `python <script>` from a shell: a seed set in this process (seed_everything) must not leak in
     for var in ("FLOR_REPLAY_ID", "PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
         env.pop(var, None)
     try:
         with log.open("w") as out:
             done = subprocess.run(
-                cmd, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT, check=False, timeout=job.timeout
+                cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, check=False, timeout=job.timeout
             )
     except subprocess.TimeoutExpired:  # subprocess.run has killed it
         return VersionReplay(run_id, "failed", merge, f"timed out after {job.timeout}s and was killed", log=str(log))
@@ -407,6 +408,13 @@ def _run(job: _Job, tree: Path, merge: str, reason: str) -> VersionReplay:
         new_names=report["new_names"],
         log=str(log),
     )
+
+
+def _working_dir(tree: Path, recorded: str | None) -> Path:
+    """The recording's working directory in the checkout (one outside the repository as it is);
+    the checkout's root for runs recorded before flor kept it, or when the folder is not there."""
+    path = tree / recorded if recorded else tree  # an absolute ``recorded`` replaces ``tree``
+    return path if path.is_dir() else tree
 
 
 def _last_error(log: Path, code: int) -> str:

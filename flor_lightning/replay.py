@@ -193,6 +193,8 @@ def run_replay(
                     "run_id": rec["run_id"],
                     "started": started,
                     "status": "running",
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
                     "shadow_commit": version,
                     "plan": [[asdict(st) for st in seg.steps] for seg in chosen],
                 },

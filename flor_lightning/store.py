@@ -120,6 +120,16 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         "0003_drop_logs_by_name",
         "DROP INDEX IF EXISTS logs_by_name;",
     ),
+    (
+        # where a run was started (a version replay runs its script from there), and which process
+        # registered a replay (so a replay killed before any segment began can read as crashed)
+        "0004_run_cwd_replay_process",
+        """
+        ALTER TABLE runs ADD COLUMN cwd TEXT;
+        ALTER TABLE replays ADD COLUMN pid INTEGER;
+        ALTER TABLE replays ADD COLUMN host TEXT;
+        """,
+    ),
 )
 
 LOG_COLUMNS = ("run_id", "replay_id", "stage", "level", "epoch", "step", "batch_idx", "name", "value", "text")

@@ -49,14 +49,16 @@ def dead_pid() -> int:
     return int(done.stdout)
 
 
-def add_replay(db: Path, run_id: str, *, pid: int | None, segment_status: str = "running") -> str:
-    """The rows replay.py writes for a replay in flight: ``replays`` running and, with a pid, a segment."""
+def add_replay(
+    db: Path, run_id: str, *, pid: int | None, segment_status: str = "running", owner: int | None = None
+) -> str:
+    """The rows replay.py writes for a replay in flight: ``replays`` running, registered by process
+    ``owner`` (None: a store older than migration 0004), and, with a pid, a segment."""
     replay_id = f"{run_id}.r{uuid.uuid4().hex[:6]}"
     conn = store.connect(db)
     try:
-        store.insert(
-            conn, "replays", {"replay_id": replay_id, "run_id": run_id, "started": time.time(), "status": "running"}
-        )
+        row = {"replay_id": replay_id, "run_id": run_id, "started": time.time(), "status": "running"}
+        store.insert(conn, "replays", row | {"pid": owner, "host": socket.gethostname()})
         if pid is not None:
             row = {"replay_id": replay_id, "segment": 0, "segments": 1, "rank": 0, "pid": pid}
             row |= {"host": socket.gethostname(), "status": segment_status, "started": time.time()}
@@ -108,8 +110,11 @@ def test_gc_dry_run_then_gc_as_a_process(three_runs: tuple[Path, list[str]]) -> 
 def test_gc_keeps_runs_an_unfinished_replay_needs(three_runs: tuple[Path, list[str]]) -> None:
     root, ids = three_runs
     db = root / ".flor" / "flor.db"
-    add_replay(db, ids[0], pid=os.getpid())  # a replay whose segment process is alive
-    add_replay(db, ids[1], pid=None)  # registered, no segment started yet
+    gone = dead_pid()
+    add_replay(db, ids[0], pid=os.getpid(), owner=gone)  # its segment's process is alive
+    add_replay(db, ids[1], pid=None, owner=os.getpid())  # registered, no segment started yet
+    add_replay(db, ids[1], pid=None)  # the same in a store older than 0004, which did not name the process
+    add_replay(db, ids[2], pid=None, owner=gone)  # killed before any segment began
     report = gc(keep_last=0)
     assert {f.run_id for f in report.freed} == {ids[2]}
     assert "unfinished" in report.kept[ids[0]] and "unfinished" in report.kept[ids[1]]
@@ -125,9 +130,11 @@ def test_show_names_a_killed_replay_crashed(
     db = root / ".flor" / "flor.db"
     dead = add_replay(db, ids[0], pid=dead_pid())
     alive = add_replay(db, ids[0], pid=os.getpid())
+    never_began = add_replay(db, ids[0], pid=None, owner=dead_pid())
+    starting = add_replay(db, ids[0], pid=None, owner=os.getpid())
     assert cli.main(["show", ids[0], "--format", "json", "--db", str(db)]) == 0
     status = {r["replay_id"]: r["status"] for r in json.loads(capsys.readouterr().out)["replays"]}
-    assert status == {dead: "crashed", alive: "running"}
+    assert status == {dead: "crashed", alive: "running", never_began: "crashed", starting: "running"}
 
 
 def test_gc_collects_after_a_replay_died_or_finished(three_runs: tuple[Path, list[str]]) -> None:

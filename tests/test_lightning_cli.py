@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -75,8 +76,9 @@ def add_metric(root: Path) -> None:
 def test_fit_records_and_replay_stores_a_new_metric(cli_project: Path) -> None:
     cli(cli_project, "fit", "--config", "cfg.yaml")
     db = cli_project / ".flor" / "flor.db"
-    [run] = rows(db, "SELECT run_id, script, argv, hparams FROM runs")
+    [run] = rows(db, "SELECT run_id, script, argv, cwd, hparams FROM runs")
     assert run["script"] == "train_cli.py" and '"fit"' in run["argv"] and '"hidden": 16' in run["hparams"]
+    assert run["cwd"] == "."  # the folder it ran in, from the repository root
     add_metric(cli_project)
 
     out = cli(cli_project, "replay", "--config", "cfg.yaml", "--segments", "2")
@@ -84,8 +86,9 @@ def test_fit_records_and_replay_stores_a_new_metric(cli_project: Path) -> None:
     assert "epochs restored: 0-1" in out
     conf = rows(db, "SELECT replay_id, epoch FROM logs WHERE name = 'val_conf' AND run_id = ?", (run["run_id"],))
     assert conf and {r["epoch"] for r in conf} == {0, 1} and all(r["replay_id"] for r in conf)
-    [replay] = rows(db, "SELECT status, report FROM replays")
+    [replay] = rows(db, "SELECT status, report, pid, host FROM replays")
     assert replay["status"] == "finished" and '"mismatched": 0' in replay["report"]
+    assert replay["pid"] > 0 and replay["host"] == socket.gethostname()  # the process that registered it
 
 
 @pytest.mark.integration

@@ -255,7 +255,7 @@ import torch
 import flor_lightning as flor
 from model import DigitsClassifier, DigitsData, trainer_kwargs
 
-SCALE = float(open("data/scale.txt").read())  # an ignored file, so not in the code snapshot
+SCALE = float(open("../data/scale.txt").read())  # an ignored file, so not in the code snapshot
 
 
 class Scaled(DigitsClassifier):
@@ -274,16 +274,19 @@ trainer.fit(Scaled(), datamodule=DigitsData())
 
 @pytest.mark.integration
 def test_new_logging_on_the_training_path_retrains_and_shared_files_reach_the_version(project):
-    (project / "model.py").write_text((Path(__file__).parent / "models.py").read_text())
-    (project / "train.py").write_text(SCALED)
+    exp = project / "exp"  # the script runs from its own folder: a path relative to it must work in replay
+    exp.mkdir()
+    (exp / "model.py").write_text((Path(__file__).parent / "models.py").read_text())
+    (exp / "train.py").write_text(SCALED)
     (project / ".gitignore").write_text("*.log\ndata/\n")
     (project / "data").mkdir()
     (project / "data" / "scale.txt").write_text("0.5\n")
     git(project, "add", ".")
     git(project, "commit", "-q", "-m", "scaled inputs")
-    done = subprocess.run([sys.executable, "train.py"], cwd=project, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "train.py"], cwd=exp, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
-    train = project / "train.py"
+    assert flor.runs()[["script", "cwd"]].values.tolist() == [["exp/train.py", "exp"]]
+    train = exp / "train.py"
     line = 'self.log("train_loss", loss)'
     train.write_text(train.read_text().replace(line, line + '\n        self.log("train_x2", loss.detach() * 2)'))
 

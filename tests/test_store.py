@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 import sqlite3
 import threading
+from contextlib import closing
 
 import pytest
 import torch
 
-from flor_lightning import store
+from flor_lightning import housekeeping, store
 from flor_lightning.errors import StoreError
 
 
@@ -24,6 +25,23 @@ def test_connect_creates_wal_store_with_migrations(tmp_path):
     # reopening applies nothing twice
     conn = store.connect(tmp_path / "sub" / "flor.db")
     assert conn.execute("SELECT count(*) FROM flor_migrations").fetchone()[0] == len(store.MIGRATIONS)
+
+
+def test_a_store_of_an_older_release_is_brought_up_to_date_keeping_its_rows(tmp_path, monkeypatch):
+    path = tmp_path / "flor.db"
+    monkeypatch.setattr(store, "MIGRATIONS", store.MIGRATIONS[:3])  # as the release before 0004 made it
+    with closing(store.connect(path)) as conn:
+        store.insert(conn, "runs", {"run_id": "r1", "project": "p", "started": 1.0, "status": "finished"})
+        store.insert(conn, "replays", {"replay_id": "r1.x", "run_id": "r1", "started": 2.0, "status": "running"})
+    monkeypatch.undo()
+
+    with closing(store.connect(path)) as conn:
+        [run] = store.fetch(conn, "SELECT run_id, status, cwd FROM runs")
+        [replay] = store.fetch(conn, "SELECT replay_id, pid, host FROM replays")
+        assert run == {"run_id": "r1", "status": "finished", "cwd": None}
+        assert replay == {"replay_id": "r1.x", "pid": None, "host": None}
+        # which process registered the replay is unknown: it is kept as possibly running
+        assert housekeeping.replay_alive(conn, "r1.x", "this-host")
 
 
 def test_connect_rejects_garbage_and_foreign_databases(tmp_path):
