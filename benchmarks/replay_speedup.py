@@ -12,10 +12,12 @@ replay compares the code with the recorded shadow commit.
 
 * ``retrain``: the validation metric added, a plain ``lightning.Trainer.fit`` from scratch
   (what a user of Lightning's loggers, MLflow or W&B must do);
-* ``replay-1`` / ``replay-2``: the same edit, ``flor.Trainer(...).replay(segments=1)`` on one
-  device, and ``segments=2`` on 2 ranks (``devices=2, strategy="ddp"``, gloo);
-* ``train-replay-1`` / ``train-replay-2``: a metric added to ``training_step`` instead, so replay
-  re-trains every epoch from the checkpoint before it;
+* ``replay-1`` / ``replay-2`` / ``replay-2-fork``: the same edit,
+  ``flor.Trainer(...).replay(segments=1)`` on one device, and ``segments=2`` on 2 ranks over gloo,
+  started by Lightning's ``ddp`` (rank 1 runs the script again in a new interpreter) or ``ddp_fork``
+  (both ranks forked inside the call, from the process that has everything imported already);
+* ``train-replay-1`` / ``train-replay-2-fork``: a metric added to ``training_step`` instead, so
+  replay re-trains every epoch from the checkpoint before it;
 * ``train-replay-*-1t``: the same on a second recording made with ``OMP_NUM_THREADS=1``. Replay
   gives every rank the recorded torch thread count (other counts sum floats in another order
   and would break bit-exactness), so replaying a 2-thread recording on 2 ranks runs 4 threads
@@ -26,7 +28,7 @@ script prints: process start + imports, the ``fit()``/``replay()`` call, inside 
 loop from the first ``on_train_start`` to the last ``on_train_end`` across ranks, and process
 exit; replays also print ``ReplayReport.seconds``. Process start + imports (~7 s, Lightning),
 interpreter exit (~1.5 s) and DDP start-up (rank 1 imports everything again) are fixed costs of
-every run, so speedups are given on the wall time and on the in-process call.
+every run but ``ddp_fork``'s, so speedups are given on the wall time and on the in-process call.
 
 The ideal replay time comes from the recording: checkpoint load + validation (+ training, when
 re-training), summed over the epochs of the slowest segment; validation and training times from
@@ -200,13 +202,13 @@ def measure_loads():
 
 
 def main():
-    mode, devices = sys.argv[1], int(sys.argv[2])
+    mode, devices, strategy = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     L.seed_everything(7, verbose=False)
     kw = dict(max_epochs=CFG["epochs"], accelerator="cpu", devices=devices, deterministic=True, logger=False,
               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
               num_sanity_val_steps=0, callbacks=[Clock()])
     if devices > 1:
-        kw["strategy"] = "ddp"
+        kw["strategy"] = strategy
     model = W2Model(CFG["in_dim"], CFG["hidden"], CFG["classes"], CFG["lr"])
     data = W2Data(CFG["in_dim"], CFG["classes"], CFG["batch"], CFG["train_batches"], CFG["val_batches"])
     trainer = L.Trainer(**kw) if mode == "fit" else flor.Trainer(**kw)
@@ -258,16 +260,18 @@ class Variant:
     mode: str
     devices: int
     what: str
+    strategy: str = "ddp"  # with devices > 1: how Lightning starts the ranks
 
 
 VARIANTS = (
     Variant("retrain", "2t", "val", "fit", 1, "plain Lightning fit from scratch"),
     Variant("replay-1", "2t", "val", "replay", 1, "replay, 1 segment"),
-    Variant("replay-2", "2t", "val", "replay", 2, "replay, 2 segments on 2 DDP ranks"),
+    Variant("replay-2", "2t", "val", "replay", 2, "replay, 2 segments on 2 DDP ranks (ddp)"),
+    Variant("replay-2-fork", "2t", "val", "replay", 2, "replay, 2 segments on 2 ranks forked (ddp_fork)", "ddp_fork"),
     Variant("train-replay-1", "2t", "train", "replay", 1, "re-training replay, 1 segment"),
-    Variant("train-replay-2", "2t", "train", "replay", 2, "re-training replay, 2 segments on 2 ranks"),
+    Variant("train-replay-2-fork", "2t", "train", "replay", 2, "re-training replay, 2 ranks (ddp_fork)", "ddp_fork"),
     Variant("train-replay-1-1t", "1t", "train", "replay", 1, "re-training replay, 1 segment, 1 thread"),
-    Variant("train-replay-2-1t", "1t", "train", "replay", 2, "re-training replay, 2 ranks x 1 thread"),
+    Variant("train-replay-2-1t-fork", "1t", "train", "replay", 2, "the same, 2 ranks x 1 thread, ddp_fork", "ddp_fork"),
 )
 RECORDINGS = {
     "2t": Variant("record", "2t", "none", "record", 1, "flor.Trainer fit, recording (once, before the rounds)"),
@@ -310,7 +314,7 @@ class Sandbox:
         for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "W2 training script"]):
             subprocess.run(["git", *args], cwd=self.root, env=self.env, check=True, capture_output=True)
 
-    def run(self, edit: str, mode: str, devices: int, timeout: float) -> dict[str, Any]:
+    def run(self, edit: str, mode: str, devices: int, strategy: str, timeout: float) -> dict[str, Any]:
         """Run the script with ``edit`` applied; its result, stamps and the parent's view of it.
 
         Raises:
@@ -322,7 +326,7 @@ class Sandbox:
         launch = time.time()
         start = time.perf_counter()
         proc = subprocess.Popen(
-            [sys.executable, SCRIPT, mode, str(devices)],
+            [sys.executable, SCRIPT, mode, str(devices), strategy],
             cwd=self.root,
             env=self.env,
             stdout=subprocess.PIPE,
@@ -515,7 +519,7 @@ def run_all(
     def run(v: Variant, r: int) -> dict[str, Any] | None:
         waits.append(wait_for_quiet(min(15.0, quiet_wait - sum(waits))))
         try:
-            res = boxes[v.group].run(v.edit, v.mode, v.devices, timeout=timeout)
+            res = boxes[v.group].run(v.edit, v.mode, v.devices, v.strategy, timeout=timeout)
         except RunFailed as err:
             failures.append({"variant": v.name, "round": r, "reason": err.reason, "output": err.output[-4000:],
                              "stacks": err.stacks})  # fmt: skip
@@ -690,7 +694,12 @@ def ideal_table(num: Numbers, recs: dict[str, dict[str, Any]], variants: Sequenc
     return [*lines, "", *targets, note]
 
 
-SCALING = (("replay-1", "replay-2"), ("train-replay-1", "train-replay-2"), ("train-replay-1-1t", "train-replay-2-1t"))
+SCALING = (
+    ("replay-1", "replay-2"),
+    ("replay-1", "replay-2-fork"),
+    ("train-replay-1", "train-replay-2-fork"),
+    ("train-replay-1-1t", "train-replay-2-1t-fork"),
+)
 
 
 def scaling_lines(num: Numbers) -> list[str]:
@@ -716,7 +725,8 @@ def fixed_cost_lines(num: Numbers, variants: Sequence[Variant]) -> list[str]:
     """What every run pays besides its work, from the phases above."""
     single = [x for v in variants if v.devices == 1 for x in num.xs(v.name, "startup")]
     exits = [x for v in variants if v.devices == 1 for x in num.xs(v.name, "exit")]
-    ddp = [x for v in variants if v.devices > 1 for x in num.xs(v.name, "before_loop")]
+    ddp = [x for v in variants if v.strategy == "ddp" and v.devices > 1 for x in num.xs(v.name, "before_loop")]
+    fork = [x for v in variants if v.strategy == "ddp_fork" for x in num.xs(v.name, "before_loop")]
     setup = [x for v in variants if v.devices == 1 and v.mode == "replay" for x in num.xs(v.name, "before_loop")]
     lines = [
         f"- fixed cost of every process: start + imports {spread(single)} s, exit {spread(exits)} s "
@@ -727,6 +737,11 @@ def fixed_cost_lines(num: Numbers, variants: Sequence[Variant]) -> list[str]:
             f"- DDP start-up inside the replay call (rank 1 starts and imports everything, process group, "
             f"DDP wrap): {med(ddp) - med(setup):.2f} s more than the 1-device replay's setup ({med(setup):.2f} s); "
             "a 2-segment replay saves time only where half the replay's work exceeds it"
+        )
+    if fork and setup:
+        lines.append(
+            f"- ddp_fork start-up inside the replay call (both ranks forked, process group, DDP wrap): "
+            f"{med(fork) - med(setup):.2f} s more than the 1-device replay's setup"
         )
     return lines
 
@@ -889,7 +904,8 @@ def targets(recs: dict[str, Any], results: list[dict[str, Any]]) -> list[dict[st
     """The rows this benchmark adds to RESULTS.md."""
     num = Numbers(results)
     rows: list[dict[str, Any]] = []
-    for v in (v for v in VARIANTS if v.name in ("replay-1", "replay-2") and v.name in num and "retrain" in num):
+    ideal_rows = ("replay-1", "replay-2", "replay-2-fork")
+    for v in (v for v in VARIANTS if v.name in ideal_rows and v.name in num and "retrain" in num):
         best = ideal(num, recs[v.group], v)
         call = num.speedup(v.name, v.group, "call")
         rows.append({

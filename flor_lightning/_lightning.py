@@ -324,4 +324,11 @@ def replay_data_unsharded(trainer: pl.Trainer, enabled: bool) -> bool:
 
 def spawns_ranks(trainer: pl.Trainer) -> bool:
     """Whether the strategy starts its ranks by spawning (ddp_spawn), which pickles the Trainer."""
-    return isinstance(trainer.strategy.launcher, _MultiProcessingLauncher)
+    launcher = trainer.strategy.launcher
+    return isinstance(launcher, _MultiProcessingLauncher) and not forks_ranks(trainer)
+
+
+def forks_ranks(trainer: pl.Trainer) -> bool:
+    """Whether fit forks the ranks from this process (ddp_fork) and runs none itself."""
+    launcher = trainer.strategy.launcher
+    return isinstance(launcher, _MultiProcessingLauncher) and launcher._start_method == "fork"

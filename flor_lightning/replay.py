@@ -152,8 +152,9 @@ def run_replay(
     _check_arguments(trainer.world_size, segments, segment, train)
     if trainer.world_size > 1 and _lightning.spawns_ranks(trainer):
         raise ReplayError(
-            "multi-process replay runs with strategy='ddp' (each rank re-runs your script), not with a spawning "
-            "strategy such as 'ddp_spawn'; or replay one segment per single-device process with segment=i"
+            "multi-process replay runs with strategy='ddp' (each rank re-runs your script) or 'ddp_fork' (ranks "
+            "forked from this process), not with a spawning strategy such as 'ddp_spawn'; or replay one segment "
+            "per single-device process with segment=i"
         )
     loc = locate()
     rec, ckpt_rows, timings = _load_run(loc, run)
@@ -374,13 +375,42 @@ class SegmentRunner:
         self._segment = segment
         trainer.fit_loop = _lightning.ReplayFitLoop(trainer, self)
         trainer.num_sanity_val_steps = 0
+        forked = _lightning.forks_ranks(trainer)
         try:
             trainer.fit(model, **data)
         except BaseException as err:
-            if self._segment is not None:
+            if forked:
+                self._forked_ranks_failed(err)
+            elif self._segment is not None:
                 self._mark(trainer, "failed", error=f"{type(err).__name__}: {err}")
             raise
-        self._mark(trainer, "finished")
+        if forked:  # fit returns once every forked rank exited, their values flushed: record their segments
+            with closing(store.connect(self.db_path)) as c:
+                c.execute(
+                    "UPDATE replay_segments SET status = 'finished', ended = ? "
+                    "WHERE replay_id = ? AND status = 'running'",
+                    [time.time(), self.replay_id],
+                )
+        else:
+            self._mark(trainer, "finished")
+
+    def _forked_ranks_failed(self, err: BaseException) -> None:
+        """A rank forked by fit (ddp_fork) failed: record it on its segment, the others as stopped, and
+        raise naming it (this process ran no segment; the launcher stopped the other ranks)."""
+        rank = getattr(err, "error_index", None)  # torch.multiprocessing's ProcessRaisedException/ExitedException
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        cause = lines[-1] if lines else type(err).__name__
+        with closing(store.connect(self.db_path)) as c:
+            c.execute(
+                "UPDATE replay_segments SET status = 'failed', ended = ?, "
+                "error = CASE WHEN rank = ? THEN ? ELSE ? END WHERE replay_id = ? AND status = 'running'",
+                [time.time(), rank, cause, f"stopped when rank {rank} failed", self.replay_id],
+            )
+            failed = store.fetch(
+                c, "SELECT * FROM replay_segments WHERE replay_id = ? AND status = 'failed'", [self.replay_id]
+            )
+        if failed and isinstance(err, Exception):
+            raise segments_failed(self.replay_id, failed, self.total_segments) from err
 
     # ---- ReplayHooks ------------------------------------------------------------------------
 
@@ -484,18 +514,24 @@ def wait_for_segments(
             if r["status"] == "failed" or (r["status"] == "running" and not store.pid_alive(r["pid"], r["host"], host))
         }
         if failed:
-            detail = "; ".join(
-                f"segment {i} (rank {r['rank']}): {r['error'] or 'its process died'}" for i, r in sorted(failed.items())
-            )
-            raise ReplayError(
-                f"replay {replay_id}: {detail}. Its values so far are kept; re-run it alone with "
-                f"trainer.replay(..., run=..., segment=<i>, segments={segments}) on one device."
-            )
+            raise segments_failed(replay_id, list(failed.values()), segments)
         if len(rows) == segments and all(r["status"] == "finished" for r in rows.values()):
             return
         if time.monotonic() > deadline:
             raise ReplayError(f"replay {replay_id}: segments {sorted(set(range(segments)) - set(rows))} never started")
         time.sleep(poll)
+
+
+def segments_failed(replay_id: str, failed: list[dict[str, Any]], segments: int) -> ReplayError:
+    """The error naming the failed segments (``replay_segments`` rows) and how to re-run one."""
+    detail = "; ".join(
+        f"segment {r['segment']} (rank {r['rank']}): {r['error'] or 'its process died'}"
+        for r in sorted(failed, key=lambda r: r["segment"])
+    )
+    return ReplayError(
+        f"replay {replay_id}: {detail}. Its values so far are kept; re-run it alone with "
+        f"trainer.replay(..., run=..., segment=<i>, segments={segments}) on one device."
+    )
 
 
 def _fill_epochs(conn: sqlite3.Connection, report: ReplayReport) -> None:

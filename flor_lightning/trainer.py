@@ -71,7 +71,10 @@ class Trainer(pl.Trainer):
             run: the run id (default: the latest recorded run of this script).
             epochs: the recorded epochs to replay (default: all).
             segments: split the epochs into this many contiguous segments, balanced by the
-                recorded epoch times; in one process they run one after another.
+                recorded epoch times; in one process they run one after another. Under
+                ``strategy="ddp"`` or ``"ddp_fork"`` it must equal the world size, and rank r
+                replays segment r (``ddp_fork`` starts the ranks in a fraction of a second
+                on CPUs; ``ddp`` runs the script again per rank).
             segment: replay only this segment (0-based), e.g. one SLURM array task each.
             train: re-run training batches (True), restore only (False), or decide by comparing
                 the training-path code with the recorded version (None).

@@ -78,7 +78,7 @@ def test_run_all_smoke_prints_every_table_and_one_row_per_target(tmp_path: Path)
         "mlflow",
     }
     replays = json.loads((tmp_path / "replay_speedup.json").read_text())["runs"]
-    assert {r["variant"] for r in replays} == {"record", "retrain", "replay-1", "replay-2"}
+    assert {r["variant"] for r in replays} == {"record", "retrain", "replay-1", "replay-2", "replay-2-fork"}
     assert all(r["report"]["mismatched"] == 0 for r in replays if r["report"])  # replays stay exact
 
 

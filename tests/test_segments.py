@@ -1,7 +1,8 @@
 """Replay segments on several ranks (DDP over gloo on the CPU) and dispatched by hand.
 
 Every test runs real processes: Lightning's ``ddp`` strategy re-launches the script for rank 1,
-so the replays run as scripts in a subprocess, as a user's would.
+``ddp_fork`` forks both ranks from the script's process inside fit, so the replays run as
+scripts in a subprocess, as a user's would.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ segment = int(sys.argv[4]) if len(sys.argv) > 4 else None
 L.seed_everything(7)
 kw = trainer_kwargs(max_epochs=int(os.environ.get("EPOCHS", "4")))
 if devices > 1:
-    kw.update(devices=devices, strategy="ddp")
+    kw.update(devices=devices, strategy=os.environ.get("STRATEGY", "ddp"))
 trainer = flor.Trainer(**kw)
 model = WithBatchNorm() if os.environ.get("BATCHNORM") else DigitsClassifier()
 if mode == "record":
@@ -107,11 +108,15 @@ def replayed(replay_id: str) -> list[tuple]:
     return sorted(map(tuple, df.astype(str).to_numpy()))
 
 
-def test_two_ranks_give_what_one_segment_gives_for_a_validation_metric(script):
+STRATEGIES = pytest.mark.parametrize("strategy", ["ddp", "ddp_fork"])
+
+
+@STRATEGIES
+def test_two_ranks_give_what_one_segment_gives_for_a_validation_metric(script, strategy):
     run(script, "record", "1", "1")
     edit(script, *VAL_METRIC)
     one = report_of(run(script, "replay", "1", "1")[1])
-    two = report_of(run(script, "replay", "2", "2")[1])
+    two = report_of(run(script, "replay", "2", "2", env={"STRATEGY": strategy})[1])
     assert two["epochs_restored"] == [0, 1, 2, 3] and two["mismatched"] == 0
     assert two["matched"] == two["rederived"] == one["rederived"] > 0
     # full validation set on each rank, no averaging across ranks, each value stored once
@@ -124,12 +129,13 @@ def test_two_ranks_give_what_one_segment_gives_for_a_validation_metric(script):
     assert [(r["segment"], r["rank"], r["status"]) for r in seg_rows] == [(0, 0, "finished"), (1, 1, "finished")]
 
 
-def test_re_training_on_two_ranks_with_unequal_segments_and_batchnorm_is_exact(script):
+@STRATEGIES
+def test_re_training_on_two_ranks_with_unequal_segments_and_batchnorm_is_exact(script, strategy):
     env = {"EPOCHS": "3", "BATCHNORM": "1"}
     run(script, "record", "1", "1", env=env)
     edit(script, *TRAIN_METRIC)
     one = report_of(run(script, "replay", "1", "1", env=env)[1])
-    two = report_of(run(script, "replay", "2", "2", env=env)[1])  # segments of 2 and 1 epochs
+    two = report_of(run(script, "replay", "2", "2", env=env | {"STRATEGY": strategy})[1])  # 2 and 1 epochs
     assert two["epochs_trained"] == [0, 1, 2] and one["epochs_trained"] == [0, 1, 2]
     assert two["mismatched"] == 0 and two["matched"] == two["rederived"] == one["rederived"] > 0
     assert replayed(two["replay_id"]) == replayed(one["replay_id"])
@@ -157,13 +163,17 @@ def test_manual_segments_in_separate_processes_equal_one_replay(script):
     assert union == replayed(one["replay_id"])
 
 
-def test_a_failed_rank_fails_the_replay_and_names_its_segment(script):
+@STRATEGIES
+def test_a_failed_rank_fails_the_replay_and_names_its_segment(script, strategy):
     run(script, "record", "1", "1")
     edit(script, *VAL_METRIC)
-    code, output = run(script, "replay", "2", "2", env={"FAIL_RANK": "1"}, check=False)
+    code, output = run(script, "replay", "2", "2", env={"FAIL_RANK": "1", "STRATEGY": strategy}, check=False)
     assert code != 0
-    assert "segment 1" in output and "rank failure injected by the test" in output
+    assert "segment 1 (rank 1): RuntimeError: rank failure injected by the test" in output
     assert "segment=<i>" in output  # says how to re-run it alone
+    [replay] = rows(script / ".flor" / "flor.db", "SELECT replay_id, status FROM replays")
+    segs = rows(script / ".flor" / "flor.db", "SELECT segment, status FROM replay_segments ORDER BY segment")
+    assert replay["status"] == "failed" and segs[1]["status"] == "failed", segs
 
 
 def test_segment_arguments_must_fit_the_world_size(project):
