@@ -4,7 +4,8 @@ Runs, one after the other, each in its own process:
 
 * ``record_overhead.py``: W1 (record overhead vs plain Lightning, ModelCheckpoint, its async
   variant and MLflow autolog) and W3 (cost per logged value vs CSVLogger, mlflow, flordb);
-* ``replay_speedup.py``: W2 (time to a hindsight metric: retraining vs replay, 1 and 2 segments);
+* ``replay_speedup.py``: W2 (time to a hindsight metric: retraining vs replay, 1 and 2 segments,
+  the 2 ranks started by ``ddp`` and by ``ddp_fork``);
 * ``query_speed.py``: W4 (``flor.query()`` over 100 runs and 1,000,000 values);
 
 sized so that the whole run takes under 15 minutes on a 2-core CPU. Each writes its detailed
@@ -66,14 +67,19 @@ WHERE_TIME_GOES = {
     "record_overhead.md's self.log section",
     "w2_replay-1_ideal": "fixed costs the ideal leaves out: Trainer setup, the code check against the shadow "
     "commit, opening the store and comparing re-derived values — see replay_speedup.md's phase table",
-    "w2_replay-2_ideal": "starting rank 1 (it imports torch and Lightning again, ~5 s) and the gloo process "
+    "w2_replay-2_ideal": "under ddp, starting rank 1 (it imports torch and Lightning again, ~7 s) and the gloo process "
     "group cost more than the 1-2 s of replay work they split",
     "w2_replay-2_scaling": "the same DDP start-up; the training loops alone scale (see the loop ratio), "
     "and 2 ranks x 2 recorded threads oversubscribe 2 cores",
-    "w2_train-replay-2_scaling": "re-training on 2 ranks keeps the recording's 2 torch threads per rank "
-    "(bit-exactness) on 2 cores: 4 threads on 2 cores; recorded with 1 thread it scales (train-replay-2-1t)",
-    "w2_train-replay-2-1t_scaling": "rank 1's start-up inside the call (it imports torch and Lightning again, "
-    "then the gloo process group: ~5 s) against ~14 s of re-training; the training loops alone scale (loop ratio)",
+    "w2_replay-2-fork_ideal": "the ideal is load + validation of the slower segment only; on top come each rank's "
+    "Trainer setup and data loaders, forking and the gloo group (~0.1 s), and 2 ranks x the recording's 2 torch "
+    "threads on 2 cores, against ~1 s of work",
+    "w2_replay-2-fork_scaling": "the training loops alone scale less than 2x: 2 ranks x the recording's 2 torch "
+    "threads (kept for bit-exactness) share 2 cores; a replay's fixed costs (setup, comparing values) do not split",
+    "w2_train-replay-2-fork_scaling": "each rank re-trains with the recording's 2 torch threads (bit-exactness): "
+    "4 threads on 2 cores; the same replay of a 1-thread recording scales (train-replay-2-1t-fork)",
+    "w2_train-replay-2-1t-fork_scaling": "forking, the gloo group and the rank's setup (~0.25 s) against ~7 s of "
+    "re-training per rank; the training loops alone scale (loop ratio)",
     "w4_full": "most of it is reading the 1M rows out of sqlite into Arrow (ADBC fetch), the rest the pandas "
     "pivot and the join with the run table — query_speed.md profiles it (cProfile, this run)",
 }
