@@ -7,9 +7,9 @@ import json
 import os
 import socket
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,9 +103,21 @@ def _filters(names: list[str], run_ids: list[str] | None) -> tuple[list[str], li
     return clauses, params
 
 
+@contextmanager
+def _arrow_cursor(db_path: Path) -> Iterator[Any]:
+    """An ADBC cursor on a read-only connection that waits (up to 30 s) while the store is busy.
+
+    A recorder that closes its last connection checkpoints the WAL and holds the file for a
+    moment; without a busy timeout (ADBC sets none) a query then failed with "database is locked".
+    """
+    with adbc_sqlite.connect(f"file:{db_path}?mode=ro") as conn, conn.cursor() as cur:
+        cur.execute("PRAGMA busy_timeout = 30000")
+        yield cur
+
+
 def _read_arrow(db_path: Path, sql: str, params: list[str]) -> pa.Table:
     """A read-only query's result as Arrow columns, through ADBC (no Python object per value)."""
-    with adbc_sqlite.connect(f"file:{db_path}?mode=ro") as conn, conn.cursor() as cur:
+    with _arrow_cursor(db_path) as cur:
         cur.execute(sql, params)
         return cur.fetch_arrow_table()
 
@@ -282,7 +294,7 @@ def _read_span(
     args = [*params, *span] if span else params
     sql = f"SELECT run_id, epoch, step, name, ifnull(value, 0.0) AS value, {_FLAGS} AS flags FROM logs"
     where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
-    with adbc_sqlite.connect(f"file:{db_path}?mode=ro") as conn, conn.cursor() as cur:
+    with _arrow_cursor(db_path) as cur:
         cur.execute(f"{sql} {where} ORDER BY rowid", args)
         table = cur.fetch_arrow_table()
         is_text = np.asarray(table["flags"]) % 4 == 2 if table.num_rows else np.zeros(0, dtype=bool)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import importlib
 import math
+import multiprocessing
 import os
 import random
 import socket
 import sqlite3
 import subprocess
 import sys
+import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -330,3 +333,30 @@ def test_a_recorded_nan_stays_although_a_replay_has_a_number(db: Path) -> None:
 
     assert math.isnan(flor.query("odd", run=RUN_A)["odd"].iloc[0])
     assert flor.query("odd", run=RUN_A, replayed=True)["odd@replay"].iloc[0] == 5.0
+
+
+def _write_and_close_repeatedly(db: Path, stop: Any) -> None:
+    """A writer that opens, writes and closes its only connection over and over: each close
+    checkpoints the WAL and holds the file for a moment, as a recorder's last close does."""
+    step = 0
+    while not stop.is_set():
+        with closing(store.connect(db)) as conn:
+            row = [RUN_A, step]
+            conn.execute("INSERT INTO logs VALUES (?, NULL, 'train', 'step', 9, ?, 0, 'loss', 1.0, NULL)", row)
+        step += 1
+
+
+def test_queries_wait_for_a_busy_store_instead_of_failing(db: Path) -> None:
+    stop = multiprocessing.get_context("fork").Event()
+    writer = multiprocessing.get_context("fork").Process(target=_write_and_close_repeatedly, args=(db, stop))
+    writer.start()
+    try:
+        reads, deadline = 0, time.monotonic() + 3
+        while time.monotonic() < deadline:  # each read failed ~2 times in 3 with "database is locked" before
+            assert len(flor.records(db=db)) >= 12
+            assert set(flor.query(db=db)["run_id"]) == {RUN_A, RUN_B}
+            reads += 1
+    finally:
+        stop.set()
+        writer.join(timeout=30)
+    assert reads > 0 and writer.exitcode == 0
