@@ -16,6 +16,7 @@ from flor_lightning.query import export, query, records, runs
 
 if TYPE_CHECKING:
     from flor_lightning.callback import FlorCallback
+    from flor_lightning.housekeeping import gc, push
     from flor_lightning.lightning_cli import LightningCLI
     from flor_lightning.multiversion import VersionReplay, format_report, replay_runs
     from flor_lightning.resume import last_checkpoint
@@ -28,6 +29,8 @@ _LAZY = {
     "Trainer": "trainer",
     "VersionReplay": "multiversion",
     "format_report": "multiversion",
+    "gc": "housekeeping",
+    "push": "housekeeping",
     "last_checkpoint": "resume",
     "replay_runs": "multiversion",
 }
@@ -48,7 +51,9 @@ __all__ = [
     "__version__",
     "export",
     "format_report",
+    "gc",
     "last_checkpoint",
+    "push",
     "query",
     "records",
     "replay_runs",

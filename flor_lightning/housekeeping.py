@@ -142,8 +142,8 @@ def gc(*, keep_last: int, dry_run: bool = False, db: str | Path | None = None) -
     with an unfinished replay is never touched.
 
     Example:
-        >>> from flor_lightning.housekeeping import gc
-        >>> gc(keep_last=5, dry_run=True).bytes  # doctest: +SKIP
+        >>> import flor_lightning as flor
+        >>> flor.gc(keep_last=5, dry_run=True).bytes  # doctest: +SKIP
 
     Raises:
         ConfigError: ``keep_last`` is not a non-negative integer.
@@ -208,8 +208,8 @@ def push(url: str, *, runs: Sequence[str] | None = None, db: str | Path | None =
     left alone (``kept``).
 
     Example:
-        >>> from flor_lightning.housekeeping import push
-        >>> push("s3://bucket/flor")  # doctest: +SKIP
+        >>> import flor_lightning as flor
+        >>> flor.push("s3://bucket/flor")  # doctest: +SKIP
 
     Raises:
         ConfigError: ``url`` cannot be opened, or a run id is unknown.

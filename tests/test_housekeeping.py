@@ -21,7 +21,7 @@ import flor_lightning as flor
 from flor_lightning import cli, store
 from flor_lightning.checkpoints import CheckpointStore
 from flor_lightning.errors import CheckpointError, ConfigError
-from flor_lightning.housekeeping import busy_runs, gc, push, select_for_gc
+from flor_lightning.housekeeping import busy_runs, select_for_gc
 
 pytestmark = pytest.mark.integration
 
@@ -91,7 +91,7 @@ def test_gc_dry_run_then_gc_as_a_process(three_runs: tuple[Path, list[str]]) -> 
     sizes = {r: sum(c["size"] for c in index(db, r)) for r in ids}
     assert all(len(index(db, r)) == 4 for r in ids)  # initial state + 3 epochs
 
-    dry = gc(keep_last=1, dry_run=True)
+    dry = flor.gc(keep_last=1, dry_run=True)
     assert dry.bytes == sizes[ids[0]] + sizes[ids[1]]
     assert all(len(index(db, r)) == 4 for r in ids) and all(run_dir(r).is_dir() for r in ids)
 
@@ -115,7 +115,7 @@ def test_gc_keeps_runs_an_unfinished_replay_needs(three_runs: tuple[Path, list[s
     add_replay(db, ids[1], pid=None, owner=os.getpid())  # registered, no segment started yet
     add_replay(db, ids[1], pid=None)  # the same in a store older than 0004, which did not name the process
     add_replay(db, ids[2], pid=None, owner=gone)  # killed before any segment began
-    report = gc(keep_last=0)
+    report = flor.gc(keep_last=0)
     assert {f.run_id for f in report.freed} == {ids[2]}
     assert "unfinished" in report.kept[ids[0]] and "unfinished" in report.kept[ids[1]]
     for r in ids[:2]:
@@ -143,7 +143,7 @@ def test_gc_collects_after_a_replay_died_or_finished(three_runs: tuple[Path, lis
     add_replay(db, ids[0], pid=dead_pid())  # killed: status still running, process gone
     add_replay(db, ids[1], pid=os.getpid(), segment_status="finished")
     assert busy_runs(store.connect(db)) == {}
-    report = gc(keep_last=1)
+    report = flor.gc(keep_last=1)
     assert sorted(f.run_id for f in report.freed) == sorted(ids[:2])
 
 
@@ -155,7 +155,7 @@ def test_gc_keeps_a_run_still_recording(three_runs: tuple[Path, list[str]]) -> N
         conn, "runs", {"run_id": ids[0]}, {"status": "running", "pid": os.getpid(), "host": socket.gethostname()}
     )
     conn.close()
-    report = gc(keep_last=0)
+    report = flor.gc(keep_last=0)
     assert report.kept == {ids[0]: "still recording"}
     assert len(index(db, ids[0])) == 4
 
@@ -170,14 +170,14 @@ def test_gc_killed_between_index_and_files_loses_nothing_and_the_next_gc_frees_t
     conn = store.connect(db)
     conn.execute("DELETE FROM checkpoints WHERE run_id = ?", [ids[0]])  # what a gc killed midway has done
     conn.close()
-    report = gc(keep_last=2)
+    report = flor.gc(keep_last=2)
     assert [(f.run_id, f.files, f.bytes) for f in report.freed] == [(ids[0], 4, orphan_bytes)]
     assert not run_dir(ids[0]).exists()
 
 
 def test_gc_rejects_a_negative_keep_last(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ConfigError, match="keep_last must be an integer >= 0"):
-        gc(keep_last=-1)
+        flor.gc(keep_last=-1)
     from flor_lightning import cli
 
     assert cli.main(["gc", "--keep-last", "-1"]) == 2
@@ -230,14 +230,14 @@ def test_push_to_memory_then_replay_in_process(three_runs: tuple[Path, list[str]
     root, ids = three_runs
     db = root / ".flor" / "flor.db"
     url = f"memory://flor-push-{uuid.uuid4().hex[:8]}"
-    report = push(url)
+    report = flor.push(url)
     assert len(report.moved) == 12 and report.bytes == sum(c["size"] for r in ids for c in index(db, r))
     fs, remote_root = fsspec.core.url_to_fs(url)
     for r in ids:
         prefix = f"memory://{remote_root}/proj/{r}/"  # the canonical URL (memory:///flor-push-...)
         assert all(c["path"].startswith(prefix) and fs.exists(c["path"]) for c in index(db, r))
         assert not run_dir(r).exists() or not list(run_dir(r).glob("*.ckpt"))
-    assert push(url).moved == []  # nothing left to move
+    assert flor.push(url).moved == []  # nothing left to move
 
     edit_model(root, *VAL_CONF)
     rep = replay(root, ids[1], lr=0.02)
@@ -254,7 +254,7 @@ def test_replay_after_a_partial_push_to_memory_reads_both_places(three_runs: tup
     good = third.read_bytes()
     third.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
     with pytest.raises(CheckpointError, match="does not match its recorded sha256"):
-        push(f"memory://flor-partial-{uuid.uuid4().hex[:8]}", runs=[run])
+        flor.push(f"memory://flor-partial-{uuid.uuid4().hex[:8]}", runs=[run])
     third.write_bytes(good)
     assert [c["path"].startswith("memory://") for c in index(db, run)] == [True, True, False, False]
 
@@ -276,7 +276,7 @@ def test_interrupted_push_leaves_every_checkpoint_readable_and_push_again_finish
     good = third.read_bytes()
     third.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
     with pytest.raises(CheckpointError, match="does not match its recorded sha256"):
-        push(str(remote), runs=[run])
+        flor.push(str(remote), runs=[run])
     paths = [c["path"] for c in index(db, run)]
     assert [p.startswith("file://") for p in paths] == [True, True, False, False]
     assert not list(remote.rglob("*.tmp-*")) and not (remote / "proj" / run / third.name).exists()
@@ -292,7 +292,7 @@ def test_interrupted_push_leaves_every_checkpoint_readable_and_push_again_finish
     conn.close()
     assert_all_readable(db, run)
 
-    report = push(str(remote), runs=[run])
+    report = flor.push(str(remote), runs=[run])
     assert [m.epoch for m in report.moved] == [1]  # the one left; the twin of epoch 2 is cleaned up
     assert not list(run_dir(run).glob("*.ckpt"))
     assert_all_readable(db, run)
@@ -352,7 +352,7 @@ def test_push_killed_with_sigkill_loses_nothing(three_runs: tuple[Path, list[str
     assert sum(p.startswith("file://") for p in paths) == moved
     assert_all_readable(db, run)  # whatever step the kill hit, every indexed checkpoint loads
 
-    report = push(str(remote), runs=[run])
+    report = flor.push(str(remote), runs=[run])
     assert len(report.moved) == 4 - moved
     assert all(c["path"].startswith(f"file://{remote}/proj/{run}/") for c in index(db, run))
     assert not list(run_dir(run).glob("*.ckpt")) and not list(remote.rglob("*.tmp-*"))
@@ -372,6 +372,6 @@ def test_gc_killed_with_sigkill_between_files_loses_nothing(three_runs: tuple[Pa
     assert index(db, ids[0]) == index(db, ids[1]) == []  # index rows went first, in one transaction
     assert len(index(db, ids[2])) == 4
     assert_all_readable(db, ids[2])
-    report = gc(keep_last=1)
+    report = flor.gc(keep_last=1)
     assert report.bytes == total - first_file  # the orphans the kill left, and nothing else
     assert not run_dir(ids[0]).exists() and not run_dir(ids[1]).exists()
