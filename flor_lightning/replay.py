@@ -386,11 +386,8 @@ class SegmentRunner:
             raise
         if forked:  # fit returns once every forked rank exited, their values flushed: record their segments
             with closing(store.connect(self.db_path)) as c:
-                c.execute(
-                    "UPDATE replay_segments SET status = 'finished', ended = ? "
-                    "WHERE replay_id = ? AND status = 'running'",
-                    [time.time(), self.replay_id],
-                )
+                running = {"replay_id": self.replay_id, "status": "running"}
+                store.update(c, "replay_segments", running, {"status": "finished", "ended": time.time()})
         else:
             self._mark(trainer, "finished")
 
@@ -400,12 +397,13 @@ class SegmentRunner:
         rank = getattr(err, "error_index", None)  # torch.multiprocessing's ProcessRaisedException/ExitedException
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         cause = lines[-1] if lines else type(err).__name__
+        running, ended = {"replay_id": self.replay_id, "status": "running"}, time.time()
         with closing(store.connect(self.db_path)) as c:
-            c.execute(
-                "UPDATE replay_segments SET status = 'failed', ended = ?, "
-                "error = CASE WHEN rank = ? THEN ? ELSE ? END WHERE replay_id = ? AND status = 'running'",
-                [time.time(), rank, cause, f"stopped when rank {rank} failed", self.replay_id],
+            store.update(
+                c, "replay_segments", {**running, "rank": rank}, {"status": "failed", "ended": ended, "error": cause}
             )
+            stopped = {"status": "failed", "ended": ended, "error": f"stopped when rank {rank} failed"}
+            store.update(c, "replay_segments", running, stopped)
             failed = store.fetch(
                 c, "SELECT * FROM replay_segments WHERE replay_id = ? AND status = 'failed'", [self.replay_id]
             )
