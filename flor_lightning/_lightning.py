@@ -16,6 +16,7 @@ from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.trainer import call
 from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultCollection
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import Metric
 from typing_extensions import override
@@ -218,7 +219,10 @@ class ReplayFitLoop(_FitLoop):
         self._hooks.on_step_done(self.trainer, step)
 
     def _restored_epoch_end(self) -> None:
-        """Lightning's epoch end without the scheduler step: the restored state already has it."""
+        """Lightning's ``_FitLoop.on_advance_end`` without the scheduler step: the restored state already has it.
+
+        Kept in step with Lightning's method by ``tests/test_lightning_fence.py``.
+        """
         trainer = self.trainer
         trainer._logger_connector.epoch_end_reached()
         self.epoch_progress.increment_processed()
@@ -230,6 +234,8 @@ class ReplayFitLoop(_FitLoop):
         trainer._logger_connector.update_train_epoch_metrics()
         self.epoch_loop._batches_that_stepped += 1
         self.epoch_progress.increment_completed()
+        if trainer.received_sigterm:  # as Lightning's epoch end: a SIGTERM stops the replay between epochs
+            raise SIGTERMException
 
     def _validates_this_epoch(self) -> bool:
         trainer = self.trainer
