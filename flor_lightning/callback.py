@@ -342,14 +342,6 @@ class FlorCallback(Callback):
             log.error("flor: while closing the failed run: %s", err)
 
     @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"run_id": self.run_id}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        pass  # a run's id is chosen when it starts; replay and resume set it explicitly
-
-    @override
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
@@ -518,11 +510,6 @@ class FlorCallback(Callback):
             # The failed file never reached its final name nor the index, so the store stays
             # consistent, and replay works around the missing epoch.
             log.warning("flor: %s; training continues, and replay will re-train around that epoch", err)
-
-    @property
-    def blocked_seconds(self) -> float:
-        """Training-thread seconds spent waiting for an earlier checkpoint write (also in :attr:`stats`)."""
-        return self.stats.blocked_seconds
 
     @property
     def stats(self) -> RecordStats:

@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 
     from flor_lightning.store import LogWriter
 
-# Lightning's running stages, as flor names them; the sanity check and predict are not recorded.
-STAGES = {"train": "train", "validate": "validate", "test": "test"}
+# Lightning's running stages that are recorded (the sanity check and predict are not), named as Lightning does.
+RECORDED_STAGES = frozenset({"train", "validate", "test"})
 
 
 class LogCapture:
@@ -130,4 +130,4 @@ class LogCapture:
 
 def _stage(trainer: pl.Trainer) -> str | None:
     stage = trainer.state.stage
-    return STAGES.get(stage.value) if stage is not None else None
+    return stage.value if stage is not None and stage.value in RECORDED_STAGES else None

@@ -107,11 +107,12 @@ def _records_frame(items: Sequence[Any]) -> pd.DataFrame:
 
 
 def _human(size: float) -> str:
+    unit = "B"
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+            break
         size /= 1024
-    return f"{size:.1f} GB"
+    return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
 
 
 def _check_runs(db: str | None, run_ids: Sequence[str] | None) -> None:
@@ -342,10 +343,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """Replay every selected past run from its own code version with today's logging."""
-    try:
-        from flor_lightning import multiversion
-    except ImportError as err:
-        raise ConfigError(f"flor replay needs flor_lightning.multiversion, which this install lacks: {err}") from err
+    from flor_lightning import multiversion  # imports torch and Lightning: only for this command
+
     _check_runs(args.db, args.run)
     with contextlib.redirect_stdout(sys.stderr):  # progress lines: stdout carries only the report
         results = multiversion.replay_runs(

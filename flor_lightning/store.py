@@ -133,7 +133,6 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
 )
 
 LOG_COLUMNS = ("run_id", "replay_id", "stage", "level", "epoch", "step", "batch_idx", "name", "value", "text")
-LogRow = tuple[str, "str | None", str, str, int, int, "int | None", str, Any]
 
 
 def connect(path: Path | str) -> sqlite3.Connection:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +41,16 @@ def save(store: CheckpointStore, state: Any, epoch: int = 3, run_id: str = "run-
     return done[0]
 
 
+def test_write_seconds_are_timed_with_the_injected_clock(tmp_path: Path) -> None:
+    writer_ticks = iter(range(100))
+
+    def clock() -> float:  # a quarter second per reading on the writer thread; the waiting thread reads 0
+        return 0.25 * next(writer_ticks) if threading.current_thread().name == "flor-checkpoint-writer" else 0.0
+
+    info = save(CheckpointStore(str(tmp_path / "ckpts"), clock=clock), sample_state())
+    assert info.write_seconds == 0.25  # the writer read the clock as it began and once the file was in place
+
+
 def sample_state() -> dict[str, Any]:
     return {
         "state_dict": {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.zeros(3)},
@@ -58,7 +69,6 @@ def test_save_then_load_round_trips_as_data(ckpts: CheckpointStore) -> None:
     assert info.path == ckpts.path("run-a", 3)
     assert info.path.endswith("/run-a/epoch=00003.ckpt")
     assert (info.epoch, info.step) == (3, 30)
-    assert info.write_seconds >= 0
     loaded = ckpts.load(info.path, info.sha256)
     torch.testing.assert_close(loaded["state_dict"], state["state_dict"], rtol=0, atol=0)
     assert loaded["optimizer_states"][0]["param_groups"] == state["optimizer_states"][0]["param_groups"]

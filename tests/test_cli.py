@@ -293,8 +293,6 @@ def test_console_script_is_installed() -> None:
 def test_replay_command_reports_and_sets_the_exit_code(
     recorded: tuple[Path, str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    if importlib.util.find_spec("flor_lightning.multiversion") is None:
-        pytest.skip("flor_lightning.multiversion (multiversion replay) is not in this tree yet")
     root, run_a, run_b = recorded
     done = flor_cmd("replay", "--where", "lr < 0.005", "--format", "json", cwd=root)
     rows = json.loads(done.stdout)  # progress goes to stderr: stdout is the json alone
