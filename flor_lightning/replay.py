@@ -116,14 +116,8 @@ def decide_training(
         return True, "validation ran inside the epoch (val_check_interval), which checkpoints cannot reproduce"
     if not run["shadow_commit"] or not loc.in_git:
         return False, "the run has no code snapshot to compare with; restoring (pass train=True to re-train)"
-    users = [
-        model,
-        *(
-            cb
-            for cb in trainer.callbacks  # type: ignore[attr-defined]
-            if not type(cb).__module__.startswith(("lightning", "pytorch_lightning", "flor_lightning"))
-        ),
-    ]
+    callbacks = trainer.callbacks  # type: ignore[attr-defined]
+    users = [model, *(cb for cb in callbacks if codecheck.defined_in_project(type(cb), loc.root))]
     current = codecheck.user_methods(users, loc.root)
 
     def recorded(file: Path) -> str | None:
