@@ -28,6 +28,7 @@ import git
 
 from flor_lightning import shadow
 from flor_lightning.errors import GitError
+from flor_lightning.shadow import is_binary
 
 MergeFile = Callable[[bytes, bytes, bytes], "tuple[bytes, bool]"]
 
@@ -102,7 +103,7 @@ def edits_since(repo_root: Path, base: str) -> Edits:
             if not repo.git.rev_parse("-q", "--verify", f"{base}^{{commit}}", with_exceptions=False):
                 raise GitError(f"base {base!r} is not a commit of the repository at {repo_root}; pass a commit sha")
             top = Path(str(repo.working_tree_dir))
-            files, _ = shadow._select(top, shadow._listed(repo), (".flor/",), shadow.DEFAULT_MAX_FILE_BYTES)
+            files, _ = shadow.select(top, *shadow._listed(repo), {".flor/": ""}, shadow.DEFAULT_MAX_FILE_BYTES)
             with tempfile.TemporaryDirectory(prefix="flor-index-") as tmp:
                 tree = shadow._write_tree(repo, files, Path(tmp))
             out = repo.git.diff_tree("-r", "--no-renames", "--name-only", "-z", base, tree)
@@ -129,11 +130,6 @@ def merge_into(worktree: Path, ours: str, edits: Edits, *, merge_file: MergeFile
                 _write(worktree / path, result)
                 written.append(path)
     return MergeResult(written=tuple(written), conflicts=tuple(conflicts), binary=tuple(binary))
-
-
-def is_binary(data: bytes | None) -> bool:
-    """Whether ``data`` looks binary to git: a NUL byte among its first 8000 bytes."""
-    return data is not None and b"\0" in data[:8000]
 
 
 def _blob(repo: git.Repo, rev: str, path: str) -> bytes | None:

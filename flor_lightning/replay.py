@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from flor_lightning import _lightning, codecheck, planner, shadow, store
+from flor_lightning import _lightning, codecheck, codeversion, planner, shadow, store
 from flor_lightning.checkpoints import CheckpointStore
 from flor_lightning.errors import CheckpointError, ReplayError
 from flor_lightning.locate import Location, locate
@@ -178,7 +178,8 @@ def run_replay(
                 f"flor: checkpoints of epochs {missing} of run {rec['run_id']} are missing; replay works around them"
             )
         _announce(rec["run_id"], chosen, segment, segments, retrain, reason, train_s, val_s, ckpt_rows)
-        version = _commit_code(loc, f"flor replay {replay_id} of run {rec['run_id']}")
+        exclude = codeversion.run_exclusions(loc, trainer, rec["checkpoint_root"])
+        version = codeversion.commit_code(loc, f"flor replay {replay_id} of run {rec['run_id']}", exclude=exclude)
         with closing(store.connect(loc.db_path)) as c:
             store.insert(
                 c,
@@ -190,7 +191,7 @@ def run_replay(
                     "status": "running",
                     "pid": os.getpid(),
                     "host": socket.gethostname(),
-                    "shadow_commit": version,
+                    "shadow_commit": version.shadow_commit if version else None,
                     "plan": [[asdict(st) for st in seg.steps] for seg in chosen],
                 },
                 replace=False,
@@ -291,16 +292,6 @@ def _announce(
         f"{'re-training' if retrain else 'restoring checkpoints'} because {reason}. "
         f"Estimated {estimate:.1f}s (the recording took {full:.1f}s)."
     )
-
-
-def _commit_code(loc: Location, message: str) -> str | None:
-    if not loc.in_git:
-        return None
-    try:
-        return shadow.snapshot(loc.root, message=message).shadow_commit
-    except Exception as err:  # the replay must not fail because the snapshot did
-        rank_zero_warn(f"flor: could not snapshot the replayed code: {err}")
-        return None
 
 
 class SegmentRunner:

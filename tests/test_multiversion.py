@@ -424,16 +424,22 @@ def test_three_way_merges_separate_changes_and_refuses_overlapping_ones():
 
 
 def test_binary_files_are_not_brought_in(project):
-    base = git(project, "rev-parse", "HEAD")
     (project / "model.ckpt").write_bytes(b"\0weights")
+    git(project, "add", "model.ckpt")
+    git(project, "commit", "-q", "-m", "a tracked binary file")
+    base = git(project, "rev-parse", "HEAD")
+    (project / "model.ckpt").write_bytes(b"\0weights, trained further")
+    (project / "untracked.ckpt").write_bytes(b"\0an output, not code")
     (project / "train.py").write_text("print('edited')\n")
     edits = merging.edits_since(project, base)
+    assert "untracked.ckpt" not in edits.paths  # an untracked binary file is never part of the code
     worktree = project.parent / "version"
     git(project, "worktree", "add", "-q", "--detach", str(worktree), base)
     try:
         merged = merging.merge_into(worktree, base, edits)
         assert (merged.written, merged.binary, merged.status) == (("train.py",), ("model.ckpt",), "merged")
-        assert not (worktree / "model.ckpt").exists() and (worktree / "train.py").read_text() == "print('edited')\n"
+        assert (worktree / "model.ckpt").read_bytes() == b"\0weights" and not (worktree / "untracked.ckpt").exists()
+        assert (worktree / "train.py").read_text() == "print('edited')\n"
     finally:
         git(project, "worktree", "remove", "--force", str(worktree))
 
