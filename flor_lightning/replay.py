@@ -9,7 +9,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -480,10 +480,22 @@ class BadCheckpoint(CheckpointError):
 
 
 def wait_for_segments(
-    db_path: str, replay_id: str, segments: int, *, poll: float = 0.5, timeout: float = 3600.0
+    db_path: str,
+    replay_id: str,
+    segments: int,
+    *,
+    poll: float = 0.5,
+    start_timeout: float = 600.0,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> None:
-    """Block until every segment of ``replay_id`` finished; raise naming any that failed or died."""
-    deadline = time.monotonic() + timeout
+    """Block until every segment of ``replay_id`` finished; raise naming any that failed or died.
+
+    A started segment is waited for as long as its process lives (on another host it is taken
+    to live: only its row can say it ended), however long its epochs take. A segment with no row
+    ``start_timeout`` seconds into the wait never started: its process did not reach the replay.
+    """
+    deadline = clock() + start_timeout
     host = socket.gethostname()
     while True:
         with closing(store.connect(db_path)) as c:
@@ -491,18 +503,35 @@ def wait_for_segments(
                 r["segment"]: r
                 for r in store.fetch(c, "SELECT * FROM replay_segments WHERE replay_id = ?", [replay_id])
             }
-        failed = {
-            i: r
-            for i, r in rows.items()
+        failed = [
+            r
+            for r in rows.values()
             if r["status"] == "failed" or (r["status"] == "running" and not store.pid_alive(r["pid"], r["host"], host))
-        }
+        ]
         if failed:
-            raise segments_failed(replay_id, list(failed.values()), segments)
+            raise segments_failed(replay_id, failed, segments)
         if len(rows) == segments and all(r["status"] == "finished" for r in rows.values()):
             return
-        if time.monotonic() > deadline:
-            raise ReplayError(f"replay {replay_id}: segments {sorted(set(range(segments)) - set(rows))} never started")
-        time.sleep(poll)
+        missing = sorted(set(range(segments)) - set(rows))
+        if missing and clock() > deadline:
+            raise never_started(replay_id, missing, rows, segments, start_timeout)
+        sleep(poll)
+
+
+def never_started(
+    replay_id: str, missing: list[int], rows: dict[int, dict[str, Any]], segments: int, waited: float
+) -> ReplayError:
+    """The error naming the segments that never started, and what the others are doing."""
+    running = sorted(i for i, r in rows.items() if r["status"] == "running")
+    finished = sorted(i for i, r in rows.items() if r["status"] == "finished")
+    states = ((running, "are still running"), (finished, "finished"))
+    others = "; ".join(f"segments {which} {state}" for which, state in states if which)
+    return ReplayError(
+        f"replay {replay_id}: segments {missing} never started within {waited:.0f}s"
+        + (f" ({others})" if others else "")
+        + f"; their ranks' processes did not reach the replay: read their output, then replay each alone with "
+        f"trainer.replay(..., run=..., segment=<i>, segments={segments}) on one device."
+    )
 
 
 def segments_failed(replay_id: str, failed: list[dict[str, Any]], segments: int) -> ReplayError:
