@@ -150,6 +150,11 @@ class FlorCallback(Callback):
             )
         if flush_interval <= 0:
             raise ConfigError(f"flush_interval must be > 0 seconds, got {flush_interval!r}")
+        if not isinstance(max_file_bytes, int) or isinstance(max_file_bytes, bool) or max_file_bytes < 0:
+            raise ConfigError(
+                f"max_file_bytes must be a whole number of bytes >= 0, got {max_file_bytes!r}; "
+                f"e.g. {DEFAULT_MAX_FILE_BYTES} (5 MB, the default)"
+            )
         if checkpoint_dir is not None and "://" in checkpoint_dir:
             open_fs(checkpoint_dir)  # an fsspec protocol that is not installed is refused here
         if checkpoint_dir is not None and "://" not in checkpoint_dir and not Path(checkpoint_dir).parent.is_dir():
