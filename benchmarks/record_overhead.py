@@ -71,6 +71,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import flor_lightning._lightning as flor_internals
 import flor_lightning.callback as flor_callback
 import flor_lightning.checkpoints as flor_checkpoints
+import flor_lightning.codeversion as flor_codeversion
 import flor_lightning.rng as flor_rng
 import flor_lightning.store as flor_store
 from flor_lightning import FlorCallback
@@ -189,7 +190,7 @@ class TimedFlorCallback(FlorCallback):
     def instrument(self) -> None:
         """Time flor's internal steps; this process is a throwaway child, so patching is contained."""
         flor_callback.snapshot = self._timed(flor_callback.snapshot, "snapshot copy (clone tensors)")
-        flor_callback.shadow_snapshot = self._timed(flor_callback.shadow_snapshot, "git snapshot")
+        flor_codeversion.commit_code = self._timed(flor_codeversion.commit_code, "git snapshot")
         flor_internals.dump_state = self._timed(flor_internals.dump_state, "dump_state (Lightning)")
         flor_rng.capture = self._timed(flor_rng.capture, "rng.capture")
         flor_store.insert = self._timed(flor_store.insert, "sqlite insert (run/epoch/checkpoint row)")

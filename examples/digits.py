@@ -80,11 +80,9 @@ def main() -> None:
     args = parser.parse_args()
 
     L.seed_everything(0, workers=True)
-    # flor checkpoints the full state every epoch, so Lightning's own ModelCheckpoint (which would
-    # write checkpoints/*.ckpt into this folder, and so into the code snapshot) is off.
-    trainer = flor.Trainer(
-        max_epochs=args.epochs, deterministic=True, enable_model_summary=False, logger=False, enable_checkpointing=False
-    )
+    # Lightning's defaults stay on: its logger and ModelCheckpoint write lightning_logs/ here, and
+    # flor leaves that folder out of the code snapshot (`flor show <run>` lists what it left out).
+    trainer = flor.Trainer(max_epochs=args.epochs, deterministic=True, enable_model_summary=False)
     if args.replay:
         trainer.replay(DigitsClassifier(), datamodule=DigitsData())
     else:

@@ -1,9 +1,11 @@
 """Hindsight logging, end to end, on the digits example.
 
-1. record ``digits.py`` in a fresh git repository (a throw-away copy of the example);
-2. add a metric nobody logged (macro F1 in ``validation_step``), as a user would edit the file;
-3. replay the recorded run: flor restores each epoch's checkpoint instead of retraining;
-4. print ``flor.query()``: val_f1 sits on the recorded rows, beside val_loss.
+1. record ``digits.py`` in a fresh git repository (a throw-away copy of the example), with
+   Lightning's defaults: its logger and ModelCheckpoint write ``lightning_logs/`` beside the code;
+2. ``flor show`` the run: the code snapshot holds ``digits.py``, and names what it left out;
+3. add a metric nobody logged (macro F1 in ``validation_step``), as a user would edit the file;
+4. replay the recorded run: flor restores each epoch's checkpoint instead of retraining;
+5. print ``flor.query()``: val_f1 sits on the recorded rows, beside val_loss.
 
     python examples/hindsight_demo.py [--workdir DIR]
 """
@@ -18,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+FLOR = [sys.executable, "-m", "flor_lightning.cli"]  # the `flor` command of this interpreter
 
 NEW_METRIC = """        self.log("val_acc", (logits.argmax(1) == y).float().mean())
         # added after training: macro F1 over the 10 classes
@@ -49,14 +52,23 @@ def main() -> None:
     print("\n== 1. record a training run", flush=True)
     run([sys.executable, "digits.py", "--epochs", "6"], work)
 
-    print("\n== 2. add a metric nobody logged: val_f1 in validation_step", flush=True)
+    print("\n== 2. the run's code snapshot: its files, and what it left out", flush=True)
+    run_id = (
+        subprocess.run([*FLOR, "runs", "--format", "csv"], cwd=work, check=True, capture_output=True, text=True)
+        .stdout.splitlines()[-1]
+        .split(",")[0]
+    )
+    run([*FLOR, "show", run_id], work)
+    run(["git", "ls-tree", "-r", "--name-only", "flor.shadow"], work)
+
+    print("\n== 3. add a metric nobody logged: val_f1 in validation_step", flush=True)
     script = work / "digits.py"
     text = script.read_text()
     old = '        self.log("val_acc", (logits.argmax(1) == y).float().mean())'
     script.write_text(text.replace(old, NEW_METRIC))
     subprocess.run(["git", "--no-pager", "diff", "--stat"], cwd=work, check=True)
 
-    print("\n== 3. replay the recorded run with the new metric", flush=True)
+    print("\n== 4. replay the recorded run with the new metric", flush=True)
     run([sys.executable, "digits.py", "--epochs", "6", "--replay"], work)
 
     print(f"\nThe demo repository is {work}; its log store is {work / '.flor' / 'flor.db'}.")

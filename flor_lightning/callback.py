@@ -22,14 +22,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from flor_lightning import _lightning, rng, store
+from flor_lightning import _lightning, codeversion, rng, store
 from flor_lightning.capture import LogCapture
 from flor_lightning.checkpoints import CheckpointInfo, CheckpointStore, snapshot
-from flor_lightning.errors import CheckpointError, ConfigError, FlorError, GitError
+from flor_lightning.errors import CheckpointError, ConfigError, FlorError
 from flor_lightning.locate import Location, checkpoint_root, ignore_flor_folder, locate, open_fs
 from flor_lightning.resume import recorded_checkpoints, reopen_run, run_exists
 from flor_lightning.shadow import DEFAULT_MAX_FILE_BYTES
-from flor_lightning.shadow import snapshot as shadow_snapshot
 
 if TYPE_CHECKING:
     import sqlite3
@@ -37,7 +36,6 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 log = logging.getLogger(__name__)
-_warned_no_git = False
 
 
 AUTO = "auto"
@@ -103,7 +101,8 @@ class FlorCallback(Callback):
     ``logger=False``), the epoch aggregates, hyperparameters, Trainer settings and versions
     go to the sqlite log store ``.flor/flor.db`` at the git repository root; the full training
     state is checkpointed in the background after every ``checkpoint_every``-th epoch (and
-    the last one); the code is committed to the ``flor.shadow`` branch.
+    the last one); the code is committed to the ``flor.shadow`` branch, without the run's outputs
+    (the Trainer's log and checkpoint folders, flor's own files: see :mod:`flor_lightning.codeversion`).
 
     With ``checkpoint_every="auto"`` the period adapts so that checkpointing's CPU time (the
     snapshot plus the background write, measured on the latest checkpoint) stays under
@@ -151,6 +150,11 @@ class FlorCallback(Callback):
             )
         if flush_interval <= 0:
             raise ConfigError(f"flush_interval must be > 0 seconds, got {flush_interval!r}")
+        if not isinstance(max_file_bytes, int) or isinstance(max_file_bytes, bool) or max_file_bytes < 0:
+            raise ConfigError(
+                f"max_file_bytes must be a whole number of bytes >= 0, got {max_file_bytes!r}; "
+                f"e.g. {DEFAULT_MAX_FILE_BYTES} (5 MB, the default)"
+            )
         if checkpoint_dir is not None and "://" in checkpoint_dir:
             open_fs(checkpoint_dir)  # an fsspec protocol that is not installed is refused here
         if checkpoint_dir is not None and "://" not in checkpoint_dir and not Path(checkpoint_dir).parent.is_dir():
@@ -253,7 +257,9 @@ class FlorCallback(Callback):
     ) -> None:
         script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
         rel_script = _relative(script, loc.root) if script else None
-        version = self._commit_code(loc, f"flor run {run_id}: {rel_script}")
+        exclude = codeversion.run_exclusions(loc, trainer, ckpt_url)
+        message = f"flor run {run_id}: {rel_script}"
+        version = codeversion.commit_code(loc, message, exclude=exclude, max_file_bytes=self.max_file_bytes)
         store.insert(
             conn,
             "runs",
@@ -274,37 +280,13 @@ class FlorCallback(Callback):
                     "lightning": lightning.__version__,
                     "python": platform.python_version(),
                 },
-                "shadow_commit": version[0],
-                "head_commit": version[1],
-                "branch": version[2],
+                "shadow_commit": version.shadow_commit if version else None,
+                "head_commit": version.head_commit if version else None,
+                "branch": version.branch if version else None,
                 "checkpoint_root": ckpt_url,
+                "left_out": dict(version.left_out) if version else None,
             },
         )
-
-    def _commit_code(self, loc: Location, message: str) -> tuple[str | None, str | None, str | None]:
-        global _warned_no_git
-        if not loc.in_git:
-            if not _warned_no_git:
-                log.warning(
-                    "flor: %s is not in a git repository; recording without a code snapshot. Run 'git init' "
-                    "and commit your code to record code versions (replay compares code with them)",
-                    loc.root,
-                )
-                _warned_no_git = True
-            return None, None, None
-        try:
-            v = shadow_snapshot(loc.root, message=message, max_file_bytes=self.max_file_bytes)
-        except GitError as err:
-            log.warning("flor: the code snapshot failed (%s); recording without it", err)
-            return None, None, None
-        if v.skipped:
-            log.warning(
-                "flor: left out of the code snapshot (over %d bytes): %s. Add them to .gitignore, or raise "
-                "FlorCallback(max_file_bytes=...) to include them",
-                self.max_file_bytes,
-                v.skipped,
-            )
-        return v.shadow_commit, v.head_commit, v.branch
 
     def _close(self, status: str | None) -> None:
         session, self._session = self._session, None

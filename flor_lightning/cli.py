@@ -211,6 +211,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         "hparams": _json(run["hparams"]),
         "settings": _json(run["settings"]),
         "code": {k: run[k] for k in ("shadow_commit", "head_commit", "branch")},
+        "left out of the code snapshot": _json(run.get("left_out")) or "-",
         "checkpoints": {
             "count": len(ckpts),
             "epochs": planner.describe([c["epoch"] for c in ckpts if c["epoch"] >= 0]) or "-",

@@ -4,12 +4,19 @@ New logging in ``validation_step`` or an epoch-end hook can be replayed from che
 new logging in ``training_step``, ``forward`` or a batch/optimizer hook needs the training
 batches to run again. The comparison is on syntax trees, so comments and formatting do not
 count as changes.
+
+Only the user's own code is compared: a method counts when :func:`is_user_file` says its file
+is part of the project, so Lightning's (or any installed library's) methods never do, even
+from a virtualenv inside the repository.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
+import sys
+import sysconfig
 import textwrap
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -51,8 +58,66 @@ def _dump(source: str) -> str | None:
     return ast.dump(node)
 
 
+_PACKAGE_FOLDERS = ("site-packages", "dist-packages")
+
+
+@functools.cache
+def library_folders() -> tuple[Path, ...]:
+    """Where this interpreter keeps the standard library and installed packages (its prefixes too)."""
+    paths = sysconfig.get_paths()
+    found = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]
+    found += [paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths]
+    return tuple(dict.fromkeys(Path(p).resolve() for p in found))
+
+
+def holds_pyvenv_cfg(folder: Path) -> bool:
+    """Whether ``folder`` is a virtualenv (``python -m venv``, virtualenv, uv all write ``pyvenv.cfg``)."""
+    return (folder / "pyvenv.cfg").is_file()
+
+
+def is_user_file(
+    file: Path,
+    root: Path,
+    *,
+    libraries: Iterable[Path] | None = None,
+    is_venv: Callable[[Path], bool] = holds_pyvenv_cfg,
+) -> bool:
+    """Whether ``file`` is the user's own code: under the project ``root`` and in no library.
+
+    A file is not the user's when it lies in a ``site-packages`` or ``dist-packages`` folder, in
+    a folder holding a ``pyvenv.cfg`` (a virtualenv), or under one of ``libraries`` (default
+    :func:`library_folders`: the interpreter's prefixes, standard library and site-packages),
+    wherever those are, inside ``root`` too. Only folders below ``root`` are looked at: a project
+    that itself lies inside an interpreter's prefix (``/usr/src/app`` beside ``/usr``) stays the user's.
+
+    Example:
+        >>> is_user_file(Path("/p/.venv/lib/python3.11/site-packages/lightning/core.py"), Path("/p"))
+        False
+        >>> is_user_file(Path("/p/model.py"), Path("/p"), is_venv=lambda folder: False)
+        True
+    """
+    if root not in file.parents:
+        return False
+    folder = root
+    for part in file.relative_to(root).parts[:-1]:
+        folder = folder / part
+        if part in _PACKAGE_FOLDERS or is_venv(folder):
+            return False
+    inside = [lib for lib in (library_folders() if libraries is None else libraries) if root in lib.parents]
+    return not any(lib in file.parents for lib in inside)
+
+
+def defined_in_project(cls: type, root: Path) -> bool:
+    """Whether class ``cls`` is defined in a file of the project at ``root`` (see :func:`is_user_file`)."""
+    try:
+        file = inspect.getsourcefile(cls)
+    except (TypeError, OSError):  # a builtin, or a class made at run time without a file
+        return False
+    return file is not None and is_user_file(Path(file).resolve(), root)
+
+
 def user_methods(objects: Iterable[object], root: Path) -> list[MethodSource]:
-    """The training-path methods that classes of ``objects`` define in files under ``root``."""
+    """The training-path methods that classes of ``objects`` define in the user's files under ``root``."""
     found: list[MethodSource] = []
     for obj in objects:
         for name in TRAINING_HOOKS:
@@ -64,7 +129,7 @@ def user_methods(objects: Iterable[object], root: Path) -> list[MethodSource]:
                 source = inspect.getsource(fn)
             except (OSError, TypeError):
                 continue
-            if root not in file.parents:
+            if not is_user_file(file, root):
                 continue  # defined by Lightning or another library, not by the user
             tree = _dump(source)
             if tree is not None:

@@ -54,7 +54,7 @@ class VersionReplay:
         status: ``replayed``, ``skipped`` (nothing was run; ``reason`` says why) or ``failed``.
         merge: ``merged`` (edits written into the version), ``unchanged`` (no edit to bring),
             ``conflict``, ``probe only`` (propagation off) or ``-`` (nothing brought in).
-        reason: why it was skipped or failed, or the files merged.
+        reason: why it was skipped or failed, or the files merged (and the changed files left out).
         replay_id: the replay's id in the log store (values carry it), when it ran.
         epochs_restored: epochs restored from checkpoints.
         epochs_trained: epochs whose training batches ran again.
@@ -63,6 +63,7 @@ class VersionReplay:
         new_names: names the recording did not have (the hindsight metrics).
         seconds: wall time of this run's replay, worktree included.
         log: the file with the replay process's output, when it ran.
+        left_out: changed files that are not code (logs, outputs), never merged into the version.
     """
 
     run_id: str
@@ -77,6 +78,7 @@ class VersionReplay:
     new_names: list[str] = field(default_factory=list)
     seconds: float = 0.0
     log: str | None = None
+    left_out: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -164,7 +166,7 @@ def replay_runs(
     if runs is None:  # choose among the runs that can be replayed; named runs that cannot are reported
         table = table[[problems[r] is None for r in table["run_id"]]]
     chosen = select_runs(table, where, runs)
-    edits: dict[str, merging.Edits] = {}
+    edits: dict[tuple[str, tuple[str, ...]], merging.Edits] = {}
     results: dict[str, VersionReplay] = {}
     jobs = []
     for run_id in chosen:
@@ -174,9 +176,10 @@ def replay_runs(
             results[run_id] = VersionReplay(run_id, "skipped", "-", problem)
             continue
         start = base or bases.get(row["script"]) or row["shadow_commit"]
-        if propagate and start not in edits:
-            edits[start] = merging.edits_since(loc.root, start)
-        todo = edits[start] if propagate else None
+        configs = merging.named_configs(json.loads(row["argv"] or "[]"), loc.root / (row.get("cwd") or ""), loc.root)
+        if propagate and (start, configs) not in edits:
+            edits[start, configs] = merging.edits_since(loc.root, start, configs=configs)
+        todo = edits[start, configs] if propagate else None
         jobs.append(_Job(row, loc.root, db_path, todo, probe_spec, segments, train, tuple(share), timeout, echo))
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         for result in pool.map(_replay_version, jobs):
@@ -357,9 +360,13 @@ def _in_worktree(job: _Job) -> VersionReplay:
             merge, reason = merged.status, (f"merged {merging.describe(merged.written)}" if merged.written else "")
             if merged.binary:
                 reason = f"{reason}; binary files not brought in: {merging.describe(merged.binary)}".lstrip("; ")
+            if job.edits.left_out:
+                reason = f"{reason}; left out (not code): {merging.summarize(job.edits.left_out)}".lstrip("; ")
         for path in job.share:
             _link(job.root / path, tree / path)
-        return _run(job, tree, merge, reason)
+        result = _run(job, tree, merge, reason)
+        result.left_out = list(job.edits.left_out) if job.edits is not None else []
+        return result
 
 
 def _link(source: Path, target: Path) -> None:

@@ -1,8 +1,10 @@
 """Bring today's edits into an older code version with a 3-way merge, file by file.
 
-The edits are everything that differs between a *base* version (a commit, normally the
-shadow commit of the latest recorded run) and the working tree as a code snapshot would
-take it (tracked files plus untracked ones ``.gitignore`` does not ignore, minus ``.flor/``).
+The edits are the *code* that differs between a *base* version (a commit, normally the
+shadow commit of the latest recorded run) and the working tree: tracked files, untracked
+Python source, and config files named on the run's command line (``--config x.yaml``, see
+:func:`named_configs`). Anything else that differs (a log a shell redirect wrote, an output)
+is never merged and never makes a version conflict; it is listed in :attr:`Edits.left_out`.
 For each edited file, with *ours* the older version's file, *base* the base's and *theirs*
 the working tree's:
 
@@ -12,15 +14,16 @@ the working tree's:
 - otherwise ``git merge-file`` merges the three; overlapping changes, or a file deleted on
   one side and changed on the other, are a *conflict*, never guessed.
 
-Binary files (a NUL byte in their first 8000 bytes, git's own test) are not brought in: model
-files or checkpoints that happen to sit untracked in the project are outputs, not edits.
+Binary files (a NUL byte in their first 8000 bytes, git's own test) are not brought in, tracked
+ones included: model files or checkpoints are outputs, not edits.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,17 +31,24 @@ import git
 
 from flor_lightning import shadow
 from flor_lightning.errors import GitError
+from flor_lightning.shadow import is_binary
 
 MergeFile = Callable[[bytes, bytes, bytes], "tuple[bytes, bool]"]
 
 
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json", ".toml", ".ini", ".cfg", ".conf")
+SOURCE_SUFFIXES = (".py", ".pyi")
+
+
 @dataclass(frozen=True)
 class Edits:
-    """What changed since ``base``: the working tree's tree sha and the changed repo-relative paths."""
+    """What changed since ``base``: the working tree's tree sha, the changed code (repo-relative
+    paths) and the changed files that are not code, left out."""
 
     base: str
     tree: str
     paths: tuple[str, ...]
+    left_out: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,8 +101,43 @@ def git_merge_file(ours: bytes, base: bytes, theirs: bytes) -> tuple[bytes, bool
     return done.stdout, done.returncode != 0
 
 
-def edits_since(repo_root: Path, base: str) -> Edits:
-    """The files that differ between commit ``base`` and the working tree.
+def named_configs(argv: Sequence[str], cwd: Path, root: Path) -> tuple[str, ...]:
+    """Repo-relative paths of the config files a command line names (``--config x.yaml``,
+    ``--config=x.yaml``, ``fit -c conf/a.yml``), resolved against the run's working directory ``cwd``.
+
+    Example:
+        >>> named_configs(["fit", "--config=conf/a.yaml", "--lr", "0.1"], Path("/p/exp"), Path("/p"))
+        ('exp/conf/a.yaml',)
+    """
+    found = set()
+    for arg in argv:
+        value = arg.split("=", 1)[1] if arg.startswith("-") and "=" in arg else arg
+        if value.lower().endswith(CONFIG_SUFFIXES):
+            path = Path(os.path.normpath(cwd / value))
+            if root in path.parents:
+                found.add(path.relative_to(root).as_posix())
+    return tuple(sorted(found))
+
+
+def code_edits(
+    changed: Iterable[str], tracked: Iterable[str], configs: Iterable[str]
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Split changed paths into (code edits, the rest): tracked files, Python source and ``configs`` are code."""
+    code = {*tracked, *configs}
+    edits: list[str] = []
+    rest: list[str] = []
+    for path in changed:
+        (edits if path in code or path.endswith(SOURCE_SUFFIXES) else rest).append(path)
+    return tuple(edits), tuple(rest)
+
+
+def edits_since(repo_root: Path, base: str, *, configs: Iterable[str] = ()) -> Edits:
+    """The code that differs between commit ``base`` and the working tree (see the module docstring).
+
+    Args:
+        repo_root: a folder of the git work tree.
+        base: the commit the edits started from.
+        configs: repo-relative config files that count as code (:func:`named_configs`).
 
     Raises:
         GitError: ``base`` is not a commit of the repository, or git failed.
@@ -102,13 +147,15 @@ def edits_since(repo_root: Path, base: str) -> Edits:
             if not repo.git.rev_parse("-q", "--verify", f"{base}^{{commit}}", with_exceptions=False):
                 raise GitError(f"base {base!r} is not a commit of the repository at {repo_root}; pass a commit sha")
             top = Path(str(repo.working_tree_dir))
-            files, _ = shadow._select(top, shadow._listed(repo), (".flor/",), shadow.DEFAULT_MAX_FILE_BYTES)
+            tracked, untracked = shadow._listed(repo)
+            files, _ = shadow.select(top, tracked, untracked, {".flor/": ""}, shadow.DEFAULT_MAX_FILE_BYTES)
             with tempfile.TemporaryDirectory(prefix="flor-index-") as tmp:
                 tree = shadow._write_tree(repo, files, Path(tmp))
             out = repo.git.diff_tree("-r", "--no-renames", "--name-only", "-z", base, tree)
     except git.exc.GitError as err:
         raise GitError(f"could not compare the working tree of {repo_root} with {base!r}: {err}") from err
-    return Edits(base=base, tree=tree, paths=tuple(p for p in out.split("\0") if p))
+    edits, rest = code_edits((p for p in out.split("\0") if p), tracked, configs)
+    return Edits(base=base, tree=tree, paths=edits, left_out=rest)
 
 
 def merge_into(worktree: Path, ours: str, edits: Edits, *, merge_file: MergeFile = git_merge_file) -> MergeResult:
@@ -131,11 +178,6 @@ def merge_into(worktree: Path, ours: str, edits: Edits, *, merge_file: MergeFile
     return MergeResult(written=tuple(written), conflicts=tuple(conflicts), binary=tuple(binary))
 
 
-def is_binary(data: bytes | None) -> bool:
-    """Whether ``data`` looks binary to git: a NUL byte among its first 8000 bytes."""
-    return data is not None and b"\0" in data[:8000]
-
-
 def _blob(repo: git.Repo, rev: str, path: str) -> bytes | None:
     spec = f"{rev}:{path}"
     if repo.git.cat_file("-t", spec, with_exceptions=False) != "blob":
@@ -154,3 +196,13 @@ def _write(path: Path, data: bytes | None) -> None:
 def describe(paths: Iterable[str]) -> str:
     """``a.py, b.py`` for a report."""
     return ", ".join(paths) or "-"
+
+
+def summarize(paths: Iterable[str]) -> str:
+    """``lightning_logs/ (6 files), r2.log`` for a report: top-level files, and folders with their file count."""
+    counts: dict[str, int] = {}
+    for path in paths:
+        top = path.split("/", 1)[0] + "/" if "/" in path else path
+        counts[top] = counts.get(top, 0) + 1
+    parts = [f"{name} ({n} files)" if name.endswith("/") and n > 1 else name for name, n in sorted(counts.items())]
+    return ", ".join(parts) or "-"

@@ -54,7 +54,8 @@ def runs(*, db: str | Path | None = None) -> pd.DataFrame:
 
     A run whose process is gone while it was still marked ``running`` is shown as
     ``crashed``. Columns: run_id, project, script, argv, started, ended, status, shadow_commit,
-    head_commit, branch, checkpoint_root, hparams (dict), settings (dict), versions (dict).
+    head_commit, branch, checkpoint_root, hparams (dict), settings (dict), versions (dict), left_out (dict:
+    what the code snapshot left out, each with the reason).
     """
     conn = open_store(db)
     try:
@@ -69,7 +70,7 @@ def _runs_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     for row in rows:
         if row["status"] == "running" and not store.pid_alive(row["pid"], row["host"], host):
             row["status"] = "crashed"
-        for col in ("argv", "hparams", "settings", "versions"):
+        for col in ("argv", "hparams", "settings", "versions", "left_out"):
             row[col] = json.loads(row[col]) if row[col] else {}
     df = pd.DataFrame(rows, columns=list(rows[0]) if rows else ["run_id", "started", "status"])
     for col in ("started", "ended"):

@@ -9,7 +9,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from flor_lightning import _lightning, codecheck, planner, shadow, store
+from flor_lightning import _lightning, codecheck, codeversion, planner, shadow, store
 from flor_lightning.checkpoints import CheckpointStore
 from flor_lightning.errors import CheckpointError, ReplayError
 from flor_lightning.locate import Location, locate
@@ -116,14 +116,8 @@ def decide_training(
         return True, "validation ran inside the epoch (val_check_interval), which checkpoints cannot reproduce"
     if not run["shadow_commit"] or not loc.in_git:
         return False, "the run has no code snapshot to compare with; restoring (pass train=True to re-train)"
-    users = [
-        model,
-        *(
-            cb
-            for cb in trainer.callbacks  # type: ignore[attr-defined]
-            if not type(cb).__module__.startswith(("lightning", "pytorch_lightning", "flor_lightning"))
-        ),
-    ]
+    callbacks = trainer.callbacks  # type: ignore[attr-defined]
+    users = [model, *(cb for cb in callbacks if codecheck.defined_in_project(type(cb), loc.root))]
     current = codecheck.user_methods(users, loc.root)
 
     def recorded(file: Path) -> str | None:
@@ -184,7 +178,8 @@ def run_replay(
                 f"flor: checkpoints of epochs {missing} of run {rec['run_id']} are missing; replay works around them"
             )
         _announce(rec["run_id"], chosen, segment, segments, retrain, reason, train_s, val_s, ckpt_rows)
-        version = _commit_code(loc, f"flor replay {replay_id} of run {rec['run_id']}")
+        exclude = codeversion.run_exclusions(loc, trainer, rec["checkpoint_root"])
+        version = codeversion.commit_code(loc, f"flor replay {replay_id} of run {rec['run_id']}", exclude=exclude)
         with closing(store.connect(loc.db_path)) as c:
             store.insert(
                 c,
@@ -196,7 +191,7 @@ def run_replay(
                     "status": "running",
                     "pid": os.getpid(),
                     "host": socket.gethostname(),
-                    "shadow_commit": version,
+                    "shadow_commit": version.shadow_commit if version else None,
                     "plan": [[asdict(st) for st in seg.steps] for seg in chosen],
                 },
                 replace=False,
@@ -297,16 +292,6 @@ def _announce(
         f"{'re-training' if retrain else 'restoring checkpoints'} because {reason}. "
         f"Estimated {estimate:.1f}s (the recording took {full:.1f}s)."
     )
-
-
-def _commit_code(loc: Location, message: str) -> str | None:
-    if not loc.in_git:
-        return None
-    try:
-        return shadow.snapshot(loc.root, message=message).shadow_commit
-    except Exception as err:  # the replay must not fail because the snapshot did
-        rank_zero_warn(f"flor: could not snapshot the replayed code: {err}")
-        return None
 
 
 class SegmentRunner:
@@ -495,10 +480,22 @@ class BadCheckpoint(CheckpointError):
 
 
 def wait_for_segments(
-    db_path: str, replay_id: str, segments: int, *, poll: float = 0.5, timeout: float = 3600.0
+    db_path: str,
+    replay_id: str,
+    segments: int,
+    *,
+    poll: float = 0.5,
+    start_timeout: float = 600.0,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> None:
-    """Block until every segment of ``replay_id`` finished; raise naming any that failed or died."""
-    deadline = time.monotonic() + timeout
+    """Block until every segment of ``replay_id`` finished; raise naming any that failed or died.
+
+    A started segment is waited for as long as its process lives (on another host it is taken
+    to live: only its row can say it ended), however long its epochs take. A segment with no row
+    ``start_timeout`` seconds into the wait never started: its process did not reach the replay.
+    """
+    deadline = clock() + start_timeout
     host = socket.gethostname()
     while True:
         with closing(store.connect(db_path)) as c:
@@ -506,18 +503,35 @@ def wait_for_segments(
                 r["segment"]: r
                 for r in store.fetch(c, "SELECT * FROM replay_segments WHERE replay_id = ?", [replay_id])
             }
-        failed = {
-            i: r
-            for i, r in rows.items()
+        failed = [
+            r
+            for r in rows.values()
             if r["status"] == "failed" or (r["status"] == "running" and not store.pid_alive(r["pid"], r["host"], host))
-        }
+        ]
         if failed:
-            raise segments_failed(replay_id, list(failed.values()), segments)
+            raise segments_failed(replay_id, failed, segments)
         if len(rows) == segments and all(r["status"] == "finished" for r in rows.values()):
             return
-        if time.monotonic() > deadline:
-            raise ReplayError(f"replay {replay_id}: segments {sorted(set(range(segments)) - set(rows))} never started")
-        time.sleep(poll)
+        missing = sorted(set(range(segments)) - set(rows))
+        if missing and clock() > deadline:
+            raise never_started(replay_id, missing, rows, segments, start_timeout)
+        sleep(poll)
+
+
+def never_started(
+    replay_id: str, missing: list[int], rows: dict[int, dict[str, Any]], segments: int, waited: float
+) -> ReplayError:
+    """The error naming the segments that never started, and what the others are doing."""
+    running = sorted(i for i, r in rows.items() if r["status"] == "running")
+    finished = sorted(i for i, r in rows.items() if r["status"] == "finished")
+    states = ((running, "are still running"), (finished, "finished"))
+    others = "; ".join(f"segments {which} {state}" for which, state in states if which)
+    return ReplayError(
+        f"replay {replay_id}: segments {missing} never started within {waited:.0f}s"
+        + (f" ({others})" if others else "")
+        + f"; their ranks' processes did not reach the replay: read their output, then replay each alone with "
+        f"trainer.replay(..., run=..., segment=<i>, segments={segments}) on one device."
+    )
 
 
 def segments_failed(replay_id: str, failed: list[dict[str, Any]], segments: int) -> ReplayError:

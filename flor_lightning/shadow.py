@@ -6,12 +6,16 @@ A snapshot is built with git plumbing only: the files go into a *temporary* inde
 shadow branch is a linear history of snapshots. The user's HEAD, current branch, index
 and working files are never touched; only new objects and the shadow ref are written.
 
-What goes in: tracked files that still exist plus untracked files that ``.gitignore`` does
-not ignore, as they are on disk (staged or not). Left out: paths under an ``exclude``
-prefix, regular files over ``max_file_bytes`` (reported in :attr:`CodeVersion.skipped`),
-and anything that is not a regular file or a symlink (submodules, nested repositories,
-sockets). Symlinks are committed as links (mode ``120000``), as ``git add`` would; their
-targets are not followed.
+What goes in: the code. Tracked files that still exist always go in (the user chose to
+track them), and so do untracked files that ``.gitignore`` does not ignore, as they are on
+disk (staged or not), except outputs: untracked paths under an ``exclude`` prefix (flor's own
+store and checkpoints, the folders the Trainer writes into), inside a virtualenv (a folder
+holding ``pyvenv.cfg``) or a ``__pycache__`` folder, and untracked binary files (a NUL byte in
+the first 8000 bytes, git's own test). Any file over ``max_file_bytes`` is left out too, and
+anything that is not a regular file or a symlink (submodules, nested repositories, sockets).
+What was left out is reported in :attr:`CodeVersion.left_out`, a folder once for all its files.
+Symlinks are committed as links (mode ``120000``), as ``git add`` would; their targets are
+not followed.
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import git
 
+from flor_lightning.codecheck import holds_pyvenv_cfg
 from flor_lightning.errors import ConfigError, GitError
 
 SHADOW_BRANCH = "flor.shadow"
@@ -44,12 +49,15 @@ class CodeVersion:
         head_commit: the user's HEAD sha, or None in a repository with no commits.
         branch: the user's current branch name, or None when HEAD is detached.
         skipped: repo-relative paths left out because they exceed ``max_file_bytes``.
+        left_out: everything left out (those too), each with its reason: ``{"lightning_logs/":
+            "written by the Trainer", "model.bin": "untracked binary file", ...}``; a folder ends in ``/``.
     """
 
     shadow_commit: str
     head_commit: str | None
     branch: str | None
     skipped: tuple[str, ...]
+    left_out: Mapping[str, str] = field(default_factory=dict)
 
 
 def find_repo_root(path: Path) -> Path | None:
@@ -68,7 +76,7 @@ def snapshot(
     message: str,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     branch: str = SHADOW_BRANCH,
-    exclude: tuple[str, ...] = (".flor/",),
+    exclude: Mapping[str, str] | Iterable[str] = (".flor/",),
 ) -> CodeVersion:
     """Commit the working tree to ``branch`` and return the version.
 
@@ -77,7 +85,8 @@ def snapshot(
         message: the commit message (its subject line).
         max_file_bytes: files larger than this are left out and listed in ``skipped``.
         branch: the shadow branch name; created on the first snapshot.
-        exclude: repo-relative folders or files to leave out; ``"data"`` and ``"data/"``
+        exclude: repo-relative folders or files whose untracked files are left out, or a mapping
+            of them to the reason :attr:`CodeVersion.left_out` gives; ``"data"`` and ``"data/"``
             both exclude ``data/...`` but not ``database.py``.
 
     Raises:
@@ -96,7 +105,8 @@ def snapshot(
                     f"branch {branch!r} is checked out in {repo.working_tree_dir}; flor moves that branch on "
                     "every run. Check out your own branch (git switch -) or pass another shadow branch name."
                 )
-            files, skipped = _select(Path(repo.working_tree_dir), _listed(repo), exclude, max_file_bytes)
+            reasons = dict(exclude) if isinstance(exclude, Mapping) else dict.fromkeys(exclude, "excluded")
+            files, left_out = select(Path(repo.working_tree_dir), *_listed(repo), reasons, max_file_bytes)
             with tempfile.TemporaryDirectory(prefix="flor-index-") as tmp:
                 tree = _write_tree(repo, files, Path(tmp))
             trailers = [f"Flor-Head: {head}"] if head else []
@@ -109,7 +119,8 @@ def snapshot(
             "Expected a git work tree where git runs; run 'git status' there to see what is wrong, "
             "or run without code snapshots."
         ) from err
-    return CodeVersion(shadow_commit=commit, head_commit=head, branch=current, skipped=tuple(skipped))
+    skipped = tuple(p for p, why in left_out.items() if why == _too_big(max_file_bytes))
+    return CodeVersion(shadow_commit=commit, head_commit=head, branch=current, skipped=skipped, left_out=left_out)
 
 
 def read_file(repo_root: Path, commit: str, path: str) -> str | None:
@@ -147,29 +158,85 @@ def _head(repo: git.Repo) -> tuple[str | None, str | None]:
     return _verify(repo, "HEAD^{commit}"), branch
 
 
-def _listed(repo: git.Repo) -> list[str]:
-    """Tracked paths plus untracked, non-ignored ones, as git lists them (may include deleted files)."""
-    out = repo.git.ls_files("--cached", "--others", "--exclude-standard", "-z", strip_newline_in_stdout=False)
-    return sorted({p for p in out.split("\0") if p})  # unmerged paths are listed once per stage
+def _listed(repo: git.Repo) -> tuple[list[str], list[str]]:
+    """Tracked paths (may include deleted files) and untracked, non-ignored ones, as git lists them."""
+
+    def ls(*flags: str) -> list[str]:
+        out = repo.git.ls_files(*flags, "-z", strip_newline_in_stdout=False)
+        return sorted({p for p in out.split("\0") if p})  # unmerged paths are listed once per stage
+
+    return ls("--cached"), ls("--others", "--exclude-standard")
 
 
-def _select(root: Path, paths: Iterable[str], exclude: Iterable[str], max_bytes: int) -> tuple[list[str], list[str]]:
-    """Split ``paths`` into (to commit, too big), dropping excluded, missing and special files."""
-    prefixes = tuple(e.strip("/") for e in exclude if e.strip("/"))
+def is_binary(data: bytes | None) -> bool:
+    """Whether ``data`` looks binary to git: a NUL byte among its first 8000 bytes."""
+    return data is not None and b"\0" in data[:8000]
+
+
+def _too_big(max_bytes: int) -> str:
+    return f"over {max_bytes} bytes"
+
+
+def select(
+    root: Path, tracked: Iterable[str], untracked: Iterable[str], exclude: Mapping[str, str], max_bytes: int
+) -> tuple[list[str], dict[str, str]]:
+    """The paths a snapshot commits, and what it leaves out with the reason (see the module docstring).
+
+    Args:
+        root: the work tree's top folder.
+        tracked: repo-relative paths git tracks; all go in but those over ``max_bytes``.
+        untracked: repo-relative untracked paths git does not ignore; outputs among them stay out.
+        exclude: repo-relative folders or files whose untracked files stay out, with the reason.
+        max_bytes: the size limit for every regular file.
+    """
+    # the outermost excluded folder names what was left out, so shorter prefixes are tried first
+    prefixes = {e.strip("/"): why for e, why in sorted(exclude.items(), key=lambda e: len(e[0])) if e.strip("/")}
+    venvs: dict[Path, bool] = {}
     keep: list[str] = []
-    skipped: list[str] = []
-    for path in paths:
-        if any(path == p or path.startswith(p + "/") for p in prefixes):
-            continue
+    left_out: dict[str, str] = {}
+    tracked = set(tracked)
+    for path in sorted({*tracked, *untracked}):
         try:
             info = os.lstat(root / path)
         except OSError:  # deleted since git listed it, or a tracked file removed from disk
             continue
-        if stat.S_ISLNK(info.st_mode):
+        regular = stat.S_ISREG(info.st_mode)
+        if not regular and not stat.S_ISLNK(info.st_mode):
+            continue
+        mine = path in tracked
+        why = None if mine else _output(root, path, prefixes, venvs)
+        if why is None and regular and info.st_size > max_bytes:
+            why = path, _too_big(max_bytes)
+        if why is None and regular and not mine and _binary_file(root / path):
+            why = path, "untracked binary file"
+        if why is None:
             keep.append(path)
-        elif stat.S_ISREG(info.st_mode):
-            (keep if info.st_size <= max_bytes else skipped).append(path)
-    return keep, skipped
+        else:
+            left_out.setdefault(*why)
+    return keep, left_out
+
+
+def _output(root: Path, path: str, prefixes: Mapping[str, str], venvs: dict[Path, bool]) -> tuple[str, str] | None:
+    """Whether untracked ``path`` lies in an output folder: (that folder, or the excluded file, and the reason)."""
+    for prefix, why in prefixes.items():
+        if path == prefix or path.startswith(prefix + "/"):
+            return (prefix if path == prefix else prefix + "/"), why
+    parts = path.split("/")
+    for depth in range(1, len(parts)):
+        folder = "/".join(parts[:depth])
+        if parts[depth - 1] == "__pycache__":
+            return folder + "/", "bytecode cache"
+        if venvs.setdefault(root / folder, holds_pyvenv_cfg(root / folder)):
+            return folder + "/", "virtualenv"
+    return None
+
+
+def _binary_file(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return is_binary(f.read(8000))
+    except OSError:  # unreadable: git could not add it either
+        return True
 
 
 def _write_tree(repo: git.Repo, paths: list[str], tmp: Path) -> str:

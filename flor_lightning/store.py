@@ -130,6 +130,11 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         ALTER TABLE replays ADD COLUMN host TEXT;
         """,
     ),
+    (
+        # what the run's code snapshot left out, each with the reason (JSON: {"lightning_logs/": "..."})
+        "0005_run_code_left_out",
+        "ALTER TABLE runs ADD COLUMN left_out TEXT;",
+    ),
 )
 
 LOG_COLUMNS = ("run_id", "replay_id", "stage", "level", "epoch", "step", "batch_idx", "name", "value", "text")

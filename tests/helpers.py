@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,3 +37,10 @@ def rows(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any
         return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
     finally:
         conn.close()
+
+
+def make_venv(path: Path) -> Path:
+    """A real virtualenv at ``path`` (``python -m venv --without-pip``); returns its site-packages folder."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True, capture_output=True)
+    [site] = path.glob("lib/python*/site-packages")
+    return site

@@ -20,8 +20,7 @@ from helpers import git, rows, user_git_state
 from models import TRAIN_BATCHES, VAL_BATCHES, DigitsClassifier, DigitsData, trainer_kwargs
 
 import flor_lightning as flor
-from flor_lightning import ConfigError, FlorCallback, ReplayError, StoreError, store
-from flor_lightning import callback as callback_module
+from flor_lightning import ConfigError, FlorCallback, ReplayError, StoreError, codeversion, store
 from flor_lightning.checkpoints import CheckpointStore
 from flor_lightning.errors import CheckpointError
 from flor_lightning.locate import locate
@@ -66,7 +65,7 @@ def assert_nothing_recorded(root: Path, flor_home: Path) -> None:
 def test_no_git_repository_records_without_a_snapshot_and_warns_once(
     no_git_project: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(callback_module, "_warned_no_git", False)  # once per process: start afresh
+    monkeypatch.setattr(codeversion, "_warned_no_git", False)  # once per process: start afresh
     caplog.set_level(logging.WARNING)
 
     fit()
@@ -83,9 +82,9 @@ def test_no_git_repository_records_without_a_snapshot_and_warns_once(
 def test_no_git_warning_says_what_to_do(
     no_git_project: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(callback_module, "_warned_no_git", False)
+    monkeypatch.setattr(codeversion, "_warned_no_git", False)
     caplog.set_level(logging.WARNING)
-    assert FlorCallback()._commit_code(locate(), "flor run x") == (None, None, None)
+    assert codeversion.commit_code(locate(), "flor run x", exclude={}) is None
     (warning,) = flor_warnings(caplog)
     assert "git init" in warning
 
@@ -154,7 +153,7 @@ def test_left_out_warning_says_what_to_do(project: Path, caplog: pytest.LogCaptu
     caplog.set_level(logging.WARNING)
     with (project / "weights.bin").open("wb") as f:
         f.truncate(6 * 1024 * 1024)
-    FlorCallback()._commit_code(locate(), "flor run x")
+    codeversion.commit_code(locate(), "flor run x", exclude={})
     (warning,) = flor_warnings(caplog)
     assert ".gitignore" in warning and "max_file_bytes" in warning
 

@@ -294,6 +294,13 @@ def test_auto_checkpoint_period_keeps_cost_under_budget(cost: float, epoch: floa
         assert period == 1 or cost / (period - 1) > budget * epoch
 
 
+@pytest.mark.parametrize("limit", [-1, 1.5, True, "5MB", None])
+def test_max_file_bytes_is_checked_when_given(limit: object) -> None:
+    with pytest.raises(ConfigError, match=r"max_file_bytes must be a whole number of bytes >= 0, got"):
+        FlorCallback(max_file_bytes=limit)  # type: ignore[arg-type]
+    assert FlorCallback(max_file_bytes=0).max_file_bytes == 0
+
+
 def test_flush_interval_must_be_positive() -> None:
     with pytest.raises(ConfigError, match="flush_interval"):
         FlorCallback(flush_interval=0)

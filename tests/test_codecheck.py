@@ -6,7 +6,16 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from flor_lightning.codecheck import changed_training_path, recorded_tree, user_methods
+from helpers import make_venv
+
+from flor_lightning.codecheck import (
+    changed_training_path,
+    defined_in_project,
+    is_user_file,
+    library_folders,
+    recorded_tree,
+    user_methods,
+)
 
 BEFORE = """
 import torch
@@ -78,3 +87,86 @@ def test_recorded_tree_finds_nested_classes():
     assert recorded_tree(src, ("A", "B"), "training_step") is not None
     assert recorded_tree(src, ("A",), "training_step") is None
     assert recorded_tree("def broken(:", ("A",), "x") is None
+
+
+# ---- whose code is it: a real virtualenv inside the project --------------------------------
+
+LIBRARY = """
+import torch
+
+class LibraryModel(torch.nn.Module):
+    def forward(self, x):
+        return x
+
+    def training_step(self, batch, batch_idx):
+        return self(batch).sum()
+
+    def configure_optimizers(self):
+        return None
+"""
+USER = """
+from {module} import LibraryModel
+
+class Model(LibraryModel):
+    def validation_step(self, batch, batch_idx):
+        return None
+"""
+
+
+def test_methods_from_a_virtualenv_inside_the_project_are_not_user_code(tmp_path):
+    root = tmp_path.resolve()
+    site = make_venv(root / ".venv")
+    (site / "venvlib_a.py").write_text(LIBRARY)
+    (root / "m_venv.py").write_text(USER.format(module="venvlib_a"))
+    sys.path.insert(0, str(site))
+    try:
+        model = load(root / "m_venv.py", "m_venv")
+    finally:
+        sys.path.remove(str(site))
+    assert user_methods([model], root) == []  # forward, training_step, ... are the library's
+    assert not is_user_file(site / "venvlib_a.py", root)
+    assert is_user_file(root / "m_venv.py", root)
+
+
+def test_a_virtualenv_is_known_by_its_pyvenv_cfg_wherever_it_lies(tmp_path):
+    root = tmp_path.resolve()
+    make_venv(root / "envs" / "py311")  # no conventional name, not in .gitignore
+    vendored = root / "envs" / "py311" / "src" / "lib.py"  # e.g. an editable checkout made inside the venv
+    assert not is_user_file(vendored, root, libraries=[])
+    assert not is_user_file(root / "vendor" / "dist-packages" / "x.py", root, libraries=[])
+    assert is_user_file(root / "envs" / "notes.py", root, libraries=[])
+
+
+def test_the_interpreter_prefix_counts_inside_the_project_never_around_it(tmp_path):
+    root = tmp_path.resolve()
+    conda = root / "env"  # a conda prefix: no pyvenv.cfg, the stdlib right under lib/
+    stdlib_file = conda / "lib" / "python3.11" / "json" / "decoder.py"
+    assert not is_user_file(stdlib_file, root, libraries=[conda])
+    assert is_user_file(stdlib_file, root, libraries=[])
+    # a project inside the prefix (/usr/src/app beside /usr) is still the user's
+    assert is_user_file(root / "model.py", root, libraries=[root.parent, root])
+    assert not is_user_file(tmp_path.parent / "elsewhere.py", root, libraries=[])
+
+
+def test_the_running_interpreter_s_libraries_are_not_user_code():
+    import torch
+
+    torch_file = Path(torch.__file__).resolve()
+    # even with the project root drawn around the whole installation
+    assert not is_user_file(torch_file, Path(torch_file.anchor))
+    assert library_folders() and all(p.is_absolute() for p in library_folders())
+
+
+def test_a_class_defined_in_the_project_is_the_users_whatever_its_module_is_named(tmp_path, monkeypatch):
+    root = tmp_path.resolve()
+    (root / "lightning_utils.py").write_text("class MyCallback:\n    pass\n")
+    spec = importlib.util.spec_from_file_location("lightning_utils", root / "lightning_utils.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "lightning_utils", module)
+    spec.loader.exec_module(module)
+    import lightning.pytorch.callbacks as library
+
+    assert defined_in_project(module.MyCallback, root)
+    assert not defined_in_project(library.ModelCheckpoint, root)
+    assert not defined_in_project(int, root)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import git
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -34,5 +35,11 @@ def test_hindsight_demo_replays_a_new_metric_onto_every_recorded_epoch(
     f1 = [float(row.split()[columns.index("val_f1")]) for row in rows]
     assert [int(row.split()[1]) for row in rows] == list(range(6))
     assert all(0 < v <= 1 for v in f1) and f1[-1] > f1[0]  # a real metric of a model that learns
-    assert not (work / "checkpoints").exists()  # Lightning's own ModelCheckpoint stays off in the example
     assert any(flor_home.rglob("epoch=00005.ckpt"))  # flor's checkpoints live under FLOR_HOME
+    # Lightning's defaults are on: its logger and ModelCheckpoint write into the demo repository,
+    assert any((work / "lightning_logs").rglob("*.ckpt")) and any((work / "lightning_logs").rglob("metrics.csv"))
+    # and every code snapshot (the run's and the replay's) holds the code alone, as flor show says
+    assert "left out of the code snapshot:\n  lightning_logs/: written by the Trainer\n" in out
+    snapshots = git(work, "rev-list", "flor.shadow").split()
+    assert len(snapshots) == 2
+    assert all(git(work, "ls-tree", "-r", "--name-only", c) == "digits.py" for c in snapshots)

@@ -424,16 +424,22 @@ def test_three_way_merges_separate_changes_and_refuses_overlapping_ones():
 
 
 def test_binary_files_are_not_brought_in(project):
-    base = git(project, "rev-parse", "HEAD")
     (project / "model.ckpt").write_bytes(b"\0weights")
+    git(project, "add", "model.ckpt")
+    git(project, "commit", "-q", "-m", "a tracked binary file")
+    base = git(project, "rev-parse", "HEAD")
+    (project / "model.ckpt").write_bytes(b"\0weights, trained further")
+    (project / "untracked.ckpt").write_bytes(b"\0an output, not code")
     (project / "train.py").write_text("print('edited')\n")
     edits = merging.edits_since(project, base)
+    assert "untracked.ckpt" not in edits.paths  # an untracked binary file is never part of the code
     worktree = project.parent / "version"
     git(project, "worktree", "add", "-q", "--detach", str(worktree), base)
     try:
         merged = merging.merge_into(worktree, base, edits)
         assert (merged.written, merged.binary, merged.status) == (("train.py",), ("model.ckpt",), "merged")
-        assert not (worktree / "model.ckpt").exists() and (worktree / "train.py").read_text() == "print('edited')\n"
+        assert (worktree / "model.ckpt").read_bytes() == b"\0weights" and not (worktree / "untracked.ckpt").exists()
+        assert (worktree / "train.py").read_text() == "print('edited')\n"
     finally:
         git(project, "worktree", "remove", "--force", str(worktree))
 
@@ -447,3 +453,88 @@ def test_edits_since_lists_what_a_snapshot_would_take(project):
     assert sorted(edits.paths) == ["new.py", "train.py"]
     with pytest.raises(flor.GitError, match="not a commit"):
         merging.edits_since(project, "0" * 40)
+
+
+# ---- only code is propagated: logs beside it are never merged ------------------------------
+
+LOGGED = """
+import sys
+import lightning as L
+import yaml
+from torch.nn import functional as F
+import flor_lightning as flor
+from model import DigitsClassifier, DigitsData, trainer_kwargs
+
+CONF = yaml.safe_load(open(sys.argv[sys.argv.index("--config") + 1]))
+
+
+class Logged(DigitsClassifier):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.log("val_loss", F.cross_entropy(logits, y))
+
+
+L.seed_everything(0)
+trainer = flor.Trainer(**trainer_kwargs(max_epochs=2))
+trainer.fit(Logged(lr=CONF["lr"]), datamodule=DigitsData())
+print("RUN", trainer.flor.run_id)
+"""
+
+
+@pytest.mark.integration
+def test_runs_recorded_with_their_output_redirected_into_the_repo_all_replay(project):
+    (project / "model.py").write_text((Path(__file__).parent / "models.py").read_text())
+    (project / "train.py").write_text(LOGGED)
+    (project / ".gitignore").write_text("__pycache__/\n")  # the logs are not ignored, as in many projects
+    git(project, "add", ".")
+    git(project, "commit", "-q", "-m", "train")
+    (project / "conf.yaml").write_text("lr: 0.01\n")  # untracked, named on the command line
+    run_ids = []
+    for log in ("r1.log", "r2.log"):  # python train.py --config conf.yaml > r1.log 2>&1
+        with (project / log).open("w") as out:
+            cmd = [sys.executable, "train.py", "--config", "conf.yaml"]
+            done = subprocess.run(cmd, cwd=project, stdout=out, stderr=subprocess.STDOUT, timeout=300, check=False)
+        text = (project / log).read_text()
+        assert done.returncode == 0, text[-3000:]
+        run_ids.append(next(line.split()[1] for line in text.splitlines() if line.startswith("RUN ")))
+    train = project / "train.py"
+    train.write_text(train.read_text().replace(VAL_LOSS, NEW_METRIC))
+    (project / "conf.yaml").write_text("lr: 0.01  # tuned in run 1\n")
+
+    results = flor.replay_runs(echo=lambda _: None)
+
+    assert [r.run_id for r in results] == run_ids
+    for r in results:
+        assert (r.status, r.merge) == ("replayed", "merged"), r
+        assert r.reason == "merged conf.yaml, train.py; left out (not code): r2.log", r
+        assert r.left_out == ["r2.log"]
+        assert r.new_names == ["val_conf"] and r.epochs_restored == [0, 1] and r.mismatched == 0 < r.matched
+    shadows = [
+        rows(project / ".flor" / "flor.db", "SELECT shadow_commit FROM runs WHERE run_id = ?", (r,)) for r in run_ids
+    ]
+    trees = [set(git(project, "ls-tree", "-r", "--name-only", s[0]["shadow_commit"]).splitlines()) for s in shadows]
+    assert "r1.log" not in trees[0] and "r2.log" not in trees[1]  # each run's own output is not its code
+
+
+def test_named_configs_are_the_config_files_on_a_command_line(tmp_path):
+    root = tmp_path / "p"
+    argv = ["fit", "--config", "conf/a.yaml", "--trainer.max_epochs=3", "-c=b.yml", "../../outside.yaml", "data.csv"]
+    assert merging.named_configs(argv, root / "exp", root) == ("exp/b.yml", "exp/conf/a.yaml")
+    assert merging.named_configs([], root, root) == ()
+
+
+def test_code_edits_are_tracked_files_python_source_and_named_configs():
+    changed = ["train.py", "r2.log", "lightning_logs/version_0/metrics.csv", "data.txt", "conf.yaml", "new.py"]
+    edits, rest = merging.code_edits(changed, tracked=["data.txt", "train.py"], configs=["conf.yaml"])
+    assert edits == ("train.py", "data.txt", "conf.yaml", "new.py")
+    assert rest == ("r2.log", "lightning_logs/version_0/metrics.csv")
+    assert merging.summarize([*rest, "lightning_logs/version_1/metrics.csv"]) == "lightning_logs/ (2 files), r2.log"
+
+
+def test_edits_since_leaves_out_what_is_not_code(project):
+    base = git(project, "rev-parse", "HEAD")
+    (project / "notes.txt").write_text("untracked text that is not named anywhere\n")
+    (project / "conf.yaml").write_text("lr: 0.1\n")
+    edits = merging.edits_since(project, base, configs=["conf.yaml"])
+    assert (edits.paths, edits.left_out) == (("conf.yaml",), ("notes.txt",))

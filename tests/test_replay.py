@@ -10,7 +10,7 @@ from types import ModuleType
 
 import lightning as L
 import pytest
-from helpers import git, rows
+from helpers import git, make_venv, rows
 from models import trainer_kwargs
 
 import flor_lightning as flor
@@ -218,3 +218,89 @@ def test_a_run_recorded_with_an_adaptive_period_replays_exactly(project):
     report = replay(edit(project, *VAL_F1), max_epochs=4)
     assert report.epochs_restored == [3] and report.epochs_trained == [0, 1, 2]
     assert report.mismatched == 0 and report.matched == report.rederived > 0
+
+
+# ---- a virtualenv inside the project, user callbacks with library-like names ------------------
+
+VENV_MODEL = """
+import digits_lib  # installed in the project's own .venv, as Lightning itself is
+
+
+class DigitsClassifier(digits_lib.DigitsClassifier):
+    def validation_step(self, batch, batch_idx):
+        super().validation_step(batch, batch_idx)
+
+
+DigitsData = digits_lib.DigitsData
+"""
+
+
+@pytest.fixture
+def venv_project(project: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A project with ``.venv/`` inside it (ignored), its model's base class from that venv's site-packages;
+    recorded for 3 epochs."""
+    site = make_venv(project / ".venv")
+    (site / "digits_lib.py").write_text(MODEL_SOURCE)
+    spec = importlib.util.spec_from_file_location("digits_lib", site / "digits_lib.py")
+    assert spec and spec.loader
+    library = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "digits_lib", library)
+    spec.loader.exec_module(library)
+    (project / ".gitignore").write_text("*.log\n.venv/\n")
+    (project / "model.py").write_text(VENV_MODEL)
+    git(project, "add", ".")
+    git(project, "commit", "-q", "-m", "model on a library base class")
+    m = load_module(project)
+    L.seed_everything(7)
+    flor.Trainer(**trainer_kwargs()).fit(m.DigitsClassifier(), datamodule=m.DigitsData())
+    return project
+
+
+def test_library_methods_from_a_venv_inside_the_project_do_not_force_re_training(venv_project):
+    m = edit(
+        venv_project,
+        "super().validation_step(batch, batch_idx)",
+        'super().validation_step(batch, batch_idx)\n        self.log("val_extra", 1.0)',
+    )
+    report = replay(m)
+    assert report.train is False, report.reason
+    assert report.epochs_restored == [0, 1, 2] and report.new_names == ["val_extra"]
+    assert report.mismatched == 0 and report.matched == report.rederived > 0
+
+
+def test_a_training_path_change_over_a_venv_base_class_still_re_trains(venv_project):
+    override = (
+        "    def training_step(self, batch, batch_idx):\n"
+        "        loss = super().training_step(batch, batch_idx)\n"
+        '        self.log("train_x2", loss.detach() * 2)\n'
+        "        return loss\n\n"
+        "    def validation_step"
+    )
+    report = replay(edit(venv_project, "    def validation_step", override))
+    assert report.train is True and report.reason.endswith("DigitsClassifier.training_step")
+    assert report.epochs_trained == [0, 1, 2] and report.new_names == ["train_x2"]
+    assert report.mismatched == 0 and report.matched == report.rederived > 0
+
+
+USER_CALLBACK = """
+import lightning as L
+
+
+class BatchProbe(L.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        pass
+"""
+
+
+def test_a_user_callback_in_a_module_named_lightning_something_is_the_users(recorded, monkeypatch):
+    root, _ = recorded
+    (root / "lightning_utils.py").write_text(USER_CALLBACK.replace("pass", 'pl_module.log("batch_seen", 1.0)'))
+    spec = importlib.util.spec_from_file_location("lightning_utils", root / "lightning_utils.py")
+    assert spec and spec.loader
+    utils = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "lightning_utils", utils)
+    spec.loader.exec_module(utils)
+    # the recording had no such file: its training-path hook is new, so the epochs must be trained again
+    report = replay(load_module(root), trainer={"callbacks": [utils.BatchProbe()]})
+    assert report.train is True and "BatchProbe.on_train_batch_end" in report.reason
+    assert report.new_names == ["batch_seen"]

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import lightning as L
@@ -19,6 +21,7 @@ from helpers import git, rows
 from models import DigitsClassifier, trainer_kwargs
 
 import flor_lightning as flor
+from flor_lightning import replay, store
 from flor_lightning.errors import ReplayError
 
 pytestmark = pytest.mark.integration
@@ -189,3 +192,65 @@ def test_spawning_strategies_are_refused_with_what_to_use(project):
     trainer = flor.Trainer(**trainer_kwargs(devices=2, strategy="ddp_spawn"))
     with pytest.raises(ReplayError, match="strategy='ddp'"):
         trainer.replay(DigitsClassifier(), segments=2)
+
+
+# ---- the launching rank waits for the others as long as they live ------------------------------
+
+
+class _Clock:
+    """A clock that each sleep moves on by 1000 s, and calls ``at[n]`` on the n-th sleep."""
+
+    def __init__(self, at: dict[int, object]) -> None:
+        self.now, self.sleeps, self.at = 0.0, 0, at
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += 1000.0
+        self.sleeps += 1
+        action = self.at.get(self.sleeps)
+        if callable(action):
+            action()
+
+
+def _segment_rows(db: Path, statuses: dict[int, str]) -> None:
+    with closing(store.connect(db)) as c:
+        for segment, status in statuses.items():
+            store.insert(
+                c,
+                "replay_segments",
+                {
+                    "replay_id": "r",
+                    "segment": segment,
+                    "segments": 3,
+                    "rank": segment,
+                    "pid": os.getpid(),  # alive
+                    "host": socket.gethostname(),
+                    "status": status,
+                    "epochs": [segment],
+                    "started": 0.0,
+                },
+            )
+
+
+def test_segments_still_running_past_the_start_timeout_are_waited_for(tmp_path):
+    db = tmp_path / "flor.db"
+    _segment_rows(db, {0: "finished", 1: "running", 2: "running"})
+    clock = _Clock({5: lambda: _segment_rows(db, {0: "finished", 1: "finished", 2: "finished"})})
+
+    replay.wait_for_segments(str(db), "r", 3, start_timeout=10.0, clock=clock, sleep=clock.sleep)
+
+    assert clock.sleeps == 5 and clock.now > 10.0  # it went on waiting well past the timeout, and returned
+
+
+def test_a_segment_that_never_started_is_named_with_what_the_others_do(tmp_path):
+    db = tmp_path / "flor.db"
+    _segment_rows(db, {0: "finished", 2: "running"})
+    clock = _Clock({})
+
+    with pytest.raises(ReplayError, match=r"segments \[1\] never started within 10s") as info:
+        replay.wait_for_segments(str(db), "r", 3, start_timeout=10.0, clock=clock, sleep=clock.sleep)
+
+    assert "segments [2] are still running; segments [0] finished" in str(info.value)
+    assert "segment=<i>, segments=3" in str(info.value)

@@ -70,7 +70,11 @@ def test_snapshot_commits_working_tree_without_touching_user_state(repo: Path) -
 
     assert _user_state(repo) == before
     assert version == CodeVersion(
-        shadow_commit=_git(repo, "rev-parse", SHADOW_BRANCH), head_commit=head, branch="main", skipped=("big.bin",)
+        shadow_commit=_git(repo, "rev-parse", SHADOW_BRANCH),
+        head_commit=head,
+        branch="main",
+        skipped=("big.bin",),
+        left_out={".flor/": "excluded", "big.bin": "over 1000 bytes"},
     )
     assert _tree(repo, version.shadow_commit) == {".gitignore", "train.py", "staged.py", "notes.md"}
     assert _git(repo, "show", f"{version.shadow_commit}:train.py") == "print('v2, unstaged')"
