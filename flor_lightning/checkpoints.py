@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from fsspec import AbstractFileSystem
 
-from flor_lightning.errors import CheckpointError, ConfigError
-from flor_lightning.locate import open_fs
+from flor_lightning.errors import CheckpointError
+from flor_lightning.locate import check_writable, open_fs
 
 log = logging.getLogger(__name__)
 
@@ -141,17 +141,8 @@ class CheckpointStore:
 
     def check_writable(self, run_dir: str) -> None:
         """Create ``run_dir`` and prove a file can be written there, before training starts."""
-        probe = f"{run_dir}/.probe-{uuid.uuid4().hex}"
-        try:
-            self.fs.makedirs(run_dir, exist_ok=True)
-            with self.fs.open(probe, "wb") as f:
-                f.write(b"ok")
-            self.fs.rm(probe)
-        except (OSError, ValueError) as err:
-            raise ConfigError(
-                f"cannot write checkpoints to {run_dir!r}: {err}. Point FLOR_HOME or "
-                "FlorCallback(checkpoint_dir=...) at a writable location."
-            ) from err
+        hint = "Point FLOR_HOME or FlorCallback(checkpoint_dir=...) at a writable location."
+        check_writable(self.fs, run_dir, what="write checkpoints to", hint=hint)
 
     def path(self, run_id: str, epoch: int) -> str:
         """Final path of the checkpoint of ``run_id`` at the end of ``epoch`` (-1: the initial state)."""

@@ -16,7 +16,8 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -395,6 +396,19 @@ def update(conn: sqlite3.Connection, table: str, key: dict[str, Any], values: di
     params = [json.dumps(v, default=repr) if isinstance(v, (dict, list)) else v for v in values.values()]
     with conn:
         conn.execute(f"UPDATE {table} SET {sets} WHERE {where}", [*params, *key.values()])
+
+
+@contextmanager
+def immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction taken at once (``BEGIN IMMEDIATE``): no other process writes between its
+    reads and its writes. Inside it, use ``conn.execute``: :func:`insert` and :func:`update` commit."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 def fetch(conn: sqlite3.Connection, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
