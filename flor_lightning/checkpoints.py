@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
 
 from flor_lightning.errors import CheckpointError
 from flor_lightning.locate import check_writable, open_fs
@@ -145,9 +146,12 @@ class CheckpointStore:
         check_writable(self.fs, run_dir, what="write checkpoints to", hint=hint)
 
     def path(self, run_id: str, epoch: int) -> str:
-        """Final path of the checkpoint of ``run_id`` at the end of ``epoch`` (-1: the initial state)."""
+        """Final path of the checkpoint of ``run_id`` at the end of ``epoch`` (-1: the initial state): a
+        local path, or a URL on any other filesystem."""
         name = "initial" if epoch < 0 else f"epoch={epoch:05d}"
-        return f"{self.root}/{run_id}/{name}.ckpt"
+        path = f"{self.root}/{run_id}/{name}.ckpt"
+        # a local path as it is; elsewhere the URL, so the index (and `flor show`) says which filesystem
+        return path if isinstance(self.fs, LocalFileSystem) else self.fs.unstrip_protocol(path)
 
     def save(self, state: Any, run_id: str, epoch: int, step: int, on_done: Callable[[CheckpointInfo], None]) -> None:
         """Write ``state`` (already a :func:`snapshot`) in the background, then call ``on_done``.

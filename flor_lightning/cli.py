@@ -183,7 +183,9 @@ def _where(df: pd.DataFrame, expr: str) -> pd.DataFrame:
 def cmd_query(args: argparse.Namespace) -> int:
     """flor.query() as a table: one row per (run, epoch, step), one column per name."""
     _check_runs(args.db, args.run)
-    df = query(*args.names, run=args.run, where=args.where, replayed=args.replayed, db=args.db)
+    df = query(
+        *args.names, run=args.run, where=args.where, replayed=args.replayed, unfinished=args.unfinished, db=args.db
+    )
     emit(df, args.format, args.out)
     return 0
 
@@ -397,6 +399,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--run", action="append", help="a run id (repeat for several; default: all)")
     p.add_argument("--where", help='a pandas expression over the columns, e.g. "epoch >= 5"')
     p.add_argument("--replayed", action="store_true", help="add <name>@replay columns with replayed values")
+    p.add_argument("--unfinished", action="store_true", help="also values of replays that failed, crashed or still run")
     p = _add(
         sub, "show", cmd_show, "hparams, code version, checkpoints and replays of a run", formats=("table", "json")
     )

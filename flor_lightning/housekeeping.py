@@ -41,6 +41,7 @@ from flor_lightning import store
 from flor_lightning.errors import CheckpointError, ConfigError
 from flor_lightning.locate import check_writable, open_fs, process_local, protocol
 from flor_lightning.query import open_store
+from flor_lightning.store import replay_alive as replay_alive  # re-exported: `flor show` reads it here
 
 _CHUNK = 8 * 1024 * 1024
 
@@ -103,17 +104,6 @@ def busy_runs(conn: sqlite3.Connection, *, host: str | None = None) -> dict[str,
         if replay_alive(conn, rp["replay_id"], host):
             busy.setdefault(rp["run_id"], f"replay {rp['replay_id']} is unfinished")
     return busy
-
-
-def replay_alive(conn: sqlite3.Connection, replay_id: str, host: str) -> bool:
-    """Whether a replay marked running may still be: a segment's process lives, or none has started
-    yet and the process that registered the replay lives (unknown in stores older than 0004: kept).
-    """
-    segs = store.fetch(conn, "SELECT status, pid, host FROM replay_segments WHERE replay_id = ?", [replay_id])
-    if not segs:
-        (owner,) = store.fetch(conn, "SELECT pid, host FROM replays WHERE replay_id = ?", [replay_id])
-        return owner["pid"] is None or store.pid_alive(owner["pid"], owner["host"], host)
-    return any(s["status"] == "running" and store.pid_alive(s["pid"], s["host"], host) for s in segs)
 
 
 def select_for_gc(

@@ -58,7 +58,13 @@ def checkpoint_root(project: str, override: str | None = None, env: Mapping[str,
 
 
 def ignore_flor_folder(folder: Path) -> None:
-    """Create ``folder`` with a ``.gitignore`` of ``*`` so git (and the shadow branch) skip it."""
+    """Give flor's own ``.flor`` folder a ``.gitignore`` of ``*`` so git (and the shadow branch) skip it.
+
+    Any other folder (one ``FLOR_DB`` points into: a repository root, a shared folder) is left
+    alone: a ``*`` there would make git ignore the user's files.
+    """
+    if folder.name != ".flor":
+        return
     folder.mkdir(parents=True, exist_ok=True)
     marker = folder / ".gitignore"
     if not marker.exists():

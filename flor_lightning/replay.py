@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from flor_lightning import _lightning, codecheck, planner, shadow, store
 from flor_lightning.checkpoints import CheckpointStore
-from flor_lightning.errors import CheckpointError, ReplayError
+from flor_lightning.errors import CheckpointError, FlorError, ReplayError
 from flor_lightning.locate import Location, locate
 
 if TYPE_CHECKING:
@@ -55,10 +55,19 @@ class ReplayReport:
     new_names: list[str] = field(default_factory=list)
     bad_checkpoints: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    status: str = "finished"
+    error: str | None = None
+    replaced_values: int = 0
+    replaced_replays: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
+        ended = (
+            f"finished in {self.seconds:.1f}s"
+            if self.status == "finished"
+            else f"{self.status} after {self.seconds:.1f}s ({(self.error or '?').splitlines()[0]}); before that it did"
+        )
         lines = [
-            f"flor replay {self.replay_id} of run {self.run_id} finished in {self.seconds:.1f}s",
+            f"flor replay {self.replay_id} of run {self.run_id} {ended}",
             f"  epochs restored: {planner.describe(self.epochs_restored) or '-'}; "
             f"re-trained: {planner.describe(self.epochs_trained) or '-'}",
             f"  new values: {self.new_values} ({', '.join(self.new_names) or 'no new names'})",
@@ -72,6 +81,11 @@ class ReplayReport:
         ]
         if self.bad_checkpoints:
             lines.append(f"  checkpoints that failed their checksum and were worked around: {self.bad_checkpoints}")
+        if self.replaced_values:
+            lines.append(
+                f"  replaced {self.replaced_values} values of unfinished replay(s) {', '.join(self.replaced_replays)} "
+                "at the epochs and names this one logged again"
+            )
         return "\n".join(lines)
 
 
@@ -212,29 +226,51 @@ def run_replay(
         good=good,
         retrain=retrain,
     )
-    status = "failed"
+    report.status = "failed"
     try:
         runner.run(
             trainer, model, datamodule=datamodule, train_dataloaders=train_dataloaders, val_dataloaders=val_dataloaders
         )
         if primary and world > 1:
             wait_for_segments(str(loc.db_path), replay_id, segments)
-        status = "finished"
+        report.status = "finished"
+    except BaseException as err:
+        report.error = _cause(err)
+        raise
     finally:
         report.seconds = time.time() - started
-        with closing(store.connect(loc.db_path)) as c:
-            _fill_epochs(c, report)
-            if status == "finished" and primary:
-                _compare(c, report)
-            if primary:
-                store.update(
-                    c,
-                    "replays",
-                    {"replay_id": replay_id},
-                    {"status": status, "ended": time.time(), "report": asdict(report)},
-                )
+        _store_report(loc, report, primary=primary)
     rank_zero_info(str(report))
     return report
+
+
+def _cause(err: BaseException) -> str:
+    if isinstance(err, SystemExit):  # Lightning turns Ctrl-C (KeyboardInterrupt) into sys.exit(1)
+        return f"interrupted: SystemExit({err.code}), as Lightning exits on Ctrl-C"
+    return f"{type(err).__name__}: {err}".strip()
+
+
+def _store_report(loc: Location, report: ReplayReport, *, primary: bool) -> None:
+    """Fill in what the replay did, finished or not, and store it with its status (the primary rank).
+
+    A finished replay replaces the values of unfinished ones it repeats. When the replay failed, trouble
+    writing its record is only warned about: the replay's own error is the one raised.
+    """
+    try:
+        with closing(store.connect(loc.db_path)) as c:
+            _fill_epochs(c, report)
+            if primary:
+                _compare(c, report)
+                if report.status == "finished":
+                    _replace_unfinished(c, report)
+                row = {"status": report.status, "ended": time.time(), "report": asdict(report)}
+                store.update(c, "replays", {"replay_id": report.replay_id}, row)
+    except FlorError as err:
+        if report.status == "finished":
+            raise
+        rank_zero_warn(f"flor: could not store the report of the failed replay {report.replay_id}: {err}")
+    if report.status != "finished" and primary:
+        rank_zero_warn(f"flor: {report}")  # what it did before it failed, as stored
 
 
 REPLAY_ID_ENV = "FLOR_REPLAY_ID"
@@ -432,10 +468,8 @@ class SegmentRunner:
         self.good.discard(bad_epoch)
         rank_zero_warn(f"flor: checkpoint of epoch {bad_epoch} is unusable; re-planning from an earlier one")
         with closing(store.connect(self.db_path)) as c:
-            c.execute(
-                "UPDATE replays SET report = json_set(coalesce(report, '{}'), '$.bad_' || ?, 1) WHERE replay_id = ?",
-                [str(bad_epoch), self.replay_id],
-            )
+            row = {"replay_id": self.replay_id, "epoch": bad_epoch}
+            store.insert(c, "replay_bad_checkpoints", row, replace=False)
         return planner.steps_for([s.epoch for s in remaining if s.wanted], self.good, train=self.retrain)
 
     def on_start(self, trainer: pl.Trainer) -> None:
@@ -538,9 +572,26 @@ def _fill_epochs(conn: sqlite3.Connection, report: ReplayReport) -> None:
     )
     report.epochs_restored = [r["epoch"] for r in done if r["action"] == "restore"]
     report.epochs_trained = [r["epoch"] for r in done if r["action"] == "train"]
-    row = store.fetch(conn, "SELECT report FROM replays WHERE replay_id = ?", [report.replay_id])
-    marks = json.loads(row[0]["report"] or "{}") if row else {}
-    report.bad_checkpoints = sorted(int(k[4:]) for k in marks if k.startswith("bad_"))
+    bad = store.fetch(conn, "SELECT epoch FROM replay_bad_checkpoints WHERE replay_id = ?", [report.replay_id])
+    report.bad_checkpoints = sorted(r["epoch"] for r in bad)
+
+
+def _replace_unfinished(conn: sqlite3.Connection, report: ReplayReport) -> None:
+    """A finished replay repeats the unfinished (failed, crashed) replays of its run where it logged the same
+    name at the same epoch: their values there are deleted, so no cell holds both. Their other values stay
+    (``flor.query(..., unfinished=True)`` shows them)."""
+    statuses = store.replay_statuses(conn, report.run_id)
+    stale = [r for r, status in statuses.items() if status in ("failed", "crashed") and r != report.replay_id]
+    with store.immediate(conn):
+        for other in stale:
+            gone = conn.execute(
+                "DELETE FROM logs WHERE run_id = ? AND replay_id = ? AND EXISTS (SELECT 1 FROM logs n "
+                "WHERE n.run_id = logs.run_id AND n.replay_id = ? AND n.name = logs.name AND n.epoch = logs.epoch)",
+                [report.run_id, other, report.replay_id],
+            ).rowcount
+            if gone:
+                report.replaced_values += gone
+                report.replaced_replays.append(other)
 
 
 def _check_like_recording(trainer: pl.Trainer, settings: dict[str, Any], retrain: bool) -> None:

@@ -177,6 +177,36 @@ def test_replayed_values_fill_the_recorded_rows(db: Path) -> None:
     assert len(flor.records("val_f1")) == 3  # records keeps every value
 
 
+def test_values_of_unfinished_replays_count_only_when_asked_for(db: Path) -> None:
+    """A failed, crashed or still running replay's values stay out of query and records unless unfinished=True;
+    values of a replay id the store has no row for (merged from another store) are shown."""
+    conn = store.connect(db)
+    for replay_id, status, pid in [("done", "finished", None), ("bad", "failed", None), ("dead", "running", 1 << 22)]:
+        row = {"replay_id": replay_id, "run_id": RUN_A, "started": 1.0, "status": status}
+        store.insert(conn, "replays", row | {"pid": pid, "host": socket.gethostname()})
+    conn.close()
+    add_values(
+        db,
+        [
+            (RUN_A, replay_id, "validate", "epoch", 1, 4, None, "val_f1", value)
+            for replay_id, value in [("done", 0.5), ("bad", 50.0), ("dead", 60.0), ("merged", 0.7)]
+        ],
+    )
+    shown = flor.query("val_f1", run=RUN_A, replayed=True).set_index(["epoch", "step"])
+    assert shown.loc[(1, 4), "val_f1@replay"] == 0.7  # the latest value of a replay not known to be unfinished
+    assert set(flor.records("val_f1")["replay_id"]) == {"done", "merged"}
+    everything = flor.query("val_f1", run=RUN_A, replayed=True, unfinished=True).set_index(["epoch", "step"])
+    assert everything.loc[(1, 4), "val_f1@replay"] == 0.7
+    rec = flor.records("val_f1", unfinished=True)
+    assert dict(zip(rec["replay_id"], rec["replay_status"], strict=True)) == {
+        "done": "finished",
+        "bad": "failed",
+        "dead": "crashed",  # marked running, its process gone
+        "merged": None,
+    }
+    assert flor.records("loss", run=RUN_A)["replay_status"].isna().all()  # recorded values
+
+
 def test_text_and_nan_values(project: Path) -> None:
     path = project / ".flor" / "flor.db"
     conn = store.connect(path)
