@@ -556,11 +556,14 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
-def hyperparameters(pl_module: pl.LightningModule, trainer: pl.Trainer) -> dict[str, Any]:
-    """The module's saved hyperparameters merged with the datamodule's (prefixed on a clash)."""
+def hyperparameters(
+    pl_module: pl.LightningModule, trainer: pl.Trainer | None, datamodule: Any = None
+) -> dict[str, Any]:
+    """The module's saved hyperparameters merged with the datamodule's (the trainer's, or ``datamodule``;
+    prefixed on a clash)."""
     out: dict[str, Any] = dict(pl_module.hparams)
-    dm = getattr(trainer, "datamodule", None)
-    for key, value in (dict(dm.hparams) if dm is not None else {}).items():
+    dm = getattr(trainer, "datamodule", None) or datamodule
+    for key, value in (dict(dm.hparams) if getattr(dm, "hparams", None) is not None else {}).items():
         out[f"datamodule.{key}" if key in out else key] = value
     return out
 

@@ -238,15 +238,43 @@ def query(
         runs_df = runs_df[runs_df["run_id"].isin(run_ids)].reset_index(drop=True)
     cells = _cells(path, list(names), run_ids, list(runs_df["run_id"]), unfinished=unfinished)
     axes, table = _pivot(cells, replayed=replayed)
+    table = table.rename(columns=_metric_label)
     info = run_info(runs_df, taken={*KEY, *table.columns})
     rows = info.take(axes[0]).reset_index(drop=True)
     out = pd.concat([rows, pd.DataFrame({"epoch": axes[1], "step": axes[2]}), table], axis=1)
-    if where:
-        try:
-            out = out.query(where).reset_index(drop=True)
-        except Exception as err:
-            raise ConfigError(f"cannot evaluate where={where!r}: {err}. Columns: {list(out.columns)}") from err
-    return out
+    return filter_rows(out, where, label="where=") if where else out
+
+
+def _metric_label(column: str) -> str:
+    """A logged name's column: ``metric.<name>`` where the name is a built-in column (step, epoch, run_id, ...)."""
+    name = column.removesuffix("@replay")
+    return f"metric.{column}" if name in {*KEY, *RUN_COLUMNS} else column
+
+
+def filter_rows(df: pd.DataFrame, where: str, *, label: str) -> pd.DataFrame:
+    """The rows of ``df`` where the pandas expression ``where`` holds (``label`` names the option in errors).
+
+    Raises:
+        ConfigError: it cannot be evaluated, or it is no condition (``"lr"`` gives numbers, not true/false).
+    """
+    columns = f"Columns: {', '.join(map(str, df.columns))}"
+    try:
+        mask = df.eval(where)
+    except Exception as err:
+        reason = " ".join(str(err).split())[:300]
+        raise ConfigError(f"cannot evaluate {label}{where!r}: {reason}. {columns}") from err
+    if not (isinstance(mask, pd.Series) and pd.api.types.is_bool_dtype(mask)):
+        raise ConfigError(
+            f"{label}{where!r} is no condition: it gives {'numbers' if isinstance(mask, pd.Series) else 'one value'} "
+            f"instead of true or false per row; compare, e.g. 'lr < 0.01' or 'epoch >= 5'. {columns}"
+        )
+    return df[mask].reset_index(drop=True)
+
+
+def logged_names(db: str | Path | None = None) -> list[str]:
+    """Every name the store holds values of, sorted."""
+    with closing(store.connect(store_path(db), readonly=True)) as conn:
+        return [r["name"] for r in store.fetch(conn, "SELECT DISTINCT name FROM logs ORDER BY name")]
 
 
 # a value's flags: 4 when replayed; plus 0 when a number, 1 when NaN (stored as text), 2 when text

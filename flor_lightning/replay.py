@@ -20,9 +20,10 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from flor_lightning import _lightning, codecheck, planner, shadow, store
+from flor_lightning.callback import hyperparameters
 from flor_lightning.checkpoints import CheckpointStore
 from flor_lightning.errors import CheckpointError, FlorError, ReplayError
-from flor_lightning.locate import Location, locate
+from flor_lightning.locate import Location, locate, process_local
 
 if TYPE_CHECKING:
     import sqlite3
@@ -102,6 +103,10 @@ def find_run(conn: sqlite3.Connection, run: str | None, script: str | None) -> d
         "SELECT * FROM runs WHERE script IS ? AND run_id IN (SELECT run_id FROM checkpoints) "
         "ORDER BY started DESC LIMIT 1",
         [script],
+    ) or store.fetch(  # none left (flor gc freed them): the latest run with a finished epoch, re-trained
+        conn,
+        "SELECT * FROM runs WHERE script IS ? AND run_id IN (SELECT run_id FROM epochs) ORDER BY started DESC LIMIT 1",
+        [script],
     )
     if not rows:
         raise ReplayError(
@@ -164,6 +169,7 @@ def run_replay(
 ) -> ReplayReport:
     """See :meth:`flor_lightning.Trainer.replay`."""
     _check_arguments(trainer.world_size, segments, segment, train)
+    planner.validate_epochs(epochs)
     if trainer.world_size > 1 and _lightning.spawns_ranks(trainer):
         raise ReplayError(
             "multi-process replay runs with strategy='ddp' (each rank re-runs your script) or 'ddp_fork' (ranks "
@@ -186,17 +192,18 @@ def run_replay(
     train_s = {t["epoch"]: t["ended"] - t["started"] - t["val_seconds"] for t in timings}
     val_s = {t["epoch"]: t["val_seconds"] for t in timings}
     cost = {e: val_s.get(e, 0.0) + (train_s.get(e, 0.0) if retrain else 0.0) for e in wanted}
-    plan = planner.plan_segments(wanted, good, train=retrain, segments=segments, cost=cost)
+    # each segment starts with the model as passed in (so it may re-train from the start), unless one
+    # process runs several segments one after the other
+    scratch = segments == 1 or segment is not None or trainer.world_size > 1
+    plan = planner.plan_segments(wanted, good, train=retrain, segments=segments, cost=cost, scratch=scratch)
     chosen = plan if segment is None else [plan[segment]]
     replay_id = os.environ.get(REPLAY_ID_ENV) or f"{rec['run_id']}.r{uuid.uuid4().hex[:6]}"
     report = ReplayReport(replay_id=replay_id, run_id=rec["run_id"], train=retrain, reason=reason)
     primary, world = trainer.global_rank == 0, trainer.world_size
     started = time.time()
     if primary:
-        if missing:
-            rank_zero_warn(
-                f"flor: checkpoints of epochs {missing} of run {rec['run_id']} are missing; replay works around them"
-            )
+        _warn_missing(rec, ckpt_rows, missing, ckpts)
+        _warn_hparams(rec, model, datamodule or train_dataloaders)
         _announce(rec["run_id"], chosen, segment, segments, retrain, reason, train_s, val_s, ckpt_rows)
         version = _commit_code(loc, f"flor replay {replay_id} of run {rec['run_id']}")
         with closing(store.connect(loc.db_path)) as c:
@@ -276,6 +283,50 @@ def _store_report(loc: Location, report: ReplayReport, *, primary: bool) -> None
 REPLAY_ID_ENV = "FLOR_REPLAY_ID"
 
 
+def _warn_missing(
+    rec: dict[str, Any], ckpt_rows: dict[int, dict[str, Any]], missing: list[int], ckpts: CheckpointStore
+) -> None:
+    """Say which checkpoints are gone, where they were expected, and what the replay does instead."""
+    where = f"{rec['checkpoint_root']}/{rec['run_id']}"
+    if len(missing) < len(ckpt_rows):
+        if missing:
+            rank_zero_warn(
+                f"flor: checkpoints of epochs {missing} of run {rec['run_id']} are missing from {where}; "
+                "replay re-trains around them from the nearest earlier one"
+            )
+        return
+    if not ckpt_rows:
+        why = "flor gc freed them (or the run was killed before its first one)"
+    elif process_local(ckpts.fs):
+        why = f"they were kept in {ckpts.url}, the memory of the recording process, and went with it"
+    else:
+        why = "their files are gone (was FLOR_HOME moved or deleted?)"
+    rank_zero_warn(
+        f"flor: run {rec['run_id']} has no checkpoint left to restore from: {why}; expected under {where}. "
+        "Replay re-trains from the model you pass, as a new fit would: its values match the recording only if "
+        "the model, data and seed are set up as they were for it"
+    )
+
+
+def changed_hparams(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``name=now (recorded was)`` for each hyperparameter that differs (compared as stored: through JSON)."""
+    now = json.loads(json.dumps(current, default=repr))
+    return [
+        f"{k}={now.get(k, '(none)')!r} (recorded {recorded.get(k, '(none)')!r})"
+        for k in sorted(set(recorded) | set(now))
+        if recorded.get(k, "(none)") != now.get(k, "(none)")
+    ]
+
+
+def _warn_hparams(rec: dict[str, Any], model: pl.LightningModule, datamodule: Any) -> None:
+    changed = changed_hparams(json.loads(rec["hparams"] or "{}"), hyperparameters(model, None, datamodule))
+    if changed:
+        rank_zero_warn(
+            f"flor: the hyperparameters differ from run {rec['run_id']}'s recording: {', '.join(changed)}. "
+            f"The replay reproduces it only with the recorded ones (`flor show {rec['run_id']}` lists them)"
+        )
+
+
 def _check_arguments(world: int, segments: int, segment: int | None, train: bool | None) -> None:
     planner.validate_segment_args(segments, segment)
     if train not in (None, True, False):
@@ -300,6 +351,7 @@ def _load_run(loc: Location, run: str | None) -> tuple[dict[str, Any], dict[int,
             "flor.Trainer(...).fit(...) from this project."
         )
     with closing(store.connect(loc.db_path)) as conn:
+        store.check_writable(conn, loc.db_path)  # read-only or damaged: refused before the code snapshot
         rec = find_run(conn, run, _script(loc))
         rows = store.fetch(conn, "SELECT * FROM checkpoints WHERE run_id = ?", [rec["run_id"]])
         timings = store.fetch(conn, "SELECT * FROM epochs WHERE run_id = ? ORDER BY epoch", [rec["run_id"]])

@@ -256,8 +256,13 @@ def check_writable(conn: sqlite3.Connection, path: Path | str) -> None:
         StoreError: it is read-only or damaged (the message says which and what to do).
     """
     try:
-        with immediate(conn):
-            pass
+        # a row written and rolled back: in WAL mode sqlite grants BEGIN IMMEDIATE on a read-only file
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("INSERT INTO flor_migrations VALUES ('(write probe)', 0)")
+        finally:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
         verdict = conn.execute("PRAGMA quick_check").fetchone()[0]
     except sqlite3.DatabaseError as err:
         raise store_error(path, err) from err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import multiprocessing
 import os
@@ -205,6 +206,27 @@ def test_values_of_unfinished_replays_count_only_when_asked_for(db: Path) -> Non
         "merged": None,
     }
     assert flor.records("loss", run=RUN_A)["replay_status"].isna().all()  # recorded values
+
+
+def test_logged_names_that_are_built_in_columns_get_their_own(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A value logged as step, epoch, run_id or status is ``metric.<name>``: no duplicated column, and
+    where= and the run table mean the built-in ones."""
+    clashing = ["step", "epoch", "run_id", "status"]
+    add_values(db, [(RUN_A, None, "train", "step", 1, 3, 1, name, 100.0 + i) for i, name in enumerate(clashing)])
+    add_values(db, [(RUN_A, "rp", "train", "step", 1, 3, 1, "step", 7.0)])
+    df = flor.query(run=RUN_A, replayed=True)
+    assert not df.columns.duplicated().any()
+    assert {f"metric.{n}" for n in clashing} | {"metric.step@replay"} <= set(df.columns)
+    assert df.set_index("step").loc[3, "metric.epoch"] == 101.0
+    assert flor.query(run=RUN_A, where="step > 2")["step"].tolist() == [3, 4]
+    assert flor.query("step", run=RUN_A).dropna(subset=["metric.step"])["metric.step"].tolist() == [100.0]
+
+    from flor_lightning import cli
+
+    assert cli.main(["runs", "--format", "json"]) == 0
+    (run,) = [r for r in json.loads(capsys.readouterr().out) if r["run_id"] == RUN_A]
+    assert not any(k.endswith(("_x", "_y")) for k in run)
+    assert run["final.run_id"] == 102.0 and run["final.status"] == 103.0 and run["status"] == "finished"
 
 
 def test_text_and_nan_values(project: Path) -> None:
