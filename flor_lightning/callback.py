@@ -26,7 +26,7 @@ from flor_lightning import _lightning, codeversion, rng, store
 from flor_lightning.capture import LogCapture
 from flor_lightning.checkpoints import CheckpointInfo, CheckpointStore, snapshot
 from flor_lightning.errors import CheckpointError, ConfigError, FlorError
-from flor_lightning.locate import Location, checkpoint_root, ignore_flor_folder, locate, open_fs
+from flor_lightning.locate import Location, checkpoint_root, ignore_flor_folder, locate, open_fs, process_local
 from flor_lightning.resume import recorded_checkpoints, reopen_run, run_exists
 from flor_lightning.shadow import DEFAULT_MAX_FILE_BYTES
 
@@ -207,19 +207,28 @@ class FlorCallback(Callback):
         self.location = loc = locate()
         self._checkpoint_epochs = set()
         self._previous_epoch_start = None
-        ignore_flor_folder(loc.db_path.parent)
         checkpoints = None
         run_id = self.run_id
         if fitting:
             run_id = new_run_id(self._clock())
             checkpoints = CheckpointStore(checkpoint_root(loc.project, self.checkpoint_dir))
-        conn = store.connect(loc.db_path)  # a damaged store fails here, before any folder is made
-        if checkpoints is not None:
-            try:
+        conn = store.connect(loc.db_path)  # a damaged store or one under a file fails here, before any folder
+        try:
+            if fitting or run_id is None:  # a run is about to be written: read-only or damaged stops it here
+                store.check_writable(conn, loc.db_path)
+            ignore_flor_folder(loc.db_path.parent)
+            if checkpoints is not None:
                 checkpoints.check_writable(f"{checkpoints.root}/{run_id}")  # before anything is written
-            except ConfigError:
-                conn.close()
-                raise
+        except (FlorError, OSError):
+            conn.close()
+            raise
+        if checkpoints is not None and process_local(checkpoints.fs):
+            log.warning(
+                "flor: checkpoints go to %s, which lives in this process's memory: they vanish when it exits, "
+                "and a replay in another process re-trains instead of restoring. Use a folder or an object "
+                "store (FlorCallback(checkpoint_dir=...) or FLOR_HOME) to keep them",
+                checkpoints.url,
+            )
         self._owns_run_until = None
         resumed = (
             self._resume_from if fitting and self._resume_from and run_exists(conn, self._resume_from[0]) else None
@@ -516,11 +525,14 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
-def hyperparameters(pl_module: pl.LightningModule, trainer: pl.Trainer) -> dict[str, Any]:
-    """The module's saved hyperparameters merged with the datamodule's (prefixed on a clash)."""
+def hyperparameters(
+    pl_module: pl.LightningModule, trainer: pl.Trainer | None, datamodule: Any = None
+) -> dict[str, Any]:
+    """The module's saved hyperparameters merged with the datamodule's (the trainer's, or ``datamodule``;
+    prefixed on a clash)."""
     out: dict[str, Any] = dict(pl_module.hparams)
-    dm = getattr(trainer, "datamodule", None)
-    for key, value in (dict(dm.hparams) if dm is not None else {}).items():
+    dm = getattr(trainer, "datamodule", None) or datamodule
+    for key, value in (dict(dm.hparams) if getattr(dm, "hparams", None) is not None else {}).items():
         out[f"datamodule.{key}" if key in out else key] = value
     return out
 

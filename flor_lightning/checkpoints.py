@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
 
-from flor_lightning.errors import CheckpointError, ConfigError
-from flor_lightning.locate import open_fs
+from flor_lightning.errors import CheckpointError
+from flor_lightning.locate import check_writable, open_fs
 
 log = logging.getLogger(__name__)
 
@@ -141,22 +142,16 @@ class CheckpointStore:
 
     def check_writable(self, run_dir: str) -> None:
         """Create ``run_dir`` and prove a file can be written there, before training starts."""
-        probe = f"{run_dir}/.probe-{uuid.uuid4().hex}"
-        try:
-            self.fs.makedirs(run_dir, exist_ok=True)
-            with self.fs.open(probe, "wb") as f:
-                f.write(b"ok")
-            self.fs.rm(probe)
-        except (OSError, ValueError) as err:
-            raise ConfigError(
-                f"cannot write checkpoints to {run_dir!r}: {err}. Point FLOR_HOME or "
-                "FlorCallback(checkpoint_dir=...) at a writable location."
-            ) from err
+        hint = "Point FLOR_HOME or FlorCallback(checkpoint_dir=...) at a writable location."
+        check_writable(self.fs, run_dir, what="write checkpoints to", hint=hint)
 
     def path(self, run_id: str, epoch: int) -> str:
-        """Final path of the checkpoint of ``run_id`` at the end of ``epoch`` (-1: the initial state)."""
+        """Final path of the checkpoint of ``run_id`` at the end of ``epoch`` (-1: the initial state): a
+        local path, or a URL on any other filesystem."""
         name = "initial" if epoch < 0 else f"epoch={epoch:05d}"
-        return f"{self.root}/{run_id}/{name}.ckpt"
+        path = f"{self.root}/{run_id}/{name}.ckpt"
+        # a local path as it is; elsewhere the URL, so the index (and `flor show`) says which filesystem
+        return path if isinstance(self.fs, LocalFileSystem) else self.fs.unstrip_protocol(path)
 
     def save(self, state: Any, run_id: str, epoch: int, step: int, on_done: Callable[[CheckpointInfo], None]) -> None:
         """Write ``state`` (already a :func:`snapshot`) in the background, then call ``on_done``.

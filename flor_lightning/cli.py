@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import socket
 import subprocess
@@ -29,7 +30,7 @@ import pandas as pd
 from flor_lightning import housekeeping, planner, store
 from flor_lightning.errors import ConfigError, FlorError, GitError
 from flor_lightning.locate import locate
-from flor_lightning.query import open_store, query, records, runs, store_path
+from flor_lightning.query import filter_rows, logged_names, open_store, query, records, runs, store_path
 
 FORMATS = ("table", "csv", "json", "parquet")
 _SHOWN_HPARAMS = 4
@@ -53,7 +54,7 @@ def emit(df: pd.DataFrame, fmt: str, out: str | None) -> None:
     if fmt == "csv":
         text = df.to_csv(index=False)
     elif fmt == "json":
-        text = json.dumps(_plain_records(df), indent=1, default=str) + "\n"
+        text = json.dumps(_plain_records(df), indent=1, default=str, allow_nan=False) + "\n"
     else:
         text = _table(df)
     if out:
@@ -73,7 +74,11 @@ def _plain_records(df: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def _py(v: Any) -> Any:
-    return v.item() if hasattr(v, "item") and not isinstance(v, (list, dict, str)) else v
+    """A plain Python value; an infinite float as the string ``"inf"`` or ``"-inf"`` (JSON has no infinity)."""
+    v = v.item() if hasattr(v, "item") and not isinstance(v, (list, dict, str)) else v
+    if isinstance(v, float) and math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return v
 
 
 def _table(df: pd.DataFrame) -> str:
@@ -118,7 +123,7 @@ def _human(size: float) -> str:
 def _check_runs(db: str | None, run_ids: Sequence[str] | None) -> None:
     if not run_ids:
         return
-    with closing(open_store(db)) as conn:
+    with closing(open_store(db, readonly=True)) as conn:
         known = {r["run_id"] for r in store.fetch(conn, "SELECT run_id FROM runs")}
     unknown = sorted(set(run_ids) - known)
     if unknown:
@@ -136,8 +141,10 @@ def cmd_runs(args: argparse.Namespace) -> int:
         return 0
     base = table[["run_id", "started", "status", "script"]].assign(commit=table["shadow_commit"].str[:8])
     hparams = pd.json_normalize(table["hparams"].tolist()).set_axis(table.index)
+    hparams = hparams.rename(columns={c: f"hparam.{c}" for c in hparams.columns if c in base.columns})
     finals = _final_metrics(args.db)
-    finals = finals.rename(columns={c: f"final.{c}" for c in finals.columns if c in hparams.columns})
+    taken = {*hparams.columns, *base.columns}
+    finals = finals.rename(columns={c: f"final.{c}" for c in finals.columns if c in taken})
     wide = pd.concat([base, hparams], axis=1).merge(finals, left_on="run_id", right_index=True, how="left")
     if args.where:
         wide = _where(wide, args.where)
@@ -175,16 +182,21 @@ def _pairs(df: pd.DataFrame, cols: list[str]) -> list[str]:
 
 
 def _where(df: pd.DataFrame, expr: str) -> pd.DataFrame:
-    try:
-        return df.query(expr).reset_index(drop=True)
-    except Exception as err:
-        raise ConfigError(f"cannot evaluate --where {expr!r}: {err}. Columns: {list(df.columns)}") from err
+    return filter_rows(df, expr, label="--where ")
 
 
 def cmd_query(args: argparse.Namespace) -> int:
     """flor.query() as a table: one row per (run, epoch, step), one column per name."""
     _check_runs(args.db, args.run)
-    df = query(*args.names, run=args.run, where=args.where, replayed=args.replayed, db=args.db)
+    df = query(
+        *args.names, run=args.run, where=args.where, replayed=args.replayed, unfinished=args.unfinished, db=args.db
+    )
+    absent = [n for n in args.names if n not in df.columns and f"metric.{n}" not in df.columns]
+    if absent:
+        known = logged_names(args.db)
+        shown = ", ".join(known[:30]) + (f" ... ({len(known)} in all)" if len(known) > 30 else "")
+        where = f" in run(s) {', '.join(args.run)}" if args.run else ""
+        raise Problem(f"no values logged under {', '.join(map(repr, absent))}{where}; the store has: {shown or '-'}")
     emit(df, args.format, args.out)
     return 0
 
@@ -192,7 +204,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     """Everything flor knows about one run."""
     _check_runs(args.db, [args.run])
-    with closing(open_store(args.db)) as conn:
+    with closing(open_store(args.db, readonly=True)) as conn:
         run = store.fetch(conn, "SELECT * FROM runs WHERE run_id = ?", [args.run])[0]
         ckpts = store.fetch(
             conn, "SELECT epoch, path, size FROM checkpoints WHERE run_id = ? ORDER BY epoch", [args.run]
@@ -272,7 +284,7 @@ def _fmt(v: Any) -> str:
 def cmd_diff(args: argparse.Namespace) -> int:
     """Hyperparameters that differ, then `git diff` of the two runs' shadow commits."""
     _check_runs(args.db, [args.run_a, args.run_b])
-    with closing(open_store(args.db)) as conn:
+    with closing(open_store(args.db, readonly=True)) as conn:
         rows = {
             r["run_id"]: r
             for r in store.fetch(conn, "SELECT * FROM runs WHERE run_id IN (?, ?)", [args.run_a, args.run_b])
@@ -397,6 +409,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--run", action="append", help="a run id (repeat for several; default: all)")
     p.add_argument("--where", help='a pandas expression over the columns, e.g. "epoch >= 5"')
     p.add_argument("--replayed", action="store_true", help="add <name>@replay columns with replayed values")
+    p.add_argument("--unfinished", action="store_true", help="also values of replays that failed, crashed or still run")
     p = _add(
         sub, "show", cmd_show, "hparams, code version, checkpoints and replays of a run", formats=("table", "json")
     )

@@ -13,11 +13,17 @@ chosen so that killing them at any moment loses no checkpoint the index names:
   deletes the local file. Killed at any step, the index names a complete file with the
   recorded checksum; running ``push`` again finishes the move (and removes the unfinished
   temporary copy or the local file a kill left behind).
+
+Both decide "in use" and change the index in one ``BEGIN IMMEDIATE`` transaction, so a replay
+cannot register in between and then find its checkpoints gone. ``push`` never deletes a file
+that is the destination under another spelling (a symlinked folder, ``..``, a relative path:
+compared by device and inode), and refuses a destination no other process can read (``memory://``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import posixpath
 import socket
 import sqlite3
@@ -29,11 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
 
 from flor_lightning import store
 from flor_lightning.errors import CheckpointError, ConfigError
-from flor_lightning.locate import open_fs
+from flor_lightning.locate import check_writable, open_fs, process_local, protocol
 from flor_lightning.query import open_store
+from flor_lightning.store import replay_alive as replay_alive  # re-exported: `flor show` reads it here
 
 _CHUNK = 8 * 1024 * 1024
 
@@ -98,17 +106,6 @@ def busy_runs(conn: sqlite3.Connection, *, host: str | None = None) -> dict[str,
     return busy
 
 
-def replay_alive(conn: sqlite3.Connection, replay_id: str, host: str) -> bool:
-    """Whether a replay marked running may still be: a segment's process lives, or none has started
-    yet and the process that registered the replay lives (unknown in stores older than 0004: kept).
-    """
-    segs = store.fetch(conn, "SELECT status, pid, host FROM replay_segments WHERE replay_id = ?", [replay_id])
-    if not segs:
-        (owner,) = store.fetch(conn, "SELECT pid, host FROM replays WHERE replay_id = ?", [replay_id])
-        return owner["pid"] is None or store.pid_alive(owner["pid"], owner["host"], host)
-    return any(s["status"] == "running" and store.pid_alive(s["pid"], s["host"], host) for s in segs)
-
-
 def select_for_gc(
     runs: Sequence[dict[str, Any]], keep_last: int, busy: dict[str, str]
 ) -> tuple[list[str], dict[str, str]]:
@@ -151,22 +148,17 @@ def gc(*, keep_last: int, dry_run: bool = False, db: str | Path | None = None) -
     if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
         raise ConfigError(f"keep_last must be an integer >= 0 (runs to keep per project), got {keep_last!r}")
     report = HousekeepingReport(dry_run=dry_run)
-    with closing(open_store(db)) as conn:
-        conn.execute("BEGIN IMMEDIATE")  # no replay can register between the check and the index delete
-        try:
-            runs = store.fetch(conn, "SELECT run_id, project, started, checkpoint_root FROM runs")
-            collect, report.kept = select_for_gc(runs, keep_last, busy_runs(conn))
-            roots = {r["run_id"]: r["checkpoint_root"] for r in runs}
-            files = {
-                run_id: store.fetch(conn, "SELECT path, size FROM checkpoints WHERE run_id = ?", [run_id])
-                for run_id in collect
-            }
-            if not dry_run:
-                conn.executemany("DELETE FROM checkpoints WHERE run_id = ?", [[r] for r in collect])
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+    # no replay can register between the check and the index delete
+    with closing(open_store(db)) as conn, store.immediate(conn):
+        runs = store.fetch(conn, "SELECT run_id, project, started, checkpoint_root FROM runs")
+        collect, report.kept = select_for_gc(runs, keep_last, busy_runs(conn))
+        roots = {r["run_id"]: r["checkpoint_root"] for r in runs}
+        files = {
+            run_id: store.fetch(conn, "SELECT path, size FROM checkpoints WHERE run_id = ?", [run_id])
+            for run_id in collect
+        }
+        if not dry_run:
+            conn.executemany("DELETE FROM checkpoints WHERE run_id = ?", [[r] for r in collect])
     project = {r["run_id"]: r["project"] for r in runs}
     for run_id in collect:
         count, size = _remove_run_files(files[run_id], roots[run_id], run_id, dry_run=dry_run)
@@ -205,23 +197,32 @@ def push(url: str, *, runs: Sequence[str] | None = None, db: str | Path | None =
     recorded sha256, recorded in the index at its new place, and only then deleted locally.
     When every checkpoint of a run has moved, the run's ``checkpoint_root`` becomes
     ``<url>/<project>``, so replay reads from there. Runs still recording or being replayed are
-    left alone (``kept``).
+    left alone (``kept``), and so is a run whose files already are at ``url`` under another
+    spelling of the same folder (a symlink, ``..``, a relative path): nothing is copied or deleted.
 
     Example:
         >>> import flor_lightning as flor
         >>> flor.push("s3://bucket/flor")  # doctest: +SKIP
 
     Raises:
-        ConfigError: ``url`` cannot be opened, or a run id is unknown.
+        ConfigError: ``url`` cannot be opened or written, lives only in this process (``memory://``),
+            or a run id is unknown.
         CheckpointError: a checkpoint's bytes differ from its recorded sha256 (it is left where it is).
     """
     dst_fs, dst_root = open_fs(url)
+    if process_local(dst_fs):
+        raise ConfigError(
+            f"cannot push to {url!r}: {protocol(dst_fs)}:// keeps files inside this process only, so the "
+            "checkpoints would vanish when it exits and no replay could read them. Push to a folder or an "
+            "object store other processes can read (/mnt/archive/flor, s3://bucket/flor)."
+        )
     report = HousekeepingReport()
     with closing(open_store(db)) as conn:
         rows = store.fetch(conn, "SELECT run_id, project, checkpoint_root FROM runs ORDER BY started, run_id")
         unknown = sorted(set(runs or ()) - {r["run_id"] for r in rows})
         if unknown:
             raise ConfigError(f"unknown run id(s) {unknown}; `flor runs` lists the recorded ones")
+        check_writable(dst_fs, dst_root, what="push checkpoints to", hint="Push to a folder or URL you can write.")
         busy = busy_runs(conn)
         for run in rows:
             if runs and run["run_id"] not in runs:
@@ -236,30 +237,76 @@ def push(url: str, *, runs: Sequence[str] | None = None, db: str | Path | None =
     return report
 
 
+def same_file(a_fs: AbstractFileSystem, a: str, b_fs: AbstractFileSystem, b: str) -> bool:
+    """Whether ``a`` and ``b`` name one file (or folder).
+
+    Local paths are compared by device and inode, so a symlinked folder, ``..`` or a relative
+    spelling is recognised (by where they resolve when one does not exist); other filesystems by
+    protocol and normalised path.
+    """
+    if isinstance(a_fs, LocalFileSystem) and isinstance(b_fs, LocalFileSystem):
+        try:
+            return os.path.samefile(a, b)
+        except OSError:
+            return os.path.realpath(a) == os.path.realpath(b)
+    return protocol(a_fs) == protocol(b_fs) and posixpath.normpath(a_fs._strip_protocol(a)) == posixpath.normpath(
+        b_fs._strip_protocol(b)
+    )
+
+
 def _push_run(
     conn: sqlite3.Connection, run: dict[str, Any], dst_fs: AbstractFileSystem, target: str, report: HousekeepingReport
 ) -> bool:
-    """Move one run's checkpoints under ``target``; whether it had any."""
-    ckpts = store.fetch(conn, "SELECT * FROM checkpoints WHERE run_id = ? ORDER BY epoch", [run["run_id"]])
-    for partial in dst_fs.glob(f"{target}/{run['run_id']}/*.tmp-*"):  # copies an interrupted push left unfinished
+    """Move one run's checkpoints under ``target``; whether the index now names every one of them there."""
+    run_id = run["run_id"]
+    ckpts = store.fetch(conn, "SELECT * FROM checkpoints WHERE run_id = ? ORDER BY epoch", [run_id])
+    for partial in dst_fs.glob(f"{target}/{run_id}/*.tmp-*"):  # copies an interrupted push left unfinished
         dst_fs.rm(partial)
+    outcomes = []
     for row in ckpts:
-        src_fs, src = fs_of(row["path"], run["checkpoint_root"])
-        dst = f"{target}/{run['run_id']}/{posixpath.basename(src)}"
-        if src_fs is dst_fs and src_fs._strip_protocol(src) == dst_fs._strip_protocol(dst):
-            _remove_twin(run, posixpath.basename(src), dst_fs, target)  # moved by an earlier, interrupted push
-            continue
-        _copy_verified(src_fs, src, dst_fs, dst, row["sha256"])
-        store.update(
-            conn,
-            "checkpoints",
-            {"run_id": row["run_id"], "epoch": row["epoch"]},
-            {"path": dst_fs.unstrip_protocol(dst)},
+        outcomes.append(_push_file(conn, run, row, dst_fs, target, report))
+        if outcomes[-1] == "busy":
+            return False
+    if "elsewhere" in outcomes and "moved" not in outcomes:
+        report.kept[run_id] = (
+            f"its checkpoints already are there: {target}/{run_id} is the folder they are in under another name "
+            f"(a symlink or another spelling of {run['checkpoint_root']}/{run_id}); nothing was copied or deleted"
         )
-        src_fs.rm(src)
-        source, destination = src_fs.unstrip_protocol(src), dst_fs.unstrip_protocol(dst)
-        report.moved.append(Moved(row["run_id"], row["epoch"], source, destination, row["size"]))
-    return bool(ckpts)
+    return bool(ckpts) and "elsewhere" not in outcomes
+
+
+def _push_file(
+    conn: sqlite3.Connection,
+    run: dict[str, Any],
+    row: dict[str, Any],
+    dst_fs: AbstractFileSystem,
+    target: str,
+    report: HousekeepingReport,
+) -> str:
+    """Move one checkpoint; what happened: ``moved``, ``there`` (the index already names the destination),
+    ``elsewhere`` (it is the destination file under another name) or ``busy`` (a replay started meanwhile)."""
+    run_id = run["run_id"]
+    src_fs, src = fs_of(row["path"], run["checkpoint_root"])
+    dst = f"{target}/{run_id}/{posixpath.basename(src)}"
+    if src_fs.unstrip_protocol(src) == dst_fs.unstrip_protocol(dst) or same_file(src_fs, src, dst_fs, dst):
+        _remove_twin(run, posixpath.basename(src), dst_fs, target)  # left by a push killed before its delete
+        return "there" if src_fs.unstrip_protocol(src) == dst_fs.unstrip_protocol(dst) else "elsewhere"
+    _copy_verified(src_fs, src, dst_fs, dst, row["sha256"])
+    with store.immediate(conn):  # no replay can register between this check and the index update
+        why = busy_runs(conn).get(run_id)
+        if why is None:
+            conn.execute(
+                "UPDATE checkpoints SET path = ? WHERE run_id = ? AND epoch = ?",
+                [dst_fs.unstrip_protocol(dst), run_id, row["epoch"]],
+            )
+    if why is not None:
+        dst_fs.rm(dst)  # the index never named this copy
+        report.kept[run_id] = why
+        return "busy"
+    src_fs.rm(src)
+    source, destination = src_fs.unstrip_protocol(src), dst_fs.unstrip_protocol(dst)
+    report.moved.append(Moved(run_id, row["epoch"], source, destination, row["size"]))
+    return "moved"
 
 
 def _remove_twin(run: dict[str, Any], name: str, dst_fs: AbstractFileSystem, target: str) -> None:
@@ -269,8 +316,7 @@ def _remove_twin(run: dict[str, Any], name: str, dst_fs: AbstractFileSystem, tar
         return
     fs, base = open_fs(root)
     twin = f"{base}/{run['run_id']}/{name}"
-    same = fs is dst_fs and fs._strip_protocol(twin) == dst_fs._strip_protocol(f"{target}/{run['run_id']}/{name}")
-    if not same and fs.exists(twin):
+    if fs.exists(twin) and not same_file(fs, twin, dst_fs, f"{target}/{run['run_id']}/{name}"):
         fs.rm(twin)
 
 
@@ -279,6 +325,11 @@ def _copy_verified(src_fs: AbstractFileSystem, src: str, dst_fs: AbstractFileSys
     tmp = f"{dst}.tmp-{uuid.uuid4().hex}"
     dst_fs.makedirs(posixpath.dirname(dst), exist_ok=True)
     source_hash = hashlib.sha256()
+    if not src_fs.exists(src):
+        raise CheckpointError(
+            f"checkpoint {src!r} is missing, so it was not pushed; `flor gc` can drop its index entry, "
+            "replay re-trains around it"
+        )
     with src_fs.open(src, "rb") as fin, dst_fs.open(tmp, "wb") as fout:
         while chunk := fin.read(_CHUNK):
             source_hash.update(chunk)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +58,13 @@ def checkpoint_root(project: str, override: str | None = None, env: Mapping[str,
 
 
 def ignore_flor_folder(folder: Path) -> None:
-    """Create ``folder`` with a ``.gitignore`` of ``*`` so git (and the shadow branch) skip it."""
+    """Give flor's own ``.flor`` folder a ``.gitignore`` of ``*`` so git (and the shadow branch) skip it.
+
+    Any other folder (one ``FLOR_DB`` points into: a repository root, a shared folder) is left
+    alone: a ``*`` there would make git ignore the user's files.
+    """
+    if folder.name != ".flor":
+        return
     folder.mkdir(parents=True, exist_ok=True)
     marker = folder / ".gitignore"
     if not marker.exists():
@@ -74,3 +81,34 @@ def open_fs(url: str) -> tuple[AbstractFileSystem, str]:
             "(e.g. s3fs for s3://) or pass a local path."
         ) from err
     return fs, root.rstrip("/")
+
+
+# Filesystems whose files live inside one process: nothing another process (a replay, `flor`) can read.
+PROCESS_LOCAL = frozenset({"memory"})
+
+
+def protocol(fs: AbstractFileSystem) -> str:
+    """The main protocol name of ``fs`` (``file`` for local paths)."""
+    names = fs.protocol
+    return names if isinstance(names, str) else names[0]
+
+
+def process_local(fs: AbstractFileSystem) -> bool:
+    """Whether the files of ``fs`` vanish with this process (``memory://``)."""
+    return protocol(fs) in PROCESS_LOCAL
+
+
+def check_writable(fs: AbstractFileSystem, folder: str, *, what: str, hint: str) -> None:
+    """Create ``folder`` and prove a file can be written there (the probe is removed again).
+
+    Raises:
+        ConfigError: it cannot, with ``what`` (e.g. "write checkpoints to") and ``hint`` (what to do).
+    """
+    probe = f"{folder}/.probe-{uuid.uuid4().hex}"
+    try:
+        fs.makedirs(folder, exist_ok=True)
+        with fs.open(probe, "wb") as f:
+            f.write(b"ok")
+        fs.rm(probe)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot {what} {folder!r}: {err}. {hint}") from err

@@ -8,7 +8,8 @@ epoch before it (or training forward from an earlier one) and running its batche
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+import numbers
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -105,11 +106,18 @@ def split_segments(epochs: Sequence[int], segments: int, cost: Mapping[int, floa
     return groups
 
 
-def steps_for(epochs: Sequence[int], checkpoints: Collection[int], *, train: bool) -> list[EpochStep]:
+def steps_for(
+    epochs: Sequence[int], checkpoints: Collection[int], *, train: bool, scratch: bool = False
+) -> list[EpochStep]:
     """The steps that reproduce ``epochs`` (ascending) from the available ``checkpoints``.
 
+    An epoch with no checkpoint at or before the one it needs is trained forward from the state the
+    previous step left, or, with ``scratch``, from the start: from the model as it was passed in, which
+    stands for the initial state (every checkpoint was freed, lost or never kept).
+
     Raises:
-        ReplayError: an epoch has no checkpoint at or before the one it needs.
+        ReplayError: an epoch has no checkpoint at or before the one it needs and there is nothing to
+            train forward from.
     """
     have = set(checkpoints)
     steps: list[EpochStep] = []
@@ -125,14 +133,20 @@ def steps_for(epochs: Sequence[int], checkpoints: Collection[int], *, train: boo
             steps.append(EpochStep(e, "train", e - 1))
         else:
             earlier = [c for c in have if c < e]
-            if not earlier:
+            if earlier:
+                start = max(earlier)
+                steps.append(EpochStep(start + 1, "train", start, wanted=start + 1 == e))
+                steps += [EpochStep(b, "train", None, wanted=b == e) for b in range(start + 2, e + 1)]
+            elif state is not None or scratch:
+                begin = -1 if state is None else state  # the model as passed in, or the state the last step left
+                steps += [EpochStep(b, "train", None, wanted=b == e) for b in range(begin + 1, e + 1)]
+            else:
                 raise ReplayError(
-                    f"no checkpoint at or before epoch {e - 1} to start epoch {e} from; checkpoints exist for "
-                    f"epochs {describe(sorted(have)) or '(none)'}. Replay later epochs, or record again."
+                    f"no usable checkpoint at or before epoch {e - 1} to start epoch {e} from (checkpoints exist "
+                    f"for epochs {describe(sorted(have)) or '(none)'}), and this replay cannot train from the start "
+                    "there. Replay with segments=1 in a new process (it re-trains from the model you pass), or "
+                    "record again."
                 )
-            start = max(earlier)
-            steps.append(EpochStep(start + 1, "train", start, wanted=start + 1 == e))
-            steps += [EpochStep(b, "train", None, wanted=b == e) for b in range(start + 2, e + 1)]
         state = e
     return steps
 
@@ -144,12 +158,30 @@ def plan_segments(
     train: bool,
     segments: int,
     cost: Mapping[int, float],
+    scratch: bool = False,
 ) -> list[Segment]:
-    """Split the replay of ``epochs`` into ``segments`` segments, each with its own starting checkpoint."""
+    """Split the replay of ``epochs`` into ``segments`` segments, each with its own starting checkpoint
+    (``scratch``: each segment starts with the model as passed in, so it may train from the start)."""
     return [
-        Segment(i, tuple(steps_for(group, checkpoints, train=train)))
+        Segment(i, tuple(steps_for(group, checkpoints, train=train, scratch=scratch)))
         for i, group in enumerate(split_segments(epochs, segments, cost))
     ]
+
+
+def validate_epochs(epochs: object) -> None:
+    """Check ``epochs`` as given to ``replay``: None, or a list, range (any collection) of whole epoch numbers.
+
+    Raises:
+        ReplayError: anything else (a lone number, a string, floats, bools), with what to pass instead.
+    """
+    if epochs is None or isinstance(epochs, range):
+        return
+    example = "e.g. epochs=[5] for epoch 5, or epochs=range(5) for epochs 0-4"
+    if not isinstance(epochs, Iterable) or isinstance(epochs, (str, bytes, Mapping)):
+        raise ReplayError(f"epochs must be a list or range of recorded epoch numbers ({example}); got {epochs!r}")
+    odd = [e for e in epochs if isinstance(e, bool) or not isinstance(e, numbers.Integral)]
+    if odd:
+        raise ReplayError(f"epochs must be whole epoch numbers ({example}); got {odd!r} in {epochs!r}")
 
 
 def validate_segment_args(segments: object, segment: object) -> None:

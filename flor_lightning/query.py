@@ -13,6 +13,7 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import adbc_driver_sqlite.dbapi as adbc_sqlite
 import numpy as np
@@ -36,13 +37,14 @@ def store_path(db: str | Path | None = None) -> Path:
             f"no flor log store at {str(path)!r}. Record a run first with "
             "Trainer(callbacks=[FlorCallback()]).fit(...), or run from inside the project that recorded it."
         )
-    store.connect(path).close()  # checks it is flor's and brings its schema up to date
+    store.connect(path, readonly=True).close()  # checks it is flor's and brings its schema up to date
     return path
 
 
-def open_store(db: str | Path | None = None) -> sqlite3.Connection:
-    """Connect to an existing log store (default: the one of the current project)."""
-    return store.connect(store_path(db))
+def open_store(db: str | Path | None = None, *, readonly: bool = False) -> sqlite3.Connection:
+    """Connect to an existing log store (default: the one of the current project); ``readonly`` to only
+    read it (a read-only file or folder is fine then)."""
+    return store.connect(store_path(db), readonly=readonly)
 
 
 def _as_list(value: str | Sequence[str] | None) -> list[str] | None:
@@ -57,7 +59,7 @@ def runs(*, db: str | Path | None = None) -> pd.DataFrame:
     head_commit, branch, checkpoint_root, hparams (dict), settings (dict), versions (dict), left_out (dict:
     what the code snapshot left out, each with the reason).
     """
-    conn = open_store(db)
+    conn = open_store(db, readonly=True)
     try:
         rows = store.fetch(conn, "SELECT * FROM runs ORDER BY started, run_id")
     finally:
@@ -82,19 +84,39 @@ def _runs_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 def records(
     *names: str,
     run: str | Sequence[str] | None = None,
+    unfinished: bool = False,
     db: str | Path | None = None,
 ) -> pd.DataFrame:
     """Every stored value in long form (one row per value), recorded and replayed.
 
-    Columns: run_id, replay_id, stage, level, epoch, step, batch_idx, name, value.
+    Columns: run_id, replay_id, replay_status, stage, level, epoch, step, batch_idx, name, value.
+    ``replay_status`` is None for a recorded value, else its replay's ``finished``, ``failed``,
+    ``running`` or ``crashed`` (a replay id the store has no row for, as values merged in from
+    another store carry: None too).
+
+    Args:
+        names: the logged names wanted (default: all).
+        run: one run id or several (default: all runs).
+        unfinished: also the values of replays that did not finish (failed, crashed, still
+            running); by default only recorded values and those of finished replays.
+        db: the log store (default: ``.flor/flor.db`` of this project).
     """
     path = store_path(db)
-    return _records(path, list(names), _as_list(run))
+    with closing(store.connect(path, readonly=True)) as conn:
+        statuses = store.replay_statuses(conn)
+    df = _records(path, list(names), _as_list(run), unfinished=unfinished)
+    status = [None if r is None else statuses.get(r) for r in df["replay_id"]]
+    df.insert(2, "replay_status", pd.Series(status, index=df.index, dtype=object))
+    return df
 
 
-def _filters(names: list[str], run_ids: list[str] | None) -> tuple[list[str], list[str]]:
+# Values of a replay the store knows did not finish (failed, crashed, running) are left out unless asked for.
+_FINISHED_ONLY = "(replay_id IS NULL OR replay_id NOT IN (SELECT replay_id FROM replays WHERE status != 'finished'))"
+
+
+def _filters(names: list[str], run_ids: list[str] | None, *, unfinished: bool) -> tuple[list[str], list[str]]:
     """SQL conditions on ``logs`` (to be AND-ed) and their parameters."""
-    clauses, params = [], []
+    clauses, params = ([], []) if unfinished else ([_FINISHED_ONLY], [])
     if names:
         clauses.append(f"name IN ({store.placeholders(names)})")
         params += names
@@ -105,39 +127,44 @@ def _filters(names: list[str], run_ids: list[str] | None) -> tuple[list[str], li
 
 
 @contextmanager
-def _arrow_cursor(db_path: Path) -> Iterator[Any]:
-    """An ADBC cursor on a read-only connection that waits (up to 30 s) while the store is busy.
+def _arrow_cursor(uri: str) -> Iterator[Any]:
+    """An ADBC cursor on a read-only connection (``uri`` from :func:`store.read_uri`) that waits (up to
+    30 s) while the store is busy.
 
     A recorder that closes its last connection checkpoints the WAL and holds the file for a
     moment; without a busy timeout (ADBC sets none) a query then failed with "database is locked".
+    A damaged store's error is a :class:`StoreError` naming the file.
     """
-    with adbc_sqlite.connect(f"file:{db_path}?mode=ro") as conn, conn.cursor() as cur:
-        cur.execute("PRAGMA busy_timeout = 30000")
-        yield cur
+    try:
+        with adbc_sqlite.connect(uri) as conn, conn.cursor() as cur:
+            cur.execute("PRAGMA busy_timeout = 30000")
+            yield cur
+    except adbc_sqlite.Error as err:
+        raise store.store_error(unquote(urlsplit(uri).path), err) from err
 
 
-def _read_arrow(db_path: Path, sql: str, params: list[str]) -> pa.Table:
+def _read_arrow(uri: str, sql: str, params: list[str]) -> pa.Table:
     """A read-only query's result as Arrow columns, through ADBC (no Python object per value)."""
-    with _arrow_cursor(db_path) as cur:
+    with _arrow_cursor(uri) as cur:
         cur.execute(sql, params)
         return cur.fetch_arrow_table()
 
 
-def _records(db_path: Path, names: list[str], run_ids: list[str] | None) -> pd.DataFrame:
+def _records(db_path: Path, names: list[str], run_ids: list[str] | None, *, unfinished: bool) -> pd.DataFrame:
     """The ``logs`` rows, read through ADBC straight into Arrow columns.
 
     One Python object per value (sqlite3's cursor) made a million-value store take seconds to
     read; Arrow columns take a fraction of that. ADBC infers a column's type from its first rows,
     so every column is made non-NULL in SQL and its NULLs restored here.
     """
-    clauses, params = _filters(names, run_ids)
+    clauses, params = _filters(names, run_ids, unfinished=unfinished)
     where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
     sql = (
         "SELECT rowid AS seq, run_id, ifnull(replay_id, '') AS replay_id, stage, level, "
         "ifnull(batch_idx, -1) AS batch_idx, epoch, step, name, "
         f"ifnull(value, 0.0) AS value, value IS NULL AS no_value, ifnull(text, '') AS text FROM logs {where}"
     )
-    df = _read_arrow(db_path, sql, params).to_pandas()
+    df = _read_arrow(store.read_uri(db_path), sql, params).to_pandas()
     if df.empty:
         df = pd.DataFrame({c: pd.Series(dtype=t) for c, t in _EMPTY.items() if c in df.columns})
     if not df["seq"].is_monotonic_increasing:  # an index scan: restore the order values were written in
@@ -175,6 +202,7 @@ def query(
     run: str | Sequence[str] | None = None,
     where: str | None = None,
     replayed: bool = False,
+    unfinished: bool = False,
     db: str | Path | None = None,
 ) -> pd.DataFrame:
     """Every logged value as a pivot: one row per (run, epoch, step), one column per name.
@@ -190,6 +218,9 @@ def query(
         where: a pandas expression over the result's columns, e.g. ``"lr < 0.01 and epoch >= 5"``
             (evaluated by :meth:`pandas.DataFrame.query`, never turned into SQL).
         replayed: also add a ``<name>@replay`` column holding the latest replayed values.
+        unfinished: also use the values of replays that did not finish (failed, crashed, still
+            running); by default a replay's values count once it finished, so an interrupted
+            replay never mixes into a column (:func:`records` has each value's replay status).
         db: the log store (default: ``.flor/flor.db`` of this project).
 
     Example:
@@ -198,7 +229,7 @@ def query(
     """
     path = store_path(db)
     run_ids = _as_list(run)
-    with closing(store.connect(path)) as conn:
+    with closing(store.connect(path, readonly=True)) as conn:
         run_rows = store.fetch(conn, "SELECT * FROM runs ORDER BY started, run_id")
     runs_df = _runs_frame(run_rows)
     if run_ids:
@@ -206,16 +237,45 @@ def query(
         if unknown:
             raise ConfigError(f"unknown run id(s) {unknown}; flor.runs() lists the recorded ones")
         runs_df = runs_df[runs_df["run_id"].isin(run_ids)].reset_index(drop=True)
-    axes, table = _pivot(_cells(path, list(names), run_ids, list(runs_df["run_id"])), replayed=replayed)
+    cells = _cells(path, list(names), run_ids, list(runs_df["run_id"]), unfinished=unfinished)
+    axes, table = _pivot(cells, replayed=replayed)
+    table = table.rename(columns=_metric_label)
     info = run_info(runs_df, taken={*KEY, *table.columns})
     rows = info.take(axes[0]).reset_index(drop=True)
     out = pd.concat([rows, pd.DataFrame({"epoch": axes[1], "step": axes[2]}), table], axis=1)
-    if where:
-        try:
-            out = out.query(where).reset_index(drop=True)
-        except Exception as err:
-            raise ConfigError(f"cannot evaluate where={where!r}: {err}. Columns: {list(out.columns)}") from err
-    return out
+    return filter_rows(out, where, label="where=") if where else out
+
+
+def _metric_label(column: str) -> str:
+    """A logged name's column: ``metric.<name>`` where the name is a built-in column (step, epoch, run_id, ...)."""
+    name = column.removesuffix("@replay")
+    return f"metric.{column}" if name in {*KEY, *RUN_COLUMNS} else column
+
+
+def filter_rows(df: pd.DataFrame, where: str, *, label: str) -> pd.DataFrame:
+    """The rows of ``df`` where the pandas expression ``where`` holds (``label`` names the option in errors).
+
+    Raises:
+        ConfigError: it cannot be evaluated, or it is no condition (``"lr"`` gives numbers, not true/false).
+    """
+    columns = f"Columns: {', '.join(map(str, df.columns))}"
+    try:
+        mask = df.eval(where)
+    except Exception as err:
+        reason = " ".join(str(err).split())[:300]
+        raise ConfigError(f"cannot evaluate {label}{where!r}: {reason}. {columns}") from err
+    if not (isinstance(mask, pd.Series) and pd.api.types.is_bool_dtype(mask)):
+        raise ConfigError(
+            f"{label}{where!r} is no condition: it gives {'numbers' if isinstance(mask, pd.Series) else 'one value'} "
+            f"instead of true or false per row; compare, e.g. 'lr < 0.01' or 'epoch >= 5'. {columns}"
+        )
+    return df[mask].reset_index(drop=True)
+
+
+def logged_names(db: str | Path | None = None) -> list[str]:
+    """Every name the store holds values of, sorted."""
+    with closing(store.connect(store_path(db), readonly=True)) as conn:
+        return [r["name"] for r in store.fetch(conn, "SELECT DISTINCT name FROM logs ORDER BY name")]
 
 
 # a value's flags: 4 when replayed; plus 0 when a number, 1 when NaN (stored as text), 2 when text
@@ -239,26 +299,29 @@ class _Cells:
 _ROWS_PER_READER = 250_000  # a store smaller than this is read by one reader
 
 
-def _cells(db_path: Path, names: list[str], run_ids: list[str] | None, run_order: list[str]) -> _Cells:
+def _cells(
+    db_path: Path, names: list[str], run_ids: list[str] | None, run_order: list[str], *, unfinished: bool
+) -> _Cells:
     """Read what the pivot needs: six columns through ADBC, then integer codes computed in Arrow.
 
     A big store is read by one reader per CPU (up to 4), each over its own range of rows in its
     own read-only connection; ADBC fills Arrow columns without holding the GIL, so they overlap.
     """
-    clauses, params = _filters(names, run_ids)
+    clauses, params = _filters(names, run_ids, unfinished=unfinished)
+    uri = store.read_uri(db_path)
     readers, first, last = 1, 0, 0
     if not run_ids:  # with a run filter the run index finds the rows: one reader
-        with closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as conn:
+        with closing(store.connect(db_path, readonly=True)) as conn:
             # two queries: sqlite finds a lone min() or max() of rowid at once, both together by a scan
-            first = conn.execute("SELECT min(rowid) FROM logs").fetchone()[0] or 0
-            last = conn.execute("SELECT max(rowid) FROM logs").fetchone()[0] or 0
+            first = store.fetch(conn, "SELECT min(rowid) AS n FROM logs")[0]["n"] or 0
+            last = store.fetch(conn, "SELECT max(rowid) AS n FROM logs")[0]["n"] or 0
         readers = max(1, min(os.cpu_count() or 1, 4, (last - first + 1) // _ROWS_PER_READER))
     bounds = np.linspace(first, last + 1, readers + 1).astype(np.int64)
     spans: list[tuple[int, int] | None] = [(int(lo), int(hi) - 1) for lo, hi in itertools.pairwise(bounds)]
     if readers == 1:
         spans = [None]
     with ThreadPoolExecutor(readers) as pool:
-        parts = [p for p in pool.map(lambda span: _read_span(db_path, clauses, params, span), spans) if p[0].num_rows]
+        parts = [p for p in pool.map(lambda span: _read_span(uri, clauses, params, span), spans) if p[0].num_rows]
     if not parts:
         none = np.zeros(0, dtype=np.int64)
         return _Cells(none, none, none, none, [], np.zeros(0), np.zeros(0, dtype=bool), None)
@@ -283,7 +346,7 @@ def _texts(text: np.ndarray | None, n: int) -> np.ndarray:
 
 
 def _read_span(
-    db_path: Path, clauses: list[str], params: list[str], span: tuple[int, int] | None
+    uri: str, clauses: list[str], params: list[str], span: tuple[int, int] | None
 ) -> tuple[pa.Table, np.ndarray | None]:
     """The values with rowid in ``span`` (inclusive; None: all), in write order, and their text (None
     when none is text).
@@ -295,7 +358,7 @@ def _read_span(
     args = [*params, *span] if span else params
     sql = f"SELECT run_id, epoch, step, name, ifnull(value, 0.0) AS value, {_FLAGS} AS flags FROM logs"
     where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
-    with _arrow_cursor(db_path) as cur:
+    with _arrow_cursor(uri) as cur:
         cur.execute(f"{sql} {where} ORDER BY rowid", args)
         table = cur.fetch_arrow_table()
         is_text = np.asarray(table["flags"]) % 4 == 2 if table.num_rows else np.zeros(0, dtype=bool)

@@ -20,9 +20,10 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from flor_lightning import _lightning, codecheck, codeversion, planner, shadow, store
+from flor_lightning.callback import hyperparameters
 from flor_lightning.checkpoints import CheckpointStore
-from flor_lightning.errors import CheckpointError, ReplayError
-from flor_lightning.locate import Location, locate
+from flor_lightning.errors import CheckpointError, FlorError, ReplayError
+from flor_lightning.locate import Location, locate, process_local
 
 if TYPE_CHECKING:
     import sqlite3
@@ -55,10 +56,19 @@ class ReplayReport:
     new_names: list[str] = field(default_factory=list)
     bad_checkpoints: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    status: str = "finished"
+    error: str | None = None
+    replaced_values: int = 0
+    replaced_replays: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
+        ended = (
+            f"finished in {self.seconds:.1f}s"
+            if self.status == "finished"
+            else f"{self.status} after {self.seconds:.1f}s ({(self.error or '?').splitlines()[0]}); before that it did"
+        )
         lines = [
-            f"flor replay {self.replay_id} of run {self.run_id} finished in {self.seconds:.1f}s",
+            f"flor replay {self.replay_id} of run {self.run_id} {ended}",
             f"  epochs restored: {planner.describe(self.epochs_restored) or '-'}; "
             f"re-trained: {planner.describe(self.epochs_trained) or '-'}",
             f"  new values: {self.new_values} ({', '.join(self.new_names) or 'no new names'})",
@@ -72,6 +82,11 @@ class ReplayReport:
         ]
         if self.bad_checkpoints:
             lines.append(f"  checkpoints that failed their checksum and were worked around: {self.bad_checkpoints}")
+        if self.replaced_values:
+            lines.append(
+                f"  replaced {self.replaced_values} values of unfinished replay(s) {', '.join(self.replaced_replays)} "
+                "at the epochs and names this one logged again"
+            )
         return "\n".join(lines)
 
 
@@ -87,6 +102,10 @@ def find_run(conn: sqlite3.Connection, run: str | None, script: str | None) -> d
         conn,
         "SELECT * FROM runs WHERE script IS ? AND run_id IN (SELECT run_id FROM checkpoints) "
         "ORDER BY started DESC LIMIT 1",
+        [script],
+    ) or store.fetch(  # none left (flor gc freed them): the latest run with a finished epoch, re-trained
+        conn,
+        "SELECT * FROM runs WHERE script IS ? AND run_id IN (SELECT run_id FROM epochs) ORDER BY started DESC LIMIT 1",
         [script],
     )
     if not rows:
@@ -144,6 +163,7 @@ def run_replay(
 ) -> ReplayReport:
     """See :meth:`flor_lightning.Trainer.replay`."""
     _check_arguments(trainer.world_size, segments, segment, train)
+    planner.validate_epochs(epochs)
     if trainer.world_size > 1 and _lightning.spawns_ranks(trainer):
         raise ReplayError(
             "multi-process replay runs with strategy='ddp' (each rank re-runs your script) or 'ddp_fork' (ranks "
@@ -166,17 +186,18 @@ def run_replay(
     train_s = {t["epoch"]: t["ended"] - t["started"] - t["val_seconds"] for t in timings}
     val_s = {t["epoch"]: t["val_seconds"] for t in timings}
     cost = {e: val_s.get(e, 0.0) + (train_s.get(e, 0.0) if retrain else 0.0) for e in wanted}
-    plan = planner.plan_segments(wanted, good, train=retrain, segments=segments, cost=cost)
+    # each segment starts with the model as passed in (so it may re-train from the start), unless one
+    # process runs several segments one after the other
+    scratch = segments == 1 or segment is not None or trainer.world_size > 1
+    plan = planner.plan_segments(wanted, good, train=retrain, segments=segments, cost=cost, scratch=scratch)
     chosen = plan if segment is None else [plan[segment]]
     replay_id = os.environ.get(REPLAY_ID_ENV) or f"{rec['run_id']}.r{uuid.uuid4().hex[:6]}"
     report = ReplayReport(replay_id=replay_id, run_id=rec["run_id"], train=retrain, reason=reason)
     primary, world = trainer.global_rank == 0, trainer.world_size
     started = time.time()
     if primary:
-        if missing:
-            rank_zero_warn(
-                f"flor: checkpoints of epochs {missing} of run {rec['run_id']} are missing; replay works around them"
-            )
+        _warn_missing(rec, ckpt_rows, missing, ckpts)
+        _warn_hparams(rec, model, datamodule or train_dataloaders)
         _announce(rec["run_id"], chosen, segment, segments, retrain, reason, train_s, val_s, ckpt_rows)
         exclude = codeversion.run_exclusions(loc, trainer, rec["checkpoint_root"])
         version = codeversion.commit_code(loc, f"flor replay {replay_id} of run {rec['run_id']}", exclude=exclude)
@@ -207,32 +228,98 @@ def run_replay(
         good=good,
         retrain=retrain,
     )
-    status = "failed"
+    report.status = "failed"
     try:
         runner.run(
             trainer, model, datamodule=datamodule, train_dataloaders=train_dataloaders, val_dataloaders=val_dataloaders
         )
         if primary and world > 1:
             wait_for_segments(str(loc.db_path), replay_id, segments)
-        status = "finished"
+        report.status = "finished"
+    except BaseException as err:
+        report.error = _cause(err)
+        raise
     finally:
         report.seconds = time.time() - started
-        with closing(store.connect(loc.db_path)) as c:
-            _fill_epochs(c, report)
-            if status == "finished" and primary:
-                _compare(c, report)
-            if primary:
-                store.update(
-                    c,
-                    "replays",
-                    {"replay_id": replay_id},
-                    {"status": status, "ended": time.time(), "report": asdict(report)},
-                )
+        _store_report(loc, report, primary=primary)
     rank_zero_info(str(report))
     return report
 
 
+def _cause(err: BaseException) -> str:
+    if isinstance(err, SystemExit):  # Lightning turns Ctrl-C (KeyboardInterrupt) into sys.exit(1)
+        return f"interrupted: SystemExit({err.code}), as Lightning exits on Ctrl-C"
+    return f"{type(err).__name__}: {err}".strip()
+
+
+def _store_report(loc: Location, report: ReplayReport, *, primary: bool) -> None:
+    """Fill in what the replay did, finished or not, and store it with its status (the primary rank).
+
+    A finished replay replaces the values of unfinished ones it repeats. When the replay failed, trouble
+    writing its record is only warned about: the replay's own error is the one raised.
+    """
+    try:
+        with closing(store.connect(loc.db_path)) as c:
+            _fill_epochs(c, report)
+            if primary:
+                _compare(c, report)
+                if report.status == "finished":
+                    _replace_unfinished(c, report)
+                row = {"status": report.status, "ended": time.time(), "report": asdict(report)}
+                store.update(c, "replays", {"replay_id": report.replay_id}, row)
+    except FlorError as err:
+        if report.status == "finished":
+            raise
+        rank_zero_warn(f"flor: could not store the report of the failed replay {report.replay_id}: {err}")
+    if report.status != "finished" and primary:
+        rank_zero_warn(f"flor: {report}")  # what it did before it failed, as stored
+
+
 REPLAY_ID_ENV = "FLOR_REPLAY_ID"
+
+
+def _warn_missing(
+    rec: dict[str, Any], ckpt_rows: dict[int, dict[str, Any]], missing: list[int], ckpts: CheckpointStore
+) -> None:
+    """Say which checkpoints are gone, where they were expected, and what the replay does instead."""
+    where = f"{rec['checkpoint_root']}/{rec['run_id']}"
+    if len(missing) < len(ckpt_rows):
+        if missing:
+            rank_zero_warn(
+                f"flor: checkpoints of epochs {missing} of run {rec['run_id']} are missing from {where}; "
+                "replay re-trains around them from the nearest earlier one"
+            )
+        return
+    if not ckpt_rows:
+        why = "flor gc freed them (or the run was killed before its first one)"
+    elif process_local(ckpts.fs):
+        why = f"they were kept in {ckpts.url}, the memory of the recording process, and went with it"
+    else:
+        why = "their files are gone (was FLOR_HOME moved or deleted?)"
+    rank_zero_warn(
+        f"flor: run {rec['run_id']} has no checkpoint left to restore from: {why}; expected under {where}. "
+        "Replay re-trains from the model you pass, as a new fit would: its values match the recording only if "
+        "the model, data and seed are set up as they were for it"
+    )
+
+
+def changed_hparams(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``name=now (recorded was)`` for each hyperparameter that differs (compared as stored: through JSON)."""
+    now = json.loads(json.dumps(current, default=repr))
+    return [
+        f"{k}={now.get(k, '(none)')!r} (recorded {recorded.get(k, '(none)')!r})"
+        for k in sorted(set(recorded) | set(now))
+        if recorded.get(k, "(none)") != now.get(k, "(none)")
+    ]
+
+
+def _warn_hparams(rec: dict[str, Any], model: pl.LightningModule, datamodule: Any) -> None:
+    changed = changed_hparams(json.loads(rec["hparams"] or "{}"), hyperparameters(model, None, datamodule))
+    if changed:
+        rank_zero_warn(
+            f"flor: the hyperparameters differ from run {rec['run_id']}'s recording: {', '.join(changed)}. "
+            f"The replay reproduces it only with the recorded ones (`flor show {rec['run_id']}` lists them)"
+        )
 
 
 def _check_arguments(world: int, segments: int, segment: int | None, train: bool | None) -> None:
@@ -259,6 +346,7 @@ def _load_run(loc: Location, run: str | None) -> tuple[dict[str, Any], dict[int,
             "flor.Trainer(...).fit(...) from this project."
         )
     with closing(store.connect(loc.db_path)) as conn:
+        store.check_writable(conn, loc.db_path)  # read-only or damaged: refused before the code snapshot
         rec = find_run(conn, run, _script(loc))
         rows = store.fetch(conn, "SELECT * FROM checkpoints WHERE run_id = ?", [rec["run_id"]])
         timings = store.fetch(conn, "SELECT * FROM epochs WHERE run_id = ? ORDER BY epoch", [rec["run_id"]])
@@ -417,10 +505,8 @@ class SegmentRunner:
         self.good.discard(bad_epoch)
         rank_zero_warn(f"flor: checkpoint of epoch {bad_epoch} is unusable; re-planning from an earlier one")
         with closing(store.connect(self.db_path)) as c:
-            c.execute(
-                "UPDATE replays SET report = json_set(coalesce(report, '{}'), '$.bad_' || ?, 1) WHERE replay_id = ?",
-                [str(bad_epoch), self.replay_id],
-            )
+            row = {"replay_id": self.replay_id, "epoch": bad_epoch}
+            store.insert(c, "replay_bad_checkpoints", row, replace=False)
         return planner.steps_for([s.epoch for s in remaining if s.wanted], self.good, train=self.retrain)
 
     def on_start(self, trainer: pl.Trainer) -> None:
@@ -552,9 +638,26 @@ def _fill_epochs(conn: sqlite3.Connection, report: ReplayReport) -> None:
     )
     report.epochs_restored = [r["epoch"] for r in done if r["action"] == "restore"]
     report.epochs_trained = [r["epoch"] for r in done if r["action"] == "train"]
-    row = store.fetch(conn, "SELECT report FROM replays WHERE replay_id = ?", [report.replay_id])
-    marks = json.loads(row[0]["report"] or "{}") if row else {}
-    report.bad_checkpoints = sorted(int(k[4:]) for k in marks if k.startswith("bad_"))
+    bad = store.fetch(conn, "SELECT epoch FROM replay_bad_checkpoints WHERE replay_id = ?", [report.replay_id])
+    report.bad_checkpoints = sorted(r["epoch"] for r in bad)
+
+
+def _replace_unfinished(conn: sqlite3.Connection, report: ReplayReport) -> None:
+    """A finished replay repeats the unfinished (failed, crashed) replays of its run where it logged the same
+    name at the same epoch: their values there are deleted, so no cell holds both. Their other values stay
+    (``flor.query(..., unfinished=True)`` shows them)."""
+    statuses = store.replay_statuses(conn, report.run_id)
+    stale = [r for r, status in statuses.items() if status in ("failed", "crashed") and r != report.replay_id]
+    with store.immediate(conn):
+        for other in stale:
+            gone = conn.execute(
+                "DELETE FROM logs WHERE run_id = ? AND replay_id = ? AND EXISTS (SELECT 1 FROM logs n "
+                "WHERE n.run_id = logs.run_id AND n.replay_id = ? AND n.name = logs.name AND n.epoch = logs.epoch)",
+                [report.run_id, other, report.replay_id],
+            ).rowcount
+            if gone:
+                report.replaced_values += gone
+                report.replaced_replays.append(other)
 
 
 def _check_like_recording(trainer: pl.Trainer, settings: dict[str, Any], retrain: bool) -> None:

@@ -12,11 +12,13 @@ import functools
 import json
 import math
 import os
+import socket
 import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -135,23 +137,47 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         "0005_run_code_left_out",
         "ALTER TABLE runs ADD COLUMN left_out TEXT;",
     ),
+    (
+        # the checkpoints a replay found unusable had been kept as scratch keys ("bad_<epoch>") in its
+        # report until the report itself replaced them: now they have their own table, and `report`
+        # only ever holds the report
+        "0006_replay_bad_checkpoints",
+        """
+        CREATE TABLE replay_bad_checkpoints (
+            replay_id TEXT NOT NULL,
+            epoch INTEGER NOT NULL,
+            PRIMARY KEY (replay_id, epoch)
+        );
+        INSERT OR IGNORE INTO replay_bad_checkpoints
+            SELECT r.replay_id, CAST(substr(j.key, 5) AS INTEGER) FROM replays r, json_each(r.report) j
+            WHERE json_valid(r.report) AND j.key GLOB 'bad_[0-9-]*';
+        UPDATE replays SET report = NULL WHERE json_valid(report) AND json_type(report) = 'object'
+            AND NOT EXISTS (SELECT 1 FROM json_each(replays.report) j WHERE j.key NOT GLOB 'bad_[0-9-]*');
+        """,
+    ),
 )
 
 LOG_COLUMNS = ("run_id", "replay_id", "stage", "level", "epoch", "step", "batch_idx", "name", "value", "text")
 
 
-def connect(path: Path | str) -> sqlite3.Connection:
+def connect(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
     """Open (creating if needed) the log store at ``path`` and bring its schema up to date.
 
     A file that is not flor's is left exactly as it was: it is recognised before anything is
     written (not even the switch to WAL mode). A store whose schema is up to date is opened
     without taking the write lock, so readers never wait for (or hold up) a recording.
 
+    With ``readonly`` the file is opened for reading only (nothing is created), so a store whose
+    file or folder is read-only (an archive) can still be queried; only an older schema is
+    brought up to date first, which needs write access once.
+
     Raises:
-        StoreError: the file is not a sqlite database, belongs to another program, or its
-            folder cannot be written.
+        StoreError: the file is not a sqlite database, belongs to another program, is damaged,
+            or its folder cannot be created; the message says which and what to do.
     """
     path = Path(path)
+    if readonly:
+        return _connect_readonly(path)
     conn: sqlite3.Connection | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -163,11 +189,89 @@ def connect(path: Path | str) -> sqlite3.Connection:
     except (sqlite3.DatabaseError, OSError) as err:
         if conn is not None:
             conn.close()
-        raise StoreError(
-            f"cannot open the flor log store {str(path)!r}: {err}. If the file is damaged or not flor's, "
-            "move it aside (flor starts a new store there) or set FLOR_DB to another path."
-        ) from err
+        raise store_error(path, err) from err
     return conn
+
+
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    conn: sqlite3.Connection | None = None
+    try:
+        conn = sqlite3.connect(read_uri(path), uri=True, timeout=30, isolation_level=None, check_same_thread=False)
+        _check_ours(conn)
+        if _pending(conn):  # an older schema (or an empty file): brought up to date once, by a writer
+            conn.close()
+            connect(path).close()
+            conn = sqlite3.connect(read_uri(path), uri=True, timeout=30, isolation_level=None, check_same_thread=False)
+    except sqlite3.DatabaseError as err:
+        if conn is not None:
+            conn.close()
+        raise store_error(path, err) from err
+    return conn
+
+
+def read_uri(path: Path | str) -> str:
+    """A sqlite URI that opens ``path`` for reading only.
+
+    A store in WAL mode is read through its ``-shm`` file, which a reader that may not write the
+    folder (an archived, read-only store) cannot create; such a store is opened ``immutable``:
+    nobody without write access to the folder can be changing it either.
+    """
+    uri = f"{Path(path).resolve().as_uri()}?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True, timeout=30)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.OperationalError:
+        return f"{uri}&immutable=1"
+    return uri
+
+
+def store_error(path: Path | str, err: BaseException) -> StoreError:
+    """The one-line error for ``err`` met on the store at ``path``: what went wrong and what to do."""
+    where, text = repr(str(path)), str(err)
+    folder = Path(path).parent
+    if isinstance(err, OSError):  # the folder could not be made: a file is in the way, no permission
+        return StoreError(
+            f"cannot create the folder {str(folder)!r} of the flor log store {where}: {err}. "
+            "Point FLOR_DB (or --db) at a file in a folder you can write."
+        )
+    if "readonly" in text or ("unable to open" in text and not os.access(folder, os.W_OK)):
+        return StoreError(
+            f"the flor log store {where} is read-only ({err}); recording, replay, gc and push write to it. "
+            "Make the file and its folder writable (chmod u+w), or set FLOR_DB to a writable copy; "
+            "flor runs, query and show read it as it is."
+        )
+    if "locked" in text or "busy" in text:
+        return StoreError(f"the flor log store {where} stayed locked by another process ({err}); try again later.")
+    return StoreError(
+        f"cannot open the flor log store {where}: {err}. If the file is damaged or not flor's, move it aside "
+        "(flor starts a new store there) or set FLOR_DB to another path; `sqlite3 FILE .recover` may save "
+        "the values of a damaged one."
+    )
+
+
+def check_writable(conn: sqlite3.Connection, path: Path | str) -> None:
+    """Prove the store at ``path`` can be written and is whole (sqlite's quick structural check),
+    before a recording or replay makes anything (a code snapshot, a checkpoint folder).
+
+    Raises:
+        StoreError: it is read-only or damaged (the message says which and what to do).
+    """
+    try:
+        # a row written and rolled back: in WAL mode sqlite grants BEGIN IMMEDIATE on a read-only file
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("INSERT INTO flor_migrations VALUES ('(write probe)', 0)")
+        finally:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        verdict = conn.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.DatabaseError as err:
+        raise store_error(path, err) from err
+    if verdict != "ok":
+        raise store_error(path, sqlite3.DatabaseError(f"it is damaged ({verdict})"))
 
 
 def _use_wal(conn: sqlite3.Connection, *, timeout: float = 30.0) -> None:
@@ -205,11 +309,17 @@ def _check_ours(conn: sqlite3.Connection) -> None:
         raise sqlite3.DatabaseError(f"it holds tables flor did not create: {sorted(tables)}")
 
 
+def _pending(conn: sqlite3.Connection) -> bool:
+    """Whether a migration has yet to run (a read: it changes nothing)."""
+    if "flor_migrations" not in _tables(conn):
+        return True
+    done = {r[0] for r in conn.execute("SELECT name FROM flor_migrations")}
+    return not all(name in done for name, _ in MIGRATIONS)
+
+
 def _migrate(conn: sqlite3.Connection) -> None:
-    if "flor_migrations" in _tables(conn):
-        done = {r[0] for r in conn.execute("SELECT name FROM flor_migrations")}
-        if all(name in done for name, _ in MIGRATIONS):
-            return  # up to date: no write lock needed
+    if not _pending(conn):
+        return  # up to date: no write lock needed
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.execute("CREATE TABLE IF NOT EXISTS flor_migrations (name TEXT PRIMARY KEY, applied REAL)")
@@ -387,8 +497,8 @@ def insert(conn: sqlite3.Connection, table: str, row: dict[str, Any], *, replace
     cols = ", ".join(row)
     marks = ", ".join("?" * len(row))
     values = [json.dumps(v, default=repr) if isinstance(v, (dict, list)) else v for v in row.values()]
-    with conn:
-        verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+    verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+    with _reported(conn), conn:
         conn.execute(f"{verb} INTO {table} ({cols}) VALUES ({marks})", values)
 
 
@@ -397,15 +507,44 @@ def update(conn: sqlite3.Connection, table: str, key: dict[str, Any], values: di
     sets = ", ".join(f"{c} = ?" for c in values)
     where = " AND ".join(f"{c} = ?" for c in key)
     params = [json.dumps(v, default=repr) if isinstance(v, (dict, list)) else v for v in values.values()]
-    with conn:
+    with _reported(conn), conn:
         conn.execute(f"UPDATE {table} SET {sets} WHERE {where}", [*params, *key.values()])
+
+
+@contextmanager
+def immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction taken at once (``BEGIN IMMEDIATE``): no other process writes between its
+    reads and its writes. Inside it, use ``conn.execute``: :func:`insert` and :func:`update` commit.
+    A sqlite error is raised as a :class:`StoreError` naming the file."""
+    with _reported(conn):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
 
 def fetch(conn: sqlite3.Connection, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
     """Rows of a query as dicts."""
-    cur = conn.execute(sql, params)
-    names = [d[0] for d in cur.description]
-    return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+    with _reported(conn):
+        cur = conn.execute(sql, params)
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+
+@contextmanager
+def _reported(conn: sqlite3.Connection) -> Iterator[None]:
+    """Turn a sqlite error (a damaged page, a read-only file) into a :class:`StoreError` naming the file."""
+    try:
+        yield
+    except sqlite3.DatabaseError as err:
+        try:
+            path = conn.execute("PRAGMA database_list").fetchone()[2]
+        except sqlite3.Error:
+            path = "(the log store)"
+        raise store_error(path, err) from err
 
 
 def pid_alive(pid: int | None, host: str | None, this_host: str) -> bool:
@@ -419,6 +558,31 @@ def pid_alive(pid: int | None, host: str | None, this_host: str) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def replay_alive(conn: sqlite3.Connection, replay_id: str, host: str) -> bool:
+    """Whether a replay marked running may still be: a segment's process lives, or none has started
+    yet and the process that registered the replay lives (unknown in stores older than 0004: kept).
+    """
+    segs = fetch(conn, "SELECT status, pid, host FROM replay_segments WHERE replay_id = ?", [replay_id])
+    if not segs:
+        (owner,) = fetch(conn, "SELECT pid, host FROM replays WHERE replay_id = ?", [replay_id])
+        return owner["pid"] is None or pid_alive(owner["pid"], owner["host"], host)
+    return any(s["status"] == "running" and pid_alive(s["pid"], s["host"], host) for s in segs)
+
+
+def replay_statuses(conn: sqlite3.Connection, run_id: str | None = None) -> dict[str, str]:
+    """Each replay's status (of ``run_id``, or all) as a reader sees it: ``finished``, ``failed``,
+    ``running``, or ``crashed`` for one marked running whose processes are gone."""
+    host = socket.gethostname()
+    where, params = ("WHERE run_id = ?", [run_id]) if run_id is not None else ("", [])
+    rows = fetch(conn, f"SELECT replay_id, status FROM replays {where}", params)
+    return {
+        r["replay_id"]: "crashed"
+        if r["status"] == "running" and not replay_alive(conn, r["replay_id"], host)
+        else r["status"]
+        for r in rows
+    }
 
 
 def placeholders(values: Iterable[Any]) -> str:

@@ -46,9 +46,9 @@ class Trainer(pl.Trainer):
     def replay(
         self,
         model: pl.LightningModule,
-        datamodule: pl.LightningDataModule | None = None,
         train_dataloaders: Any = None,
         val_dataloaders: Any = None,
+        datamodule: pl.LightningDataModule | None = None,
         *,
         run: str | None = None,
         epochs: Sequence[int] | range | None = None,
@@ -63,11 +63,14 @@ class Trainer(pl.Trainer):
         it. Values carry the recorded run's epoch and global step. Recorded values that are
         logged again are compared bit for bit; the returned report says how many matched.
 
+        The data arguments are those of ``fit``, in its order: ``replay(model, train_loader, val_loader)``,
+        ``replay(model, datamodule=dm)`` and ``replay(model, dm)`` work as they do for ``fit``.
+
         Args:
             model: the LightningModule, built as for the recording (same hyperparameters).
-            datamodule: the datamodule, as for ``fit``.
-            train_dataloaders: training dataloaders, as for ``fit``.
+            train_dataloaders: training dataloaders (or a datamodule), as for ``fit``.
             val_dataloaders: validation dataloaders, as for ``fit``.
+            datamodule: the datamodule, as for ``fit``.
             run: the run id (default: the latest recorded run of this script).
             epochs: the recorded epochs to replay (default: all).
             segments: split the epochs into this many contiguous segments, balanced by the
@@ -91,6 +94,8 @@ class Trainer(pl.Trainer):
             >>> trainer = flor.Trainer(max_epochs=10)  # doctest: +SKIP
             >>> trainer.replay(model, datamodule=dm, epochs=range(3, 7))  # doctest: +SKIP
         """
+        if isinstance(train_dataloaders, pl.LightningDataModule):  # replay(model, dm), as fit(model, dm)
+            datamodule, train_dataloaders = train_dataloaders, None
         return run_replay(
             self,
             model,

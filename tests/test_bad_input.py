@@ -4,23 +4,31 @@ written half-way. Real git repositories, real sqlite files, real checkpoint file
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
 import pickle
+import random
+import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import fsspec
 import lightning as L
 import pytest
 import torch
+from conftest import TRAIN_SCRIPT
 from helpers import git, rows, user_git_state
 from models import TRAIN_BATCHES, VAL_BATCHES, DigitsClassifier, DigitsData, trainer_kwargs
 
 import flor_lightning as flor
-from flor_lightning import ConfigError, FlorCallback, ReplayError, StoreError, codeversion, store
+from flor_lightning import ConfigError, FlorCallback, ReplayError, StoreError, cli, codeversion, store
 from flor_lightning.checkpoints import CheckpointStore
 from flor_lightning.errors import CheckpointError
 from flor_lightning.locate import locate
@@ -348,3 +356,320 @@ def _torch_saved(obj: object, tmp_path: Path) -> bytes:
     path = tmp_path / "crafted.pt"
     torch.save(obj, path)
     return path.read_bytes()
+
+
+# ---- a partly damaged, read-only or misplaced log store ------------------------------------------
+
+
+def damage_pages(path: Path, *, first: int = 4, count: int = 5, seed: int = 3) -> None:
+    """What ``dd if=/dev/urandom of=flor.db bs=4096 seek=3 count=5 conv=notrunc`` does, with seeded bytes:
+    pages 4-8 (the runs and replays tables, the first page of the values) overwritten, the header intact."""
+    with path.open("r+b") as f:
+        f.seek((first - 1) * 4096)
+        f.write(random.Random(seed).randbytes(count * 4096))
+
+
+def one_line(text: str) -> bool:
+    return text.count("\n") == 1 and text.endswith("\n") and "Traceback" not in text
+
+
+@pytest.mark.integration
+def test_a_partly_damaged_store_is_a_one_line_store_error_and_nothing_is_recorded(
+    project: Path, flor_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fit()
+    db = project / DB
+    tip = git(project, "rev-parse", SHADOW_BRANCH)
+    folders = sorted(p.name for p in (flor_home / "proj").iterdir())
+    damage_pages(db)
+    damaged_bytes = db.read_bytes()
+
+    for command in (["runs"], ["query"], ["query", "val_loss", "--format", "json"], ["show", "x"]):
+        assert cli.main(command) == 1, command
+        err = capsys.readouterr().err
+        assert one_line(err) and "flor.db" in err and "malformed" in err and "move it aside" in err, err
+    for read in (flor.query, flor.runs, flor.records):
+        with pytest.raises(StoreError, match=r"flor\.db.*malformed.*move it aside"):
+            read()
+    CountingSteps.steps = 0
+    with pytest.raises(StoreError, match=r"flor\.db.*malformed.*move it aside") as recording:
+        fit(CountingSteps())
+    assert "\n" not in str(recording.value)
+    assert CountingSteps.steps == 0
+    with pytest.raises(StoreError, match=r"flor\.db.*malformed"):
+        flor.Trainer(**trainer_kwargs(max_epochs=1)).replay(DigitsClassifier(), datamodule=DigitsData(), run="x")
+    assert git(project, "rev-parse", SHADOW_BRANCH) == tip  # no code snapshot
+    assert sorted(p.name for p in (flor_home / "proj").iterdir()) == folders  # no checkpoint folder
+    assert db.read_bytes() == damaged_bytes
+
+
+def as_other_user(argv: list[str]) -> list[str]:
+    """``argv`` run by a user the store's permissions bind: this one, or, for root (whom they do not
+    bind), nobody through setpriv."""
+    if os.geteuid() != 0:
+        return argv
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: no user to whom a read-only file is read-only")
+    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv]
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A folder another user can enter (pytest's tmp_path lies in a folder only its owner can)."""
+    path = Path(tempfile.mkdtemp(prefix="flor-readonly-"))
+    path.chmod(0o755)
+    yield path
+    for p in [path, *path.rglob("*")]:
+        if p.is_dir() and not p.is_symlink():
+            p.chmod(0o755)
+    shutil.rmtree(path)
+
+
+def other_user_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "FLOR_DB"}
+    config = home / "gitconfig"
+    if not config.exists():
+        config.write_text("[safe]\n\tdirectory = *\n")
+        config.chmod(0o644)
+    return env | {"HOME": str(home), "GIT_CONFIG_GLOBAL": str(config), "GIT_CONFIG_NOSYSTEM": "1"}
+
+
+def small_store(db: Path) -> None:
+    conn = store.connect(db)
+    row = {"run_id": "r1", "project": "p", "script": "train.py", "started": 1.0, "status": "finished"}
+    store.insert(conn, "runs", row | {"hparams": {"lr": 0.1}})
+    conn.close()
+    writer = store.LogWriter(lambda: store.connect(db), interval=60)
+    for epoch in range(3):
+        writer.add(("r1", None, "validate", "epoch", epoch, 4 * epoch + 4, None, "val_loss", 1.0 / (epoch + 1)))
+    writer.add(("r1", None, "validate", "epoch", 2, 12, None, "big", math.inf))
+    writer.close()
+
+
+@pytest.mark.parametrize("read_only", ["file", "file and folder"])
+def test_a_read_only_store_stays_queryable(open_dir: Path, read_only: str) -> None:
+    """An archived store (file 444, folder 555 too) reads as it is; what would write says why it cannot."""
+    db = open_dir / ".flor" / "flor.db"
+    small_store(db)
+    db.chmod(0o444)
+    if read_only == "file and folder":
+        db.parent.chmod(0o555)
+    before = sorted(os.listdir(db.parent))
+    env = other_user_env(open_dir)
+
+    def flor_as_other(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = as_other_user([sys.executable, "-m", "flor_lightning.cli", *args, "--db", str(db)])
+        return subprocess.run(argv, capture_output=True, text=True, cwd=open_dir, env=env)
+
+    done = flor_as_other("runs")
+    assert done.returncode == 0 and "r1" in done.stdout and "finished" in done.stdout, done.stderr
+    done = flor_as_other("query", "--format", "json")
+    assert done.returncode == 0, done.stderr
+    assert [r["val_loss"] for r in json.loads(done.stdout)] == [1.0, 0.5, 1 / 3]
+    done = flor_as_other("show", "r1")
+    assert done.returncode == 0 and "lr: 0.1" in done.stdout, done.stderr
+    code = f"import flor_lightning as flor; print(len(flor.query(db={str(db)!r})), len(flor.records(db={str(db)!r})))"
+    done = subprocess.run(as_other_user([sys.executable, "-c", code]), capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and done.stdout.split() == ["3", "4"], done.stderr
+
+    done = flor_as_other("gc", "--keep-last", "0")
+    assert done.returncode == 1 and one_line(done.stderr), done.stderr
+    assert "is read-only" in done.stderr and "chmod u+w" in done.stderr and "move it aside" not in done.stderr
+    if read_only == "file and folder":
+        assert sorted(os.listdir(db.parent)) == before  # reading left nothing beside it
+
+
+CHILD = """
+import json, sys
+import lightning as L
+import flor_lightning as flor
+from models import DigitsClassifier, DigitsData, trainer_kwargs
+
+out = {}
+for what in ("record", "replay"):
+    L.seed_everything(0)
+    trainer = flor.Trainer(**trainer_kwargs(max_epochs=1))
+    try:
+        if what == "record":
+            trainer.fit(DigitsClassifier(), datamodule=DigitsData())
+        else:
+            trainer.replay(DigitsClassifier(), datamodule=DigitsData(), run=sys.argv[1])
+        out[what] = "no error"
+    except flor.StoreError as err:
+        out[what] = str(err)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.integration
+def test_recording_or_replaying_into_a_read_only_store_stops_before_anything_is_made(
+    open_dir: Path, monkeypatch: pytest.MonkeyPatch, git_env: None
+) -> None:
+    root, home = open_dir / "proj", open_dir / "flor-home"
+    root.mkdir()
+    git(root, "init", "-q", "-b", "main")
+    (root / "train.py").write_text(TRAIN_SCRIPT)
+    git(root, "add", ".")
+    git(root, "commit", "-q", "-m", "initial")
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(sys, "argv", [str(root / "train.py")])
+    monkeypatch.setenv("FLOR_HOME", str(home))
+    run_id = fit().flor.run_id
+    tip = git(root, "rev-parse", SHADOW_BRANCH)
+    if os.geteuid() == 0:  # the files belong to the user who tries again, as a user's own project does
+        for p in [open_dir, *open_dir.rglob("*")]:
+            os.chown(p, 65534, 65534, follow_symlinks=False)
+    (root / DB).chmod(0o444)
+    (open_dir / "child.py").write_text(CHILD)
+    env = other_user_env(open_dir)
+    env |= {
+        "FLOR_HOME": str(home),
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")]),
+    }
+
+    argv = as_other_user([sys.executable, str(open_dir / "child.py"), run_id])
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=root, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors = json.loads(done.stdout.splitlines()[-1])
+    for what in ("record", "replay"):
+        assert "is read-only" in errors[what] and "chmod u+w" in errors[what] and "\n" not in errors[what], errors
+    # neither made a code snapshot (the repository now belongs to the other user: git asks to be told it is safe)
+    assert git(root, "-c", "safe.directory=*", "rev-parse", SHADOW_BRANCH) == tip
+    assert [p.name for p in (home / "proj").iterdir()] == [run_id]  # nor a checkpoint folder
+    assert rows(root / DB, "SELECT count(*) AS n FROM replays")[0]["n"] == 0
+
+
+@pytest.mark.integration
+def test_flor_db_under_a_regular_file_is_one_line_and_records_nothing(
+    project: Path, flor_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    monkeypatch.setenv("FLOR_DB", str(a_file / "flor.db"))
+    CountingSteps.steps = 0
+    with pytest.raises(StoreError, match=r"cannot create the folder .*a-file.*Point FLOR_DB") as err:
+        fit(CountingSteps())
+    assert "\n" not in str(err.value) and CountingSteps.steps == 0
+    assert a_file.read_text() == "not a folder"
+    assert not git(project, "branch", "--list", SHADOW_BRANCH)
+    assert not flor_home.exists() or not any(flor_home.rglob("*"))
+
+
+@pytest.mark.integration
+def test_flor_db_in_a_folder_of_the_user_leaves_its_gitignore_alone(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only flor's own .flor/ folder gets a .gitignore of '*': anywhere else it would hide the user's files."""
+    git(project, "rm", "-q", ".gitignore")
+    git(project, "commit", "-q", "-m", "no .gitignore")
+    for folder in (project, project / "stores"):
+        monkeypatch.setenv("FLOR_DB", str(folder / "runs.db"))
+        fit()
+        assert (folder / "runs.db").exists() and not (folder / ".gitignore").exists()
+    monkeypatch.delenv("FLOR_DB")
+    fit()
+    assert (project / ".flor" / ".gitignore").read_text().splitlines()[-1] == "*"
+
+
+# ---- checkpoints that are gone -------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_memory_checkpoints_warn_and_a_later_process_re_trains(
+    project: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    caplog.set_level(logging.WARNING)
+    url = f"memory://flor-ck-{uuid.uuid4().hex[:8]}"
+    L.seed_everything(0, verbose=False)
+    trainer = flor.Trainer(callbacks=[FlorCallback(checkpoint_dir=url)], **trainer_kwargs(max_epochs=2))
+    trainer.fit(DigitsClassifier(), datamodule=DigitsData())
+    run_id = trainer.flor.run_id
+    (warning,) = [w for w in flor_warnings(caplog) if "memory" in w]
+    assert url in warning and "vanish when it exits" in warning
+    assert cli.main(["show", run_id, "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["checkpoints"]["where"] == [f"memory:///{url[9:]}/{run_id}"]
+
+    fsspec.filesystem("memory").rm(f"/{url[9:]}", recursive=True)  # what another process finds there: nothing
+    with pytest.warns(UserWarning, match=r"no checkpoint left to restore from: they were kept in memory://.*went"):
+        L.seed_everything(0, verbose=False)
+        report = flor.Trainer(**trainer_kwargs(max_epochs=2)).replay(DigitsClassifier(), datamodule=DigitsData())
+    assert report.epochs_trained == [0, 1] and report.epochs_restored == []
+    assert report.mismatched == 0 and report.matched == report.rederived > 0  # re-trained from the start, exactly
+
+
+@pytest.mark.integration
+def test_replay_with_every_checkpoint_gone_re_trains_and_says_where_they_were(project: Path, flor_home: Path) -> None:
+    """FLOR_HOME deleted, then the index freed by gc: replay says so and re-trains from the model passed in
+    (the README's promise for runs freed by gc), in one segment; sequential segments cannot and say why."""
+    run_id = fit(max_epochs=2).flor.run_id
+    shutil.rmtree(flor_home)
+    for why, kwargs in [("their files are gone", {"run": run_id}), ("flor gc freed them", {})]:
+        with pytest.warns(UserWarning, match=rf"run {run_id} has no checkpoint left to restore from: {why}.*expected"):
+            L.seed_everything(0, verbose=False)
+            trainer = flor.Trainer(**trainer_kwargs(max_epochs=2))
+            report = trainer.replay(DigitsClassifier(), datamodule=DigitsData(), **kwargs)
+        assert report.epochs_trained == [0, 1] and report.mismatched == 0 and report.matched == report.rederived > 0
+        flor.gc(keep_last=0)
+    with pytest.raises(ReplayError, match="segments=1"):
+        flor.Trainer(**trainer_kwargs(max_epochs=2)).replay(DigitsClassifier(), datamodule=DigitsData(), segments=2)
+
+
+# ---- replay arguments ----------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_replay_arguments_are_checked_before_anything_and_positional_data_works_as_for_fit(
+    project: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_id = fit(max_epochs=2).flor.run_id
+    db = project / DB
+    tip = git(project, "rev-parse", SHADOW_BRANCH)
+    for epochs, message in [(5, "epochs=\\[5\\]"), ("abc", "list or range"), ([1.5], "1.5"), ([True], "True")]:
+        with pytest.raises(ReplayError, match=message):
+            flor.Trainer(**trainer_kwargs(max_epochs=2)).replay(
+                DigitsClassifier(), datamodule=DigitsData(), epochs=epochs
+            )  # type: ignore[arg-type]
+    assert rows(db, "SELECT count(*) AS n FROM replays")[0]["n"] == 0
+    assert git(project, "rev-parse", SHADOW_BRANCH) == tip
+
+    with pytest.warns(UserWarning, match=r"hyperparameters differ from run .*: dropout=0\.5 \(recorded 0\.2\)"):
+        L.seed_everything(0, verbose=False)
+        changed = flor.Trainer(**trainer_kwargs(max_epochs=2)).replay(DigitsClassifier(dropout=0.5), DigitsData())
+    assert changed.epochs_restored == [0, 1]  # restoring: dropout is off in validation, so values still match
+
+    dm = DigitsData()
+    dm.setup("fit")
+    L.seed_everything(0, verbose=False)
+    trainer = flor.Trainer(**trainer_kwargs(max_epochs=2))
+    trainer.fit(DigitsClassifier(), dm.train_dataloader(), dm.val_dataloader())
+    L.seed_everything(0, verbose=False)
+    trainer = flor.Trainer(**trainer_kwargs(max_epochs=2))
+    report = trainer.replay(DigitsClassifier(), dm.train_dataloader(), dm.val_dataloader(), train=True)
+    assert report.run_id == trainer.flor.run_id != run_id
+    assert report.epochs_trained == [0, 1] and report.mismatched == 0 and report.matched == report.rederived > 0
+
+
+# ---- the command line on bad names, conditions and values ----------------------------------------
+
+
+def test_query_names_conditions_and_json_values(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "flor.db"
+    small_store(db)
+    assert cli.main(["query", "nosuchname", "--db", str(db)]) == 1
+    err = capsys.readouterr().err
+    assert one_line(err) and "no values logged under 'nosuchname'" in err and "big, val_loss" in err
+    for where in ("lr", "val_loss"):
+        assert cli.main(["query", "--where", where, "--db", str(db)]) == 2
+        err = capsys.readouterr().err
+        assert one_line(err) and "is no condition" in err and "e.g. 'lr < 0.01'" in err, err
+    assert cli.main(["runs", "--where", "lr", "--db", str(db)]) == 2
+    assert "--where 'lr' is no condition" in capsys.readouterr().err
+    assert cli.main(["query", "--where", "val_loss >", "--db", str(db)]) == 2
+    err = capsys.readouterr().err
+    assert one_line(err) and "cannot evaluate where='val_loss >'" in err
+
+    assert cli.main(["query", "--format", "json", "--db", str(db)]) == 0
+    text = capsys.readouterr().out
+    assert "Infinity" not in text and "NaN" not in text
+    values = json.loads(text)
+    assert [r["big"] for r in values] == [None, None, "inf"]  # NaN (no value) is null, infinity a string

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import pytest
 from helpers import git, rows, sha256
 from test_cli import MODEL_SOURCE, VAL_CONF, edit_model, flor_cmd, record, replay
 
 import flor_lightning as flor
-from flor_lightning import cli, store
+from flor_lightning import cli, housekeeping, store
 from flor_lightning.checkpoints import CheckpointStore
 from flor_lightning.errors import CheckpointError, ConfigError
 from flor_lightning.housekeeping import busy_runs, select_for_gc
@@ -225,19 +226,17 @@ def test_push_to_a_second_local_root_then_replay_reads_from_it(
     assert report.new_names == ["val_conf"] and report.mismatched == 0 and report.matched > 0
 
 
-def test_push_to_memory_then_replay_in_process(three_runs: tuple[Path, list[str]]) -> None:
-    """memory:// lives in this process only, so the replay after the push runs here too."""
+def test_push_every_run_then_again_moves_nothing(three_runs: tuple[Path, list[str]], tmp_path: Path) -> None:
     root, ids = three_runs
     db = root / ".flor" / "flor.db"
-    url = f"memory://flor-push-{uuid.uuid4().hex[:8]}"
-    report = flor.push(url)
+    remote = tmp_path / "archive"
+    report = flor.push(str(remote))
     assert len(report.moved) == 12 and report.bytes == sum(c["size"] for r in ids for c in index(db, r))
-    fs, remote_root = fsspec.core.url_to_fs(url)
     for r in ids:
-        prefix = f"memory://{remote_root}/proj/{r}/"  # the canonical URL (memory:///flor-push-...)
-        assert all(c["path"].startswith(prefix) and fs.exists(c["path"]) for c in index(db, r))
+        prefix = f"file://{remote}/proj/{r}/"
+        assert all(c["path"].startswith(prefix) and Path(c["path"][7:]).exists() for c in index(db, r))
         assert not run_dir(r).exists() or not list(run_dir(r).glob("*.ckpt"))
-    assert flor.push(url).moved == []  # nothing left to move
+    assert flor.push(str(remote)).moved == []  # nothing left to move
 
     edit_model(root, *VAL_CONF)
     rep = replay(root, ids[1], lr=0.02)
@@ -245,7 +244,7 @@ def test_push_to_memory_then_replay_in_process(three_runs: tuple[Path, list[str]
     assert rep.new_names == ["val_conf"] and rep.mismatched == 0
 
 
-def test_replay_after_a_partial_push_to_memory_reads_both_places(three_runs: tuple[Path, list[str]]) -> None:
+def test_replay_after_a_partial_push_reads_both_places(three_runs: tuple[Path, list[str]], tmp_path: Path) -> None:
     """Half the checkpoints pushed (the third failed its checksum): replay finds every one where the index says."""
     root, ids = three_runs
     db = root / ".flor" / "flor.db"
@@ -254,14 +253,96 @@ def test_replay_after_a_partial_push_to_memory_reads_both_places(three_runs: tup
     good = third.read_bytes()
     third.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
     with pytest.raises(CheckpointError, match="does not match its recorded sha256"):
-        flor.push(f"memory://flor-partial-{uuid.uuid4().hex[:8]}", runs=[run])
+        flor.push(str(tmp_path / "archive"), runs=[run])
     third.write_bytes(good)
-    assert [c["path"].startswith("memory://") for c in index(db, run)] == [True, True, False, False]
+    assert [c["path"].startswith("file://") for c in index(db, run)] == [True, True, False, False]
 
     edit_model(root, *VAL_CONF)
     rep = replay(root, run, lr=0.02)
     assert rep.epochs_restored == [0, 1, 2] and rep.epochs_trained == [] and rep.bad_checkpoints == []
     assert rep.mismatched == 0 and rep.matched > 0
+
+
+def test_push_to_another_spelling_of_the_checkpoint_folder_deletes_nothing(
+    three_runs: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    """A symlink to FLOR_HOME, FLOR_HOME/../<its name> and a relative path all name the folder the files are in."""
+    root, ids = three_runs
+    db = root / ".flor" / "flor.db"
+    home = Path(os.environ["FLOR_HOME"])
+    (tmp_path / "homelink").symlink_to(home, target_is_directory=True)
+    before = index(db, ids[0])
+    spellings = [str(tmp_path / "homelink"), f"{home}/../{home.name}", os.path.relpath(home, root)]
+    for spelling in spellings:
+        done = flor_cmd("push", spelling, "--run", ids[0], cwd=root)
+        assert done.returncode == 0, done.stderr
+        assert f"kept {ids[0]}: its checkpoints already are there" in done.stdout, (spelling, done.stdout)
+        assert "nothing was copied or deleted" in done.stdout and "moved 0 bytes" in done.stdout
+        assert index(db, ids[0]) == before
+        assert all(sha256(Path(c["path"])) == c["sha256"] for c in before)
+    assert rows(db, "SELECT checkpoint_root FROM runs WHERE run_id = ?", (ids[0],))[0]["checkpoint_root"] == str(
+        home / "proj"
+    )
+
+    edit_model(root, *VAL_CONF)
+    rep = replay(root, ids[0], lr=0.01)
+    assert rep.epochs_restored == [0, 1, 2] and rep.bad_checkpoints == [] and rep.mismatched == 0
+
+
+def test_push_to_memory_is_refused_and_moves_nothing(
+    three_runs: tuple[Path, list[str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """memory:// lives inside the pushing process: the files would be gone when it exits."""
+    root, ids = three_runs
+    db = root / ".flor" / "flor.db"
+    before = {r: index(db, r) for r in ids}
+    assert cli.main(["push", "memory://x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot push to 'memory://x'" in err and "vanish when it exits" in err
+    with pytest.raises(ConfigError, match="keeps files inside this process only"):
+        flor.push(f"memory://flor-push-{uuid.uuid4().hex[:8]}")
+    assert {r: index(db, r) for r in ids} == before
+    assert all(sha256(Path(c["path"])) == c["sha256"] for r in ids for c in before[r])
+
+
+def test_push_to_a_path_under_a_file_is_a_config_error(
+    three_runs: tuple[Path, list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, ids = three_runs
+    db = root / ".flor" / "flor.db"
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    before = index(db, ids[0])
+    for url in (str(a_file / "archive"), "/proc/flor-archive"):
+        assert cli.main(["push", url, "--run", ids[0]]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"cannot push checkpoints to {url!r}" in err, err
+    assert index(db, ids[0]) == before and a_file.read_text() == "x"
+
+
+def test_a_replay_registered_during_a_push_keeps_its_checkpoints(
+    three_runs: tuple[Path, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The busy check and the index update are one transaction: a replay that registers while the
+    first file is copied (after push's first look) keeps every checkpoint where it read them."""
+    root, ids = three_runs
+    db = root / ".flor" / "flor.db"
+    run = ids[0]
+    before = index(db, run)
+    copy = housekeeping._copy_verified
+    registered: list[str] = []
+
+    def copy_then_a_replay_starts(*args: Any) -> None:
+        copy(*args)
+        if not registered:
+            registered.append(add_replay(db, run, pid=None, owner=os.getpid()))
+
+    monkeypatch.setattr(housekeeping, "_copy_verified", copy_then_a_replay_starts)
+    report = flor.push(str(tmp_path / "archive"), runs=[run])
+    assert report.moved == [] and report.kept == {run: f"replay {registered[0]} is unfinished"}
+    assert index(db, run) == before
+    assert all(sha256(Path(c["path"])) == c["sha256"] for c in before)
+    assert not list((tmp_path / "archive").rglob("*.ckpt"))  # the unindexed copy is gone
 
 
 def test_interrupted_push_leaves_every_checkpoint_readable_and_push_again_finishes(
@@ -301,7 +382,7 @@ def test_interrupted_push_leaves_every_checkpoint_readable_and_push_again_finish
 def test_push_unknown_run_and_bad_url(three_runs: tuple[Path, list[str]], capsys: pytest.CaptureFixture[str]) -> None:
     from flor_lightning import cli
 
-    assert cli.main(["push", "memory://x", "--run", "nope"]) == 1
+    assert cli.main(["push", str(three_runs[0].parent / "archive"), "--run", "nope"]) == 1
     assert "unknown run id(s) ['nope']" in capsys.readouterr().err
     assert cli.main(["push", "nosuchproto://bucket/x"]) == 2
     assert "cannot use checkpoint location" in capsys.readouterr().err
@@ -327,7 +408,7 @@ def killing(original):
 if point == "before-rename":
     LocalFileSystem.mv = killing(LocalFileSystem.mv)
 elif point == "before-index":
-    store.update = killing(store.update)
+    store.immediate = killing(store.immediate)
 else:
     LocalFileSystem.rm = killing(LocalFileSystem.rm)
 if url == "gc":
@@ -336,27 +417,88 @@ else:
     housekeeping.push(url, runs=[run])
 """
 
+KILL_POINTS = ("before-rename", "before-index", "before-delete")
+SPELLINGS = ("plain", "symlink", "dotdot", "relative")
+PUSH_TRIALS = 10
 
-@pytest.mark.parametrize("point", ["before-rename", "before-index", "before-delete"])
-def test_push_killed_with_sigkill_loses_nothing(three_runs: tuple[Path, list[str]], tmp_path: Path, point: str) -> None:
-    """A real SIGKILL at the second file's rename, index update or local delete; then push again."""
+
+def spelled(folder: Path, how: str, links: Path) -> str:
+    """``folder`` as a user might type it: plainly, through a symlink, with ``..``, or relative to the project."""
+    if how == "symlink":
+        link = links / f"{folder.name}-link"
+        if not link.is_symlink():
+            link.symlink_to(folder, target_is_directory=True)
+        return str(link)
+    if how == "dotdot":
+        return f"{folder}/../{folder.name}"
+    if how == "relative":
+        return os.path.relpath(folder, Path.cwd())
+    return str(folder)
+
+
+def check_index(db: Path, recorded: dict[tuple[str, int], str]) -> None:
+    """The store's invariants: it opens whole, and every checkpoint it ever indexed still is, complete."""
+    conn = store.connect(db)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        conn.close()
+    now = {(r, c["epoch"]): c["sha256"] for r in {run for run, _ in recorded} for c in index(db, r)}
+    assert now == recorded
+    for run in {run for run, _ in recorded}:
+        assert_all_readable(db, run)
+
+
+def check_only_in(db: Path, run: str, folder: Path, other: Path) -> None:
+    """Every checkpoint of ``run`` lies in ``folder`` (however the index spells it), once: no copy is left
+    in ``other`` and no unfinished temporary file anywhere."""
+    here = folder / "proj" / run
+    for c in index(db, run):
+        path = c["path"].removeprefix("file://")
+        assert os.path.samefile(os.path.dirname(path), here), (c["path"], here)
+    assert not list((other / "proj" / run).glob("*.ckpt"))
+    assert not list(folder.rglob("*.tmp-*")) and not list(other.rglob("*.tmp-*"))
+
+
+def test_push_and_gc_killed_at_random_lose_no_checkpoint(three_runs: tuple[Path, list[str]], tmp_path: Path) -> None:
+    """Property: whichever step a real SIGKILL hits (a copy's rename, an index update, a delete; the n-th of
+    them), pushing between two folders, each named plainly, through a symlink, with ``..`` or relative to
+    the project, every indexed checkpoint stays complete and readable, and the same push run again leaves
+    each file in the destination once. Then gc, killed at a random delete, loses nothing it keeps."""
     root, ids = three_runs
     db = root / ".flor" / "flor.db"
-    remote, run = tmp_path / "archive", ids[0]
-    done = subprocess.run(
-        [sys.executable, "-c", KILLER, point, "2", str(remote), run], cwd=root, capture_output=True, text=True
-    )
-    assert done.returncode == -9, done.stderr
-    paths = [c["path"] for c in index(db, run)]
-    moved = {"before-rename": 1, "before-index": 1, "before-delete": 2}[point]
-    assert sum(p.startswith("file://") for p in paths) == moved
-    assert_all_readable(db, run)  # whatever step the kill hit, every indexed checkpoint loads
+    folders = (Path(os.environ["FLOR_HOME"]), tmp_path / "archive")
+    recorded = {(r, c["epoch"]): c["sha256"] for r in ids for c in index(db, r)}
+    rng = random.Random(20261202)
+    kills = Counter[str]()
+    for _ in range(PUSH_TRIALS):
+        run, to, how = rng.choice(ids), rng.randrange(2), rng.choice(SPELLINGS)
+        point, n = rng.choice(KILL_POINTS), rng.randint(1, 4)
+        url = spelled(folders[to], how, tmp_path)
+        done = subprocess.run([sys.executable, "-c", KILLER, point, str(n), url, run], cwd=root, capture_output=True)
+        assert done.returncode in (0, -9), done.stderr
+        kills[f"{point} {'killed' if done.returncode else 'not reached'}"] += 1
+        check_index(db, recorded)
 
-    report = flor.push(str(remote), runs=[run])
-    assert len(report.moved) == 4 - moved
-    assert all(c["path"].startswith(f"file://{remote}/proj/{run}/") for c in index(db, run))
-    assert not list(run_dir(run).glob("*.ckpt")) and not list(remote.rglob("*.tmp-*"))
-    assert_all_readable(db, run)
+        flor.push(url, runs=[run])  # again, to the same place: it finishes the move
+        check_index(db, recorded)
+        check_only_in(db, run, folders[to], folders[1 - to])
+    print(dict(kills))
+    assert sum(n for k, n in kills.items() if k.endswith("killed")) >= PUSH_TRIALS // 2, kills
+
+    newest = ids[2]  # gc --keep-last 1 keeps the most recent run
+    done = subprocess.run(
+        [sys.executable, "-c", KILLER, "before-delete", str(rng.randint(1, 6)), "gc", "1"],
+        cwd=root,
+        capture_output=True,
+    )
+    assert done.returncode in (0, -9), done.stderr
+    assert index(db, ids[0]) == index(db, ids[1]) == []  # the index rows went first, in one transaction
+    check_index(db, {k: v for k, v in recorded.items() if k[0] == newest})
+    flor.gc(keep_last=1)
+    for r in ids[:2]:
+        assert not [p for f in folders for p in (f / "proj" / r).rglob("*") if p.is_file()], r
+    check_index(db, {k: v for k, v in recorded.items() if k[0] == newest})
 
 
 def test_gc_killed_with_sigkill_between_files_loses_nothing(three_runs: tuple[Path, list[str]]) -> None:

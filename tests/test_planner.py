@@ -13,6 +13,7 @@ from flor_lightning.planner import (
     plan_segments,
     split_segments,
     steps_for,
+    validate_epochs,
     validate_segment_args,
 )
 
@@ -55,8 +56,54 @@ def test_sparse_checkpoints_restore_the_nearest_earlier_and_train_forward():
 
 
 def test_missing_start_checkpoint_is_an_error_naming_what_exists():
-    with pytest.raises(ReplayError, match=r"no checkpoint at or before epoch 1 .* checkpoints exist for epochs 3-4"):
+    with pytest.raises(
+        ReplayError, match=r"no usable checkpoint at or before epoch 1 .*checkpoints exist for epochs 3-4.*segments=1"
+    ):
         steps_for([2], {3, 4}, train=True)
+
+
+def test_with_no_checkpoint_left_scratch_trains_from_the_start():
+    """Every checkpoint freed (flor gc) or lost: with ``scratch`` the model as passed in is the initial state."""
+    assert steps_for([0, 1], set(), train=False, scratch=True) == [
+        EpochStep(0, "train", None),
+        EpochStep(1, "train", None),
+    ]
+    assert steps_for([2], set(), train=True, scratch=True) == [
+        EpochStep(0, "train", None, wanted=False),
+        EpochStep(1, "train", None, wanted=False),
+        EpochStep(2, "train", None),
+    ]
+    # past the first epoch, a gap is trained forward from the state the previous step left
+    assert steps_for([0, 2], set(), train=True, scratch=True)[1:] == [
+        EpochStep(1, "train", None, wanted=False),
+        EpochStep(2, "train", None),
+    ]
+    plan = plan_segments([0, 1, 2, 3], set(), train=True, segments=2, cost={}, scratch=True)
+    assert [s.epochs for s in plan] == [(0, 1), (2, 3)] and plan[1].steps[0] == EpochStep(0, "train", None, False)
+    with pytest.raises(ReplayError, match="segments=1"):  # one process, segments one after another: no fresh model
+        plan_segments([0, 1, 2, 3], set(), train=True, segments=2, cost={})
+
+
+@pytest.mark.parametrize(
+    ("epochs", "message"),
+    [
+        (5, r"a list or range of recorded epoch numbers .*epochs=\[5\].*range\(5\).*got 5"),
+        ("abc", "a list or range of recorded epoch numbers"),
+        ([1.5], r"whole epoch numbers .*got \[1\.5\]"),
+        ([True], r"whole epoch numbers .*got \[True\]"),
+        ({"a": 1}, "a list or range"),
+    ],
+)
+def test_epochs_that_are_no_list_of_whole_numbers_are_refused(epochs: object, message: str) -> None:
+    with pytest.raises(ReplayError, match=message):
+        validate_epochs(epochs)
+
+
+def test_epochs_given_as_collections_of_whole_numbers_are_accepted() -> None:
+    import numpy as np
+
+    for epochs in (None, range(3), [0, 2], (1,), {2}, np.arange(2), [np.int64(1)]):
+        validate_epochs(epochs)
 
 
 def test_segments_are_contiguous_balanced_and_cover_every_epoch():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import multiprocessing
 import os
@@ -175,6 +176,57 @@ def test_replayed_values_fill_the_recorded_rows(db: Path) -> None:
     latest = flor.query("val_f1", replayed=True).set_index(["run_id", "epoch", "step"])
     assert latest.loc[(RUN_A, 1, 4), "val_f1@replay"] == 0.75
     assert len(flor.records("val_f1")) == 3  # records keeps every value
+
+
+def test_values_of_unfinished_replays_count_only_when_asked_for(db: Path) -> None:
+    """A failed, crashed or still running replay's values stay out of query and records unless unfinished=True;
+    values of a replay id the store has no row for (merged from another store) are shown."""
+    conn = store.connect(db)
+    for replay_id, status, pid in [("done", "finished", None), ("bad", "failed", None), ("dead", "running", 1 << 22)]:
+        row = {"replay_id": replay_id, "run_id": RUN_A, "started": 1.0, "status": status}
+        store.insert(conn, "replays", row | {"pid": pid, "host": socket.gethostname()})
+    conn.close()
+    add_values(
+        db,
+        [
+            (RUN_A, replay_id, "validate", "epoch", 1, 4, None, "val_f1", value)
+            for replay_id, value in [("done", 0.5), ("bad", 50.0), ("dead", 60.0), ("merged", 0.7)]
+        ],
+    )
+    shown = flor.query("val_f1", run=RUN_A, replayed=True).set_index(["epoch", "step"])
+    assert shown.loc[(1, 4), "val_f1@replay"] == 0.7  # the latest value of a replay not known to be unfinished
+    assert set(flor.records("val_f1")["replay_id"]) == {"done", "merged"}
+    everything = flor.query("val_f1", run=RUN_A, replayed=True, unfinished=True).set_index(["epoch", "step"])
+    assert everything.loc[(1, 4), "val_f1@replay"] == 0.7
+    rec = flor.records("val_f1", unfinished=True)
+    assert dict(zip(rec["replay_id"], rec["replay_status"], strict=True)) == {
+        "done": "finished",
+        "bad": "failed",
+        "dead": "crashed",  # marked running, its process gone
+        "merged": None,
+    }
+    assert flor.records("loss", run=RUN_A)["replay_status"].isna().all()  # recorded values
+
+
+def test_logged_names_that_are_built_in_columns_get_their_own(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A value logged as step, epoch, run_id or status is ``metric.<name>``: no duplicated column, and
+    where= and the run table mean the built-in ones."""
+    clashing = ["step", "epoch", "run_id", "status"]
+    add_values(db, [(RUN_A, None, "train", "step", 1, 3, 1, name, 100.0 + i) for i, name in enumerate(clashing)])
+    add_values(db, [(RUN_A, "rp", "train", "step", 1, 3, 1, "step", 7.0)])
+    df = flor.query(run=RUN_A, replayed=True)
+    assert not df.columns.duplicated().any()
+    assert {f"metric.{n}" for n in clashing} | {"metric.step@replay"} <= set(df.columns)
+    assert df.set_index("step").loc[3, "metric.epoch"] == 101.0
+    assert flor.query(run=RUN_A, where="step > 2")["step"].tolist() == [3, 4]
+    assert flor.query("step", run=RUN_A).dropna(subset=["metric.step"])["metric.step"].tolist() == [100.0]
+
+    from flor_lightning import cli
+
+    assert cli.main(["runs", "--format", "json"]) == 0
+    (run,) = [r for r in json.loads(capsys.readouterr().out) if r["run_id"] == RUN_A]
+    assert not any(k.endswith(("_x", "_y")) for k in run)
+    assert run["final.run_id"] == 102.0 and run["final.status"] == 103.0 and run["status"] == "finished"
 
 
 def test_text_and_nan_values(project: Path) -> None:

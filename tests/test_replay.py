@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -11,7 +12,7 @@ from types import ModuleType
 import lightning as L
 import pytest
 from helpers import git, make_venv, rows
-from models import trainer_kwargs
+from models import VAL_BATCHES, trainer_kwargs
 
 import flor_lightning as flor
 from flor_lightning.errors import CheckpointError, ReplayError
@@ -304,3 +305,70 @@ def test_a_user_callback_in_a_module_named_lightning_something_is_the_users(reco
     report = replay(load_module(root), trainer={"callbacks": [utils.BatchProbe()]})
     assert report.train is True and "BatchProbe.on_train_batch_end" in report.reason
     assert report.new_names == ["batch_seen"]
+
+
+MAXPROB = (
+    'self.log(f"{prefix}_acc", (logits.argmax(1) == y).float().mean())',
+    'self.log(f"{prefix}_acc", (logits.argmax(1) == y).float().mean())\n'
+    '        self.log(f"{prefix}_maxprob", logits.softmax(1).max(1).values.mean())',
+)
+MAXPROB_PERCENT = (
+    'self.log(f"{prefix}_maxprob", logits.softmax(1).max(1).values.mean())',
+    'self.log(f"{prefix}_maxprob", 100 * logits.softmax(1).max(1).values.mean())',
+)
+
+
+class StopAtEpoch(L.Callback):
+    """Raises at the end of one epoch, as a user's callback (or Ctrl-C) stops a replay midway."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError(f"stopped at epoch {self.epoch}")
+
+
+def test_a_failed_replay_never_mixes_into_query_and_a_re_run_replaces_it(project):
+    """Record 4 epochs; replay a new metric; change its formula and replay again, failing in epoch 2;
+    query shows only the finished replay's values; re-running the failed one replaces its values."""
+    (project / "model.py").write_text(MODEL_SOURCE)
+    m = load_module(project)
+    L.seed_everything(7)
+    trainer = flor.Trainer(**trainer_kwargs(max_epochs=4))
+    trainer.fit(m.DigitsClassifier(), datamodule=m.DigitsData())
+    run_id = trainer.flor.run_id
+    db = project / ".flor" / "flor.db"
+
+    first = replay(edit(project, *MAXPROB), max_epochs=4)
+    assert first.new_names == ["val_maxprob"] and first.status == "finished"
+    percent = edit(project, *MAXPROB_PERCENT)
+    with pytest.raises(RuntimeError, match="stopped at epoch 2"):
+        replay(percent, max_epochs=4, trainer={"callbacks": [StopAtEpoch(2)]})
+    (failed,) = rows(db, "SELECT * FROM replays WHERE status = 'failed'")
+    stored = json.loads(failed["report"])
+    assert stored["status"] == "failed" and "RuntimeError: stopped at epoch 2" in stored["error"]
+    assert stored["epochs_restored"] == [0, 1]  # what it finished before it failed
+    # epochs 0-2 were validated: each batch's value and the epoch's
+    assert stored["new_names"] == ["val_maxprob"] and stored["new_values"] == 3 * (VAL_BATCHES + 1)
+    assert stored["rederived"] > 0 and stored["matched"] == stored["rederived"]
+
+    shown = flor.query("val_maxprob", run=run_id).dropna(subset=["val_maxprob"])
+    assert len(shown) == 4 and (shown["val_maxprob"] < 1).all()  # the finished replay's formula, every epoch
+    mixed = flor.query("val_maxprob", run=run_id, unfinished=True).dropna(subset=["val_maxprob"])
+    assert (mixed["val_maxprob"] > 1).tolist() == [True, True, True, False]  # what the option shows
+    rec = flor.records("val_maxprob", run=run_id, unfinished=True)
+    assert rec.groupby("replay_status")["epoch"].apply(lambda e: sorted(set(e))).to_dict() == {
+        "failed": [0, 1, 2],
+        "finished": [0, 1, 2, 3],
+    }
+    assert set(flor.records(run=run_id)["replay_status"].dropna()) == {"finished"}
+
+    again = replay(percent, max_epochs=4)
+    assert again.status == "finished" and again.replaced_replays == [failed["replay_id"]]
+    left = rows(db, "SELECT count(*) AS n FROM logs WHERE replay_id = ?", (failed["replay_id"],))[0]["n"]
+    assert left == 0 and again.replaced_values == stored["new_values"] + stored["rederived"]
+    shown = flor.query("val_maxprob", run=run_id).dropna(subset=["val_maxprob"])
+    assert len(shown) == 4 and (shown["val_maxprob"] > 1).all()  # the latest finished replay's formula
+    rec = flor.records("val_maxprob", run=run_id, unfinished=True)
+    assert rec["replay_id"].value_counts().to_dict() == {first.replay_id: 12, again.replay_id: 12}

@@ -44,6 +44,28 @@ def test_a_store_of_an_older_release_is_brought_up_to_date_keeping_its_rows(tmp_
         assert housekeeping.replay_alive(conn, "r1.x", "this-host")
 
 
+def test_migration_0006_moves_bad_checkpoint_marks_out_of_the_report(tmp_path, monkeypatch):
+    """Before 0006 a replay kept the checkpoints it found unusable as ``bad_<epoch>`` keys in its report
+    until the report replaced them; a replay killed meanwhile left only those keys there."""
+    path = tmp_path / "flor.db"
+    before = tuple(m for m in store.MIGRATIONS if m[0] != "0006_replay_bad_checkpoints")
+    monkeypatch.setattr(store, "MIGRATIONS", before)
+    with closing(store.connect(path)) as conn:
+        store.insert(conn, "runs", {"run_id": "r1", "project": "p", "started": 1.0, "status": "finished"})
+        for replay_id, report in [("r1.killed", '{"bad_3": 1, "bad_5": 1}'), ("r1.done", '{"bad_checkpoints": [2]}')]:
+            row = {"replay_id": replay_id, "run_id": "r1", "started": 2.0, "status": "running", "report": report}
+            store.insert(conn, "replays", row)
+        odd = {"replay_id": "r1.odd", "run_id": "r1", "started": 3.0, "status": "failed", "report": "Infinity"}
+        store.insert(conn, "replays", odd)  # not JSON to sqlite (json.dumps writes it for an infinite float)
+    monkeypatch.undo()
+
+    with closing(store.connect(path)) as conn:
+        marks = store.fetch(conn, "SELECT replay_id, epoch FROM replay_bad_checkpoints ORDER BY epoch")
+        assert marks == [{"replay_id": "r1.killed", "epoch": 3}, {"replay_id": "r1.killed", "epoch": 5}]
+        reports = {r["replay_id"]: r["report"] for r in store.fetch(conn, "SELECT replay_id, report FROM replays")}
+        assert reports == {"r1.killed": None, "r1.done": '{"bad_checkpoints": [2]}', "r1.odd": "Infinity"}
+
+
 def test_connect_rejects_garbage_and_foreign_databases(tmp_path):
     garbage = tmp_path / "garbage.db"
     garbage.write_bytes(b"this is not sqlite" * 100)
