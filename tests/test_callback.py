@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -455,6 +456,28 @@ def test_stats_count_the_checkpoints_and_stay_readable_after_fit(project: Path) 
     assert stats.blocked_seconds >= 0
     assert callback.blocked_seconds == stats.blocked_seconds
     assert stats.checkpoint_every == 1
+
+
+@pytest.mark.integration
+def test_stats_time_each_step_of_recording(project: Path) -> None:
+    callback = FlorCallback()
+    start = time.perf_counter()
+    fit(callbacks=[callback])
+    fit_seconds = time.perf_counter() - start
+
+    stats = callback.stats
+    training_thread = {
+        "state": stats.state_seconds,  # Lightning's checkpoint dict, once per checkpoint
+        "rng": stats.rng_seconds,  # per checkpoint and per validation
+        "snapshot": stats.snapshot_seconds,
+        "store": stats.store_seconds,  # the run's row and one row per epoch
+        "code": stats.code_seconds,  # the project is a git repository: its code is committed
+        "blocked": stats.blocked_seconds,
+    }
+    assert all(seconds > 0 for name, seconds in training_thread.items() if name != "blocked"), training_thread
+    # Each is a part of the fit, timed on the thread that ran it, and no two overlap.
+    assert sum(training_thread.values()) < fit_seconds
+    assert 0 < stats.log_writer_cpu_seconds < fit_seconds  # the writer thread stored every value
 
 
 @pytest.mark.integration
