@@ -1,10 +1,6 @@
 """What every benchmark shares, torch-free: timing, statistics, verdicts, markdown tables, the
-machine's load from ``/proc/stat``, waiting for a quiet moment, one forked child per fit.
-
-A fit runs in a child forked from a parent that has imported torch and Lightning but run no
-computation (so no OpenMP pool exists to be broken by the fork). The fork saves Lightning's
-~7 s import per fit; the child still starts with fresh threads and a peak-RSS counter reset
-through ``/proc/self/clear_refs``, so its peak RSS is its own.
+machine's load from ``/proc/stat``, waiting for a quiet moment, fits in forked children (why they
+are forked: benchmarks/README.md).
 """
 
 from __future__ import annotations

@@ -1,17 +1,5 @@
-"""W3: what FlorCallback adds to each ``self.log`` call, a tiny model logging many scalars per step,
-beside the loggers users pick instead (CSVLogger, mlflow.log_metric, flordb.log).
-
-The variants alternate (plain, flor, csv, mlflow, flordb, plain, ...), each fit in a fresh forked
-child with a fresh Trainer. Lightning's own ``self.log`` costs hundreds of µs per call on a small
-CPU, so an A/B wall-clock difference cannot resolve a few µs; flor's added cost is measured two ways:
-
-* CPU accounting (precise, judged): the module's ``log`` is overridden to time Lightning's own
-  work ("inner"); the training step times each whole ``self.log`` call ("outer"). flor's wrapper
-  sits between the two, so ``outer - inner`` is the time it adds on the training thread (the plain
-  fits give the timer's own floor, subtracted). Added to it: the CPU time of flor's log-writer
-  thread per value stored (``FlorCallback.stats.log_writer_cpu_seconds``: every background flush,
-  the final one at teardown included; opening the store once per fit, ~4 ms, is not counted).
-* A/B wall clock (cross-check): (flor train loop - plain train loop) / calls, paired by repeat.
+"""W3: what FlorCallback adds to each ``self.log`` call, beside the loggers users pick instead
+(CSVLogger, mlflow.log_metric, flordb.log). How it measures: benchmarks/README.md.
 
 Run alone: ``python benchmarks/log_cost.py [--smoke]``; record_overhead.py runs it as a section.
 """

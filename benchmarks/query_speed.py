@@ -1,15 +1,5 @@
-"""How fast ``flor.query()`` reads a big log store back: W4, 100 runs holding 1,000,000 values.
-
-The store is built through flor's own store API (``store.connect``, ``store.insert`` for the runs,
-``store.LogWriter`` for the values, one transaction per run) in a temporary folder. Each run
-looks like a recorded fit: 20 epochs of 98 training steps logging 5 step-level metrics, and
-10 validation metrics per epoch, so 10,000 values per run and a pivot of 198,000 rows.
-
-Three queries are timed, each in its own child forked from this process (imports done, a
-tiny store queried once so that pandas' lazy imports are loaded), interleaved, ``--repeats``
-times: the full pivot ``flor.query()``, one metric over every run ``flor.query("val_loss")``,
-and one metric of one run. Memory is the child's peak RSS over its RSS before the query
-(VmHWM reset at the start). The full pivot passes when its median is at most 1 s.
+"""W4: how fast ``flor.query()`` reads a big log store back, 100 runs holding 1,000,000 values.
+How it measures: benchmarks/README.md.
 
 Usage: ``python benchmarks/query_speed.py [--smoke] [--repeats N] [--out PATH]``
 """

@@ -1,29 +1,5 @@
-"""W1: what recording with FlorCallback costs versus plain Lightning and its peers, side by side in one run.
-
-An MLP with ~8.4M float32 parameters trained with Adam, so ~100 MB of training state (33.6 MB
-weights + 67.2 MB Adam moments) is checkpointed every epoch; synthetic data from a fixed seed;
-epochs of a few seconds on a 2-core CPU. The variants run interleaved, each fit in a fresh child
-forked from this process (see _harness.py) with a fresh Trainer:
-
-* plain: ``enable_checkpointing=False, logger=False``; plain_long: the same with 3x the epochs
-* flor: ``FlorCallback()`` checkpointing every epoch into a temp dir, run inside a temp git repo
-* flor_auto: ``FlorCallback(checkpoint_every="auto")``: the initial state and the last epoch, in
-  between as often as a 2% CPU budget allows; 3x the epochs so that its measured epochs span a
-  checkpoint period, compared with plain_long (epoch medians of fits as long)
-* modelckpt: ``ModelCheckpoint(every_n_epochs=1, save_top_k=-1)``; modelckpt_async: the same with
-  ``plugins=[AsyncCheckpointIO()]``
-* mlflow: ``mlflow.pytorch.autolog(checkpoint=True, checkpoint_save_best_only=False)`` into a sqlite
-  tracking store (a full checkpoint every epoch; skipped with its reason where mlflow, from the
-  optional extra ``.[bench]``, is not installed)
-
-Epoch time is the period from one ``on_train_epoch_start`` to the next (the last: to
-``on_train_end``), taken by a timing callback attached first, so every period of epochs 1..E-1
-holds exactly one checkpoint of each checkpointing variant (flor snapshots epoch e-1 as epoch e
-starts; ModelCheckpoint saves epoch e as it ends); epoch 0 is warm-up, reported apart. flor's final
-checkpoint and its wait at teardown count in the whole-fit time. Where flor's time goes comes from
-its hooks, timed by a subclass, and from ``FlorCallback.stats`` read around each hook.
-
-A second section (log_cost.py, W3) measures the added cost per ``self.log`` call.
+"""W1: what recording with FlorCallback costs versus plain Lightning, ModelCheckpoint and MLflow autolog,
+side by side in one run; W3 (log_cost.py) follows as a section. How it measures: benchmarks/README.md.
 
 Usage: ``python benchmarks/record_overhead.py [--smoke] [--repeats N] [--epochs N] [--out PATH]``
 (``--help`` for the rest: a subset of variants, re-rendering a saved run, shared-machine guards).
@@ -246,17 +222,10 @@ def fit_w1(variant: str, cfg: W1Config, sandbox: str, workdir: str) -> dict[str,
         callbacks.append(ModelCheckpoint(dirpath=f"{workdir}/modelckpt", every_n_epochs=1, save_top_k=-1))
     elif variant == "mlflow":
         _mlflow_autolog(workdir)
-    trainer = pl.Trainer(
-        max_epochs=cfg.epochs * (AUTO_EPOCHS if variant in LONG else 1),
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=variant.startswith("modelckpt"),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        plugins=[AsyncCheckpointIO()] if variant == "modelckpt_async" else None,
-    )
+    plugins = [AsyncCheckpointIO()] if variant == "modelckpt_async" else None
+    trainer = pl.Trainer(max_epochs=cfg.epochs * (AUTO_EPOCHS if variant in LONG else 1), accelerator="cpu", devices=1,
+                         logger=False, enable_checkpointing=variant.startswith("modelckpt"), enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=callbacks, plugins=plugins)  # fmt: skip
     start = clock()
     trainer.fit(model, train, val)
     fit_seconds = clock() - start
@@ -291,9 +260,8 @@ def run_w1(
         os.sync()  # settle write-back of earlier checkpoints before the next fit starts
         load_before = _harness.wait_until_quiet(max_wait=quiet_wait) if quiet_wait > 0 else None  # a shared machine
         try:
-            return _harness.run_forked(fit_w1, variant, cfg, str(sandbox), str(workdir)) | {
-                "other_load_before": load_before
-            }
+            res = _harness.run_forked(fit_w1, variant, cfg, str(sandbox), str(workdir))
+            return res | {"other_load_before": load_before}
         finally:
             _harness.remove(workdir)
 
@@ -630,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=str))
     log_lines = log_cost.report(log_cost.LogConfig(**raw["log_config"]), raw["log_cost"]) if raw["log_cost"] else []
-    lines = [*report(W1Config(**raw["config"]), raw["w1"]), "", *log_lines]
+    lines = [*report(W1Config(**raw["config"]), raw["w1"]), *(["", *log_lines] if log_lines else [])]
     text = "\n".join([*lines, "", f"(benchmark wall time {raw['wall_seconds']:.0f} s)"]) + "\n"
     raw["targets"] = targets(raw["w1"]) + (log_cost.targets(raw["log_cost"]) if raw["log_cost"] else [])
     _harness.write_results(out, text, raw)

@@ -1,28 +1,5 @@
 """W2: time to a hindsight metric, flor replay versus retraining, side by side in one run.
-
-An MLP trained with Adam on synthetic data (fixed seed), 10 epochs of ~1-2 s on this 2-core
-machine, training ~95% of each. The training script, w2.py, is copied into a temporary git
-repository and every variant runs it as a script in a fresh subprocess, as a user would
-(Lightning's ``ddp`` launcher runs it again for rank 1; replay compares the code with the
-recorded shadow commit). It is recorded once with ``flor.Trainer(deterministic=True)`` (right
-after the fit, the same process times ``CheckpointStore.load`` on every checkpoint); then a
-metric is added and every variant runs ``--repeats`` times, interleaved (see VARIANTS): retrain
-(a plain Lightning fit from scratch), replays of 1 segment and of 2 segments on 2 gloo ranks
-started by ``ddp`` or forked by ``ddp_fork``, re-training replays (a metric added to
-``training_step``), and the same on a recording made with ``OMP_NUM_THREADS=1`` (replay keeps
-the recorded thread count per rank for bit-exactness, so 2 ranks of a 2-thread recording run 4
-threads on 2 cores; 1 thread per rank shows the scaling 2 ranks can reach here).
-
-Each run is timed from the outside (subprocess wall time) and by wall-clock stamps the script
-prints (imports, the ``fit()``/``replay()`` call, the training loop across ranks, exit); replays
-also print ``ReplayReport.seconds``. The ideal replay time is the recording's checkpoint load +
-validation (+ training, when re-training) summed over the slowest segment, the segments split as
-flor's planner splits them; the ideal speedup is this run's baseline over it. A replay reaching
-80% of its ideal speedup passes; 2 segments 1.8x faster than 1 pass the scaling target.
-
-``OMP_WAIT_POLICY=PASSIVE`` is set for every run (``--omp-spin`` leaves it unset): on this KVM
-guest spinning OpenMP threads make 2-thread torch several times slower than 1 thread. The parent
-process imports neither torch nor Lightning, so that ``--smoke`` stays well under a minute.
+How it measures: benchmarks/README.md. The parent process imports neither torch nor Lightning.
 
 Usage: ``python benchmarks/replay_speedup.py [--smoke] [--repeats N] [--no-train-replay]
 [--no-single-thread] [--omp-spin] [--keep] [--out PATH]``
@@ -171,15 +148,9 @@ class Sandbox:
         (self.root / SCRIPT).write_text(script_text(edit))
         busy, ours = _harness.busy_seconds(), _harness.cpu_seconds(own=False)
         launch, start = time.time(), clock()
-        proc = subprocess.Popen(
-            [sys.executable, SCRIPT, mode, str(devices), strategy],
-            cwd=self.root,
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,  # rank 1 joins this session: a hang is killed as a whole
-        )
+        proc = subprocess.Popen(  # a session of its own, which rank 1 joins: a hang is killed as a whole
+            [sys.executable, SCRIPT, mode, str(devices), strategy], cwd=self.root, env=self.env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -1,24 +1,9 @@
 """Every benchmark in one command, one results table: ``python benchmarks/run_all.py`` (``make bench``).
 
-Runs, one after the other, each in its own process:
-
-* ``record_overhead.py``: W1 (record overhead vs plain Lightning, ModelCheckpoint, its async
-  variant and MLflow autolog) and W3 (cost per logged value vs CSVLogger, mlflow, flordb);
-* ``replay_speedup.py``: W2 (time to a hindsight metric: retraining vs replay, 1 and 2 segments,
-  the 2 ranks started by ``ddp`` and by ``ddp_fork``);
-* ``query_speed.py``: W4 (``flor.query()`` over 100 runs and 1,000,000 values);
-
-sized so that the whole run takes under 15 minutes on a 2-core CPU. Each writes its detailed
-``.md`` and raw ``.json`` into ``benchmarks/results/``; this script collects the target rows of
-the ``.json`` files into ``benchmarks/results/RESULTS.md``, prints that table, and rewrites
-README.md between ``<!-- bench:begin -->`` and ``<!-- bench:end -->``. Under the table go the
-lines of ``benchmarks/results/ANALYSIS.md`` (written by hand, never by this script) that say where
-the time goes for each target that FAILs in this run.
-
-``--smoke`` runs tiny sizes into a temporary folder (or ``--out-dir``) and leaves the README and
-``benchmarks/results/`` alone: the test suite uses it. Peers (mlflow, flordb) come from the
-optional extra ``pip install -c requirements-cpu.txt -e '.[bench]'``; where one is missing its
-rows say SKIPPED and why.
+Runs record_overhead.py (W1 + W3), replay_speedup.py (W2) and query_speed.py (W4), each in its own
+process, collects their target rows into ``benchmarks/results/RESULTS.md`` with the lines of the
+hand-written ``results/ANALYSIS.md`` for each FAIL, and rewrites README.md between the bench markers.
+``--smoke`` runs tiny sizes into a temporary folder and leaves the README alone. See benchmarks/README.md.
 """
 
 from __future__ import annotations
