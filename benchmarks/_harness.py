@@ -5,6 +5,7 @@ are forked: benchmarks/README.md).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import multiprocessing
@@ -26,13 +27,10 @@ HERE = Path(__file__).resolve().parent
 _FORK = multiprocessing.get_context("fork")
 GIT_IDENTITY = dict.fromkeys(("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME"), "bench")
 GIT_IDENTITY |= dict.fromkeys(("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"), "bench@localhost")
+clock = time.perf_counter
 
 
 # ---- statistics and markdown ---------------------------------------------------------------
-
-
-def clock() -> float:
-    return time.perf_counter()
 
 
 def median(xs: Sequence[float]) -> float:
@@ -113,15 +111,6 @@ def rss_mib(field: str = "VmHWM") -> float:
     return float("nan")
 
 
-def reset_peak_rss() -> None:
-    """Reset this process's peak-RSS counter (VmHWM); a no-op where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
 def machine() -> str:
     """Date, CPUs, Python and the flor_lightning commit measured."""
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
@@ -173,7 +162,8 @@ def run_forked(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
 
 def _child(send: Any, fn: Callable[..., dict[str, Any]], args: tuple[Any, ...]) -> None:
     try:
-        reset_peak_rss()
+        with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak-RSS counter, VmHWM (where the kernel allows it)
         cpu0, busy0, wall0 = cpu_seconds(), busy_seconds(), clock()
         result = fn(*args)
         cpu, busy, wall = cpu_seconds() - cpu0, busy_seconds() - busy0, clock() - wall0
