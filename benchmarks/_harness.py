@@ -1,17 +1,16 @@
-"""Shared pieces of the benchmarks: one forked child per fit, statistics, a throwaway git repo.
-
-Each fit runs in a child forked from a parent that has imported torch and Lightning but run
-no computation (so no OpenMP pool exists to be broken by the fork). The fork saves Lightning's
-~7 s import per fit; the child still starts with a fresh heap, fresh threads and a peak-RSS
-counter reset through ``/proc/self/clear_refs``, so its peak RSS is its own.
+"""What every benchmark shares, torch-free: timing, statistics, verdicts, markdown tables, the
+machine's load from ``/proc/stat``, waiting for a quiet moment, fits in forked children (why they
+are forked: benchmarks/README.md).
 """
 
 from __future__ import annotations
 
-import itertools
-import logging
+import contextlib
+import importlib.util
+import json
 import multiprocessing
 import os
+import platform
 import resource
 import shutil
 import statistics
@@ -19,19 +18,134 @@ import subprocess
 import tempfile
 import time
 import traceback
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
-
+HERE = Path(__file__).resolve().parent
 _FORK = multiprocessing.get_context("fork")
+GIT_IDENTITY = dict.fromkeys(("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME"), "bench")
+GIT_IDENTITY |= dict.fromkeys(("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"), "bench@localhost")
+clock = time.perf_counter
+
+
+# ---- statistics and markdown ---------------------------------------------------------------
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def spread(xs: Sequence[float], fmt: str = "{:.3f}") -> str:
+    """``median [min-max]`` of ``xs``."""
+    if not xs:
+        return "n/a"
+    return f"{fmt.format(median(xs))} [{fmt.format(min(xs))}-{fmt.format(max(xs))}]"
+
+
+def verdict(ok: bool | None) -> str:
+    """PASS or **FAIL** against a target; ``info`` where there is none (``None``)."""
+    return "info" if ok is None else ("PASS" if ok else "**FAIL**")
+
+
+def table(header: str, rows: Iterable[Sequence[Any]]) -> list[str]:
+    """The lines of a markdown table; ``header`` names its columns, ``"a | b | c"``."""
+    lines = [f"| {header} |", "|" + " --- |" * (header.count("|") + 1)]
+    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+
+
+def target(id: str, comparison: str, measured: str, target: str = "-", ok: bool | None = None) -> dict[str, Any]:
+    """One row of RESULTS.md: ``ok`` is None where there is no target to judge (info)."""
+    return {"id": id, "comparison": comparison, "measured": measured, "target": target, "ok": ok}
+
+
+def write_results(out: Path | None, text: str, raw: dict[str, Any]) -> None:
+    """Print the report; with ``out``, write it there and the raw results beside it as ``.json``."""
+    print("\n" + text, end="", flush=True)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        out.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=str))
+
+
+# ---- the machine -----------------------------------------------------------------------------
+
+
+def busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (all but idle and iowait; steal included), or 0."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return 0.0
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(*, own: bool = True) -> float:
+    """CPU time of this process's threads (unless not ``own``) and of its waited-for children."""
+    usages = [resource.getrusage(resource.RUSAGE_CHILDREN)]
+    if own:
+        usages.append(resource.getrusage(resource.RUSAGE_SELF))
+    return sum(u.ru_utime + u.ru_stime for u in usages)
+
+
+def wait_until_quiet(*, max_wait: float, limit: float = 0.15, window: float = 1.0) -> float:
+    """Wait until the machine keeps fewer than ``limit`` CPUs busy over ``window`` seconds (at most
+    ``max_wait`` seconds, for a shared machine); return the load seen last."""
+    deadline = clock() + max_wait
+    while True:
+        busy0, start = busy_seconds(), clock()
+        time.sleep(window)
+        load = (busy_seconds() - busy0) / (clock() - start)
+        if load < limit or clock() >= deadline:
+            return load
+
+
+def rss_mib(field: str = "VmHWM") -> float:
+    """This process's peak resident set size since the last reset (``VmRSS``: the current one), in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def machine() -> str:
+    """Date, CPUs, Python and the flor_lightning commit measured."""
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")), platform.processor())
+    sha = _git("rev-parse", "--short", "HEAD") or "?"
+    dirty = " (modified)" if _git("status", "--porcelain", "flor_lightning") else ""
+    return (
+        f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs ({model}), python {platform.python_version()}, "
+        f"flor_lightning at {sha}{dirty}"
+    )
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=HERE.parent, capture_output=True, text=True).stdout.strip()
+
+
+def version(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
+def missing(module: str) -> str | None:
+    """Why the peer ``module`` cannot run here, or None."""
+    if importlib.util.find_spec(module) is None:
+        return f"package {module!r} is not installed (pip install -c requirements-cpu.txt -e '.[bench]')"
+    return None
+
+
+# ---- fits in forked children, in throwaway folders -------------------------------------------
 
 
 def run_forked(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
-    """Run ``fn(*args)`` in a forked child and return its result dict (plus peak RSS and CPU time)."""
+    """Run ``fn(*args)`` in a forked child and return its result dict (plus peak RSS, CPU time, other load)."""
     recv, send = _FORK.Pipe(duplex=False)
     proc = _FORK.Process(target=_child, args=(send, fn, args))
     proc.start()
@@ -48,12 +162,13 @@ def run_forked(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
 
 def _child(send: Any, fn: Callable[..., dict[str, Any]], args: tuple[Any, ...]) -> None:
     try:
-        reset_peak_rss()
-        cpu0, busy0, wall0 = _cpu_seconds(), system_busy_seconds(), clock()
+        with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak-RSS counter, VmHWM (where the kernel allows it)
+        cpu0, busy0, wall0 = cpu_seconds(), busy_seconds(), clock()
         result = fn(*args)
-        cpu, busy, wall = _cpu_seconds() - cpu0, system_busy_seconds() - busy0, clock() - wall0
-        result["cpu_seconds"] = cpu
-        result["peak_rss_mib"] = peak_rss_mib()
+        cpu, busy, wall = cpu_seconds() - cpu0, busy_seconds() - busy0, clock() - wall0
+        result["cpu_seconds"] = cpu  # all threads of the child and its finished children (git, for flor)
+        result["peak_rss_mib"] = rss_mib()
         # CPUs kept busy by anything but this fit (other processes, the hypervisor's steal), on average.
         result["other_load"] = max(busy - cpu, 0.0) / wall
     except BaseException:
@@ -62,126 +177,50 @@ def _child(send: Any, fn: Callable[..., dict[str, Any]], args: tuple[Any, ...]) 
     send.close()
 
 
-def _cpu_seconds() -> float:
-    """CPU time of all threads of this process and of its finished children (git, for flor)."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
-def system_busy_seconds() -> float:
-    """CPU seconds the whole machine has spent busy (user, nice, system, irq, softirq, steal), or 0."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return 0.0
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def reset_peak_rss() -> None:
-    """Reset this process's peak-RSS counter (VmHWM); a no-op where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process since the last reset, in MiB."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def wait_until_quiet(*, limit: float = 0.15, max_wait: float = 20.0, window: float = 1.0) -> float:
-    """Wait until other work keeps fewer than ``limit`` CPUs busy over ``window`` seconds (at most
-    ``max_wait`` seconds, for a shared machine); return the load seen last."""
-    deadline = clock() + max_wait
-    while True:
-        busy0, start = system_busy_seconds(), clock()
-        time.sleep(window)
-        load = (system_busy_seconds() - busy0) / (clock() - start)
-        if load < limit or clock() >= deadline:
-            return load
-
-
-def git_sandbox(files: dict[str, str]) -> Path:
-    """A temporary git repository holding ``files``, committed once (the caller removes it)."""
-    root = Path(tempfile.mkdtemp(prefix="flor-bench-"))
+def git_sandbox(files: dict[str, str], root: Path | None = None, *, env: dict[str, str] | None = None) -> Path:
+    """A git repository at ``root`` (default: a new temporary folder) holding ``files``, committed once
+    with ``env`` (default: this process's); the caller removes it."""
+    root = root or Path(tempfile.mkdtemp(prefix="flor-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
         (root / name).write_text(text)
-    env = {**os.environ, "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost"}
-    env |= {"GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost"}
+    env = (env or dict(os.environ)) | GIT_IDENTITY
     for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "benchmark sandbox"]):
         subprocess.run(["git", *args], cwd=root, env=env, check=True, capture_output=True)
     return root
 
 
+def interleave(
+    variants: Sequence[str],
+    repeats: int,
+    fit: Callable[[str], dict[str, Any]],
+    describe: Callable[[dict[str, Any]], str],
+    peers: dict[str, str],
+) -> list[dict[str, Any]]:
+    """``fit`` each variant in turn, ``repeats`` rounds; every fit's result, with its round as ``repeat``.
+
+    ``describe`` gives the progress line of a fit. A peer (``peers``: variant and the package it
+    needs) whose package is missing, or whose fit fails, is skipped with its reason, as a row
+    ``{"variant": name, "skipped": reason}``; a failing fit of any other variant raises.
+    """
+    skipped = {v: why for v in variants if v in peers and (why := missing(peers[v]))}
+    results: list[dict[str, Any]] = []
+    for r in range(repeats):
+        for variant in (v for v in variants if v not in skipped):
+            try:
+                res = fit(variant) | {"repeat": r}
+            except RuntimeError as err:
+                if variant not in peers:
+                    raise
+                skipped[variant] = f"its fit failed: {str(err).strip().splitlines()[-1]}"
+                results = [x for x in results if x["variant"] != variant]
+                continue
+            results.append(res)
+            print(f"  round {r + 1}/{repeats} {variant:15s} {describe(res)}", flush=True)
+    for variant, why in skipped.items():
+        print(f"  {variant} SKIPPED: {why}", flush=True)
+    return results + [{"variant": v, "skipped": why} for v, why in skipped.items()]
+
+
 def remove(path: Path | str) -> None:
     shutil.rmtree(path, ignore_errors=True)
-
-
-def clock() -> float:
-    return time.perf_counter()
-
-
-def median(xs: Sequence[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
-
-def spread(xs: Sequence[float], fmt: str = "{:.3f}") -> str:
-    """``median [min-max]`` of ``xs``."""
-    if not xs:
-        return "n/a"
-    return f"{fmt.format(median(xs))} [{fmt.format(min(xs))}-{fmt.format(max(xs))}]"
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "**FAIL**"
-
-
-class EpochTimer(Callback):
-    """Timestamps of the training loop: train start/end and each epoch's start and end.
-
-    Attach it first: callbacks run in list order (Lightning only moves ModelCheckpoint last),
-    so an epoch's start timestamp is taken before any other callback's epoch-start work.
-    """
-
-    def __init__(self) -> None:
-        self.train_start = self.train_end = float("nan")
-        self.starts: list[float] = []
-        self.ends: list[float] = []
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.train_start = clock()
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.starts.append(clock())
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.ends.append(clock())
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.train_end = clock()
-
-    def periods(self) -> list[float]:
-        """Seconds from each epoch's start to the next one's (the last: to the end of training)."""
-        bounds = [*self.starts, self.train_end]
-        return [b - a for a, b in itertools.pairwise(bounds)]
-
-
-def quiet_lightning() -> None:
-    """Silence Lightning's info lines and the warnings a tiny synthetic workload triggers."""
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
-    warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning 2.6 on torch 2.13, not ours

@@ -1,15 +1,5 @@
-"""How fast ``flor.query()`` reads a big log store back: W4, 100 runs holding 1,000,000 values.
-
-The store is built through flor's own store API (``store.connect``, ``store.insert`` for the runs,
-``store.LogWriter`` for the values, one transaction per run) in a temporary folder. Each run
-looks like a recorded fit: 20 epochs of 98 training steps logging 5 step-level metrics, and
-10 validation metrics per epoch, so 10,000 values per run and a pivot of 198,000 rows.
-
-Three queries are timed, each in its own child forked from this process (imports done, a
-tiny store queried once so that pandas' lazy imports are loaded), interleaved, ``--repeats``
-times: the full pivot ``flor.query()``, one metric over every run ``flor.query("val_loss")``,
-and one metric of one run. Memory is the child's peak RSS over its RSS before the query
-(VmHWM reset at the start). The full pivot passes when its median is at most 1 s.
+"""W4: how fast ``flor.query()`` reads a big log store back, 100 runs holding 1,000,000 values.
+How it measures: benchmarks/README.md.
 
 Usage: ``python benchmarks/query_speed.py [--smoke] [--repeats N] [--out PATH]``
 """
@@ -17,8 +7,6 @@ Usage: ``python benchmarks/query_speed.py [--smoke] [--repeats N] [--out PATH]``
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
 import tempfile
 import time
@@ -26,10 +14,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from _harness import median, peak_rss_mib, run_forked, spread, system_busy_seconds, verdict, wait_until_quiet
+import _harness
+from _harness import median, spread, table, target, verdict
 
 import flor_lightning as flor
-from flor_lightning import store
+from flor_lightning import store  # not public: the store is built through flor's own writer, 1M values in seconds
 
 HERE = Path(__file__).resolve().parent
 TARGET_SECONDS = 1.0
@@ -108,18 +97,10 @@ def _run_values(rid: str, seed: int, cfg: W4Config) -> list[tuple[Any, ...]]:
     return rows
 
 
-def _vm_rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def time_query(db: str, what: str) -> dict[str, Any]:
     """In a forked child: one query, its seconds, its shape and its peak RSS over the RSS before it."""
     names, run = {"full": ((), None), "one_metric": (("val_loss",), None), "one_run": (("val_loss",), run_id(0))}[what]
-    before = _vm_rss_mib()
+    before = _harness.rss_mib("VmRSS")
     start = time.perf_counter()
     df = flor.query(*names, run=run, db=db)
     seconds = time.perf_counter() - start
@@ -129,7 +110,7 @@ def time_query(db: str, what: str) -> dict[str, Any]:
         "rows": len(df),
         "columns": len(df.columns),
         "values": int(df[[c for c in df.columns if c in (names or (*STEP_METRICS, *VAL_METRICS))]].notna().sum().sum()),
-        "mem_mib": peak_rss_mib() - before,
+        "mem_mib": _harness.rss_mib() - before,
     }
 
 
@@ -167,13 +148,13 @@ def run(cfg: W4Config, base: Path, *, quiet_wait: float) -> dict[str, Any]:
     for r in range(cfg.repeats):
         for what in QUERIES:
             if quiet_wait > 0:
-                wait_until_quiet(max_wait=quiet_wait)
-            res = run_forked(time_query, str(db), what)
+                _harness.wait_until_quiet(max_wait=quiet_wait)
+            res = _harness.run_forked(time_query, str(db), what)
             res["repeat"] = r
             results.append(res)
             print(f"  W4 round {r + 1}/{cfg.repeats} {what:10s} {res['seconds']:.3f} s, "
                   f"+{res['mem_mib']:.0f} MiB, other load {res['other_load']:.2f} CPUs", flush=True)  # fmt: skip
-    profile = run_forked(profile_full, str(db)) if cfg.repeats > 1 else None
+    profile = _harness.run_forked(profile_full, str(db)) if cfg.repeats > 1 else None
     return {
         "profile": profile,
         "config": asdict(cfg),
@@ -188,78 +169,54 @@ def targets(raw: dict[str, Any]) -> list[dict[str, Any]]:
     """The rows this benchmark adds to RESULTS.md."""
     by = {w: [r for r in raw["results"] if r["what"] == w] for w in QUERIES}
     full = [r["seconds"] for r in by["full"]]
-    one = [r["seconds"] for r in by["one_metric"]]
+    comparison = f"W4 full pivot of {raw['values']:,} values, {raw['config']['runs']} runs (s)"
+    memory = spread([r["mem_mib"] for r in by["full"]], "{:.0f}")
     return [
-        {
-            "id": "w4_full",
-            "comparison": f"W4 full pivot of {raw['values']:,} values, {raw['config']['runs']} runs (s)",
-            "measured": spread(full),
-            "target": f"≤ {TARGET_SECONDS:.0f} s",
-            "ok": median(full) <= TARGET_SECONDS,
-        },
-        {
-            "id": "w4_full_memory",
-            "comparison": "W4 full pivot, peak memory over the process's RSS before it (MiB)",
-            "measured": spread([r["mem_mib"] for r in by["full"]], "{:.0f}"),
-            "target": "-",
-            "ok": None,
-        },
-        {
-            "id": "w4_one_metric",
-            "comparison": 'W4 `flor.query("val_loss")`, one metric of every run (s)',
-            "measured": spread(one),
-            "target": "-",
-            "ok": None,
-        },
-    ]
+        target("w4_full", comparison, spread(full), f"≤ {TARGET_SECONDS:.0f} s", median(full) <= TARGET_SECONDS),
+        target("w4_full_memory", "W4 full pivot, peak memory over the process's RSS before it (MiB)", memory),
+        target("w4_one_metric", 'W4 `flor.query("val_loss")`, one metric of every run (s)',
+               spread([r["seconds"] for r in by["one_metric"]])),
+    ]  # fmt: skip
 
 
 def report(raw: dict[str, Any]) -> list[str]:
     cfg = W4Config(**raw["config"])
+    rows = []
+    for what, label in QUERIES.items():
+        rs = [r for r in raw["results"] if r["what"] == what]
+        load = [r["other_load"] for r in rs]
+        rows.append([label, spread([r["seconds"] for r in rs]), f"{rs[0]['rows']:,} x {rs[0]['columns']}",
+                     f"{rs[0]['values']:,}", spread([r["mem_mib"] for r in rs], "{:.0f}"),
+                     f"{median(load):.2f} ({max(load):.2f})"])  # fmt: skip
+    header = (
+        "query | seconds, median [min-max] | rows x columns | values in the frame | peak memory MiB over RSS before "
+        "| other load, CPUs (max)"
+    )
     lines = [
         "## Query speed: reading a log store back as a pivot",
         "",
-        f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, pandas {_version('pandas')}, "
-        f"pyarrow {_version('pyarrow')}, adbc-driver-sqlite {_version('adbc_driver_sqlite')}.",
+        f"{_harness.machine()}; pandas {_harness.version('pandas')}, pyarrow {_harness.version('pyarrow')}, "
+        f"adbc-driver-sqlite {_harness.version('adbc-driver-sqlite')}.",
         "",
         f"### W4: {cfg.runs} runs x {cfg.epochs} epochs x ({cfg.steps} steps x {len(STEP_METRICS)} step metrics "
         f"+ {len(VAL_METRICS)} validation metrics) = {raw['values']:,} values; store {raw['db_mb']:.0f} MB, "
         f"built through store.LogWriter in {raw['build_seconds']:.1f} s; {cfg.repeats} interleaved repeats",
         "",
-        "| query | seconds, median [min-max] | rows x columns | values in the frame | peak memory MiB over RSS "
-        "before | other load, CPUs (max) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        *table(header, rows),
     ]
-    for what, label in QUERIES.items():
-        rs = [r for r in raw["results"] if r["what"] == what]
-        lines.append(
-            f"| {label} | {spread([r['seconds'] for r in rs])} | {rs[0]['rows']:,} x {rs[0]['columns']} "
-            f"| {rs[0]['values']:,} | {spread([r['mem_mib'] for r in rs], '{:.0f}')} "
-            f"| {median([r['other_load'] for r in rs]):.2f} ({max(r['other_load'] for r in rs):.2f}) |"
-        )
-    if raw.get("profile"):
+    if profile := raw.get("profile"):
         lines += [
             "",
-            f"Where the full pivot's time goes (cProfile, one more run: {raw['profile']['total']:.2f} s under the "
+            f"Where the full pivot's time goes (cProfile, one more run: {profile['total']:.2f} s under the "
             "profiler; cumulative, so nested entries overlap; functions over 4% of the total):",
             "",
-            "| function | cumulative s | share |",
-            "| --- | --- | --- |",
-            *(f"| `{name}` | {ct:.3f} | {ct / raw['profile']['total']:.0%} |" for name, ct in raw["profile"]["top"]),
-        ]
+            *table("function | cumulative s | share",
+                   [[f"`{name}`", f"{ct:.3f}", f"{ct / profile['total']:.0%}"] for name, ct in profile["top"]]),
+        ]  # fmt: skip
     full = median([r["seconds"] for r in raw["results"] if r["what"] == "full"])
     lines += ["", f"- target: full pivot of {raw['values']:,} values ≤ {TARGET_SECONDS:.0f} s — {full:.3f} s "
               f"→ {verdict(full <= TARGET_SECONDS)}"]  # fmt: skip
     return lines
-
-
-def _version(module: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(module.replace("_", "-"))
-    except metadata.PackageNotFoundError:
-        return "?"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,21 +232,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats:
         cfg = W4Config(cfg.runs, cfg.epochs, cfg.steps, args.repeats)
     base = Path(tempfile.mkdtemp(prefix="flor-query-bench-"))
-    started, busy0 = time.perf_counter(), system_busy_seconds()
+    started, busy0 = time.perf_counter(), _harness.busy_seconds()
     try:
         raw = run(cfg, base, quiet_wait=0.0 if args.smoke else args.quiet_wait)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     raw["wall_seconds"] = time.perf_counter() - started
-    raw["machine_busy_cpus"] = (system_busy_seconds() - busy0) / raw["wall_seconds"]
+    raw["machine_busy_cpus"] = (_harness.busy_seconds() - busy0) / raw["wall_seconds"]
     raw["targets"] = targets(raw)
     text = "\n".join([*report(raw), "", f"(benchmark wall time {raw['wall_seconds']:.0f} s)"]) + "\n"
-    print("\n" + text, end="")
-    out = args.out or (None if args.smoke else HERE / "results" / "query_speed.md")
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        out.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=str))
+    _harness.write_results(args.out or (None if args.smoke else HERE / "results" / "query_speed.md"), text, raw)
     return 0
 
 

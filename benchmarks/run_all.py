@@ -1,22 +1,9 @@
 """Every benchmark in one command, one results table: ``python benchmarks/run_all.py`` (``make bench``).
 
-Runs, one after the other, each in its own process:
-
-* ``record_overhead.py``: W1 (record overhead vs plain Lightning, ModelCheckpoint, its async
-  variant and MLflow autolog) and W3 (cost per logged value vs CSVLogger, mlflow, flordb);
-* ``replay_speedup.py``: W2 (time to a hindsight metric: retraining vs replay, 1 and 2 segments,
-  the 2 ranks started by ``ddp`` and by ``ddp_fork``);
-* ``query_speed.py``: W4 (``flor.query()`` over 100 runs and 1,000,000 values);
-
-sized so that the whole run takes under 15 minutes on a 2-core CPU. Each writes its detailed
-``.md`` and raw ``.json`` into ``benchmarks/results/``; this script collects the target rows of
-the ``.json`` files into ``benchmarks/results/RESULTS.md``, prints that table, and rewrites
-README.md between ``<!-- bench:begin -->`` and ``<!-- bench:end -->``.
-
-``--smoke`` runs tiny sizes into a temporary folder (or ``--out-dir``) and leaves the README and
-``benchmarks/results/`` alone: the test suite uses it. Peers (mlflow, flordb) come from the
-optional extra ``pip install -c requirements-cpu.txt -e '.[bench]'``; where one is missing its
-rows say SKIPPED and why.
+Runs record_overhead.py (W1 + W3), replay_speedup.py (W2) and query_speed.py (W4), each in its own
+process, collects their target rows into ``benchmarks/results/RESULTS.md`` with the lines of the
+hand-written ``results/ANALYSIS.md`` for each FAIL, and rewrites README.md between the bench markers.
+``--smoke`` runs tiny sizes into a temporary folder and leaves the README alone. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -24,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import re
 import subprocess
 import sys
 import tempfile
@@ -33,8 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from _harness import busy_seconds, cpu_seconds, table, verdict
+
 HERE = Path(__file__).resolve().parent
 README = HERE.parent / "README.md"
+ANALYSIS = HERE / "results" / "ANALYSIS.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
@@ -50,39 +40,6 @@ BENCHES = (
     Bench("replay_speedup", "W2", ("--repeats", "2", "--quiet-wait", "10")),
     Bench("query_speed", "W4", ("--repeats", "5", "--quiet-wait", "1")),
 )
-
-# Where the time goes, for each target that failed when it was last measured (profiles and
-# breakdowns in the linked files). Shown under the table for the rows that FAIL in this run.
-WHERE_TIME_GOES = {
-    "w1_overhead": "the training thread spends ~1% of an epoch in flor (mostly the snapshot copy); the rest is "
-    "the background checkpoint writer (serialize + sha256 + fsync of ~100 MB per epoch) taking CPU from "
-    "torch's 2 threads on 2 cores — see record_overhead.md's breakdown",
-    "w1_vs_modelckpt": "both write ~100 MB per epoch; on 2 cores flor's background write still competes with "
-    "training for CPU, so it hides only part of what ModelCheckpoint pays inline",
-    "w1_auto_overhead": "with checkpoint_every='auto' the writer runs about once per period instead of every "
-    "epoch; what remains is the write that falls inside the measured epochs (record_overhead.md lists the "
-    "checkpoints written and the period chosen) and the run-to-run noise of a 2-core machine",
-    "w1_auto_vs_modelckpt": "the same, against ModelCheckpoint's per-epoch save of the same state",
-    "w3_self_log": "flor's wrapper around LightningModule.log (capture.py) on the training thread — see "
-    "record_overhead.md's self.log section",
-    "w2_replay-1_ideal": "fixed costs the ideal leaves out: Trainer setup, the code check against the shadow "
-    "commit, opening the store and comparing re-derived values — see replay_speedup.md's phase table",
-    "w2_replay-2_ideal": "under ddp, starting rank 1 (it imports torch and Lightning again, ~7 s) and the gloo process "
-    "group cost more than the 1-2 s of replay work they split",
-    "w2_replay-2_scaling": "the same DDP start-up; the training loops alone scale (see the loop ratio), "
-    "and 2 ranks x 2 recorded threads oversubscribe 2 cores",
-    "w2_replay-2-fork_ideal": "the ideal is load + validation of the slower segment only; on top come each rank's "
-    "Trainer setup and data loaders, forking and the gloo group (~0.1 s), and 2 ranks x the recording's 2 torch "
-    "threads on 2 cores, against ~1 s of work",
-    "w2_replay-2-fork_scaling": "the training loops alone scale less than 2x: 2 ranks x the recording's 2 torch "
-    "threads (kept for bit-exactness) share 2 cores; a replay's fixed costs (setup, comparing values) do not split",
-    "w2_train-replay-2-fork_scaling": "each rank re-trains with the recording's 2 torch threads (bit-exactness): "
-    "4 threads on 2 cores; the same replay of a 1-thread recording scales (train-replay-2-1t-fork)",
-    "w2_train-replay-2-1t-fork_scaling": "forking, the gloo group and the rank's setup (~0.25 s) against ~7 s of "
-    "re-training per rank; the training loops alone scale (loop ratio)",
-    "w4_full": "most of it is reading the 1M rows out of sqlite into Arrow (ADBC fetch), the rest the pandas "
-    "pivot and the join with the run table — query_speed.md profiles it (cProfile, this run)",
-}
 
 
 def run_bench(bench: Bench, out_dir: Path, *, smoke: bool) -> dict[str, Any]:
@@ -107,31 +64,25 @@ def collect(bench: Bench, out_dir: Path, seconds: float) -> dict[str, Any]:
     return {"bench": bench, "seconds": seconds, "targets": raw.get("targets", [])}
 
 
-def _verdict(ok: bool | None) -> str:
-    return "info" if ok is None else ("PASS" if ok else "**FAIL**")
+def where_the_time_goes(path: Path = ANALYSIS) -> dict[str, str]:
+    """The hand-written line of each target id in ``path`` (its lines ``- <id>: <text>``)."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    return {m[1]: m[2] for line in lines if (m := re.match(r"- (w\d[\w-]*): (.+)", line))}
 
 
-def table(runs: list[dict[str, Any]], link_dir: str) -> list[str]:
-    lines = [
-        "| comparison / target | measured: median [min-max] | target | verdict | details |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for run in runs:
-        link = f"[{run['bench'].name}.md]({link_dir}{run['bench'].name}.md)"
-        for t in run["targets"]:
-            lines.append(f"| {t['comparison']} | {t['measured']} | {t['target']} | {_verdict(t['ok'])} | {link} |")
-    return lines
-
-
-def explanations(runs: list[dict[str, Any]]) -> list[str]:
-    failed = [t for run in runs for t in run["targets"] if t["ok"] is False]
-    lines = [f"- {t['id']}: {WHERE_TIME_GOES[t['id']]}" for t in failed if t["id"] in WHERE_TIME_GOES]
-    lines += [f"- {t['id']}: not yet profiled" for t in failed if t["id"] not in WHERE_TIME_GOES]
+def explanations(runs: list[dict[str, Any]], notes: dict[str, str]) -> list[str]:
+    """Where the time goes for each target that FAILs, from ``notes``, or that it has not been profiled."""
+    failed = [t["id"] for run in runs for t in run["targets"] if t["ok"] is False]
+    lines = [f"- {i}: {notes.get(i, 'not yet profiled')}" for i in failed]
     return ["Where the time goes, for each FAIL:", "", *lines] if lines else []
 
 
 def results_text(runs: list[dict[str, Any]], meta: dict[str, Any], link_dir: str) -> str:
     mode = "smoke mode (tiny sizes, timings meaningless)" if meta["smoke"] else "full run"
+    rows = []
+    for run in runs:
+        link = f"[{run['bench'].name}.md]({link_dir}{run['bench'].name}.md)"
+        rows += [[t["comparison"], t["measured"], t["target"], verdict(t["ok"]), link] for t in run["targets"]]
     wall, other_load = meta["wall"], meta["other_load"]
     lines = [
         "## Benchmark results",
@@ -142,9 +93,9 @@ def results_text(runs: list[dict[str, Any]], meta: dict[str, Any], link_dir: str
         + f"). Other work kept {other_load:.2f} CPUs busy on average meanwhile (from /proc/stat); "
         "each detailed file gives the other load per fit. Ratios are measured interleaved in the same run.",
         "",
-        *table(runs, link_dir),
+        *table("comparison / target | measured: median [min-max] | target | verdict | details", rows),
         "",
-        *explanations(runs),
+        *explanations(runs, where_the_time_goes()),
     ]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -158,20 +109,6 @@ def update_readme(text: str, readme: Path = README) -> bool:
     _, tail = rest.split(END, 1)
     readme.write_text(f"{head}{BEGIN}\n{text}{END}{tail}")
     return True
-
-
-def _busy_seconds() -> float:
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return 0.0
-    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-
-
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,14 +132,14 @@ def main(argv: list[str] | None = None) -> int:
         meta = json.loads((out_dir / "run_all.json").read_text())
         runs = [collect(b, out_dir, meta["seconds"].get(b.name, float("nan"))) for b in benches]
     else:
-        start, busy0, cpu0 = time.perf_counter(), _busy_seconds(), _children_cpu()
+        start, busy0, cpu0 = time.perf_counter(), busy_seconds(), cpu_seconds(own=False)
         runs = [run_bench(b, out_dir, smoke=args.smoke) for b in benches]
         wall = time.perf_counter() - start
         meta = {
             "date": time.strftime("%Y-%m-%d %H:%M"),
             "smoke": args.smoke,
             "wall": wall,
-            "other_load": max(0.0, (_busy_seconds() - busy0) - (_children_cpu() - cpu0)) / wall,
+            "other_load": max(0.0, (busy_seconds() - busy0) - (cpu_seconds(own=False) - cpu0)) / wall,
             "seconds": {r["bench"].name: r["seconds"] for r in runs},
         }
     text = results_text(runs, meta, "")

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
 import lightning
 import torch
@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 log = logging.getLogger(__name__)
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 
 AUTO = "auto"
@@ -51,6 +53,12 @@ class RecordStats:
         writer_cpu_seconds: CPU time of the background checkpoint writer (all writes, failed ones too).
         blocked_seconds: training-thread time spent waiting for an earlier write to finish.
         snapshot_seconds: training-thread time spent copying the state to checkpoint.
+        state_seconds: training-thread time spent collecting that state from the Trainer (Lightning's checkpoint dict).
+        rng_seconds: training-thread time spent capturing the random generators' states (for each checkpoint and
+            before each validation).
+        store_seconds: training-thread time spent writing the run's row and each epoch's row to the store.
+        code_seconds: time spent committing the code snapshot to the ``flor.shadow`` branch.
+        log_writer_cpu_seconds: CPU time of the background log writer (encoding and committing the logged values).
         checkpoint_every: the checkpoint period in force (with ``"auto"``, the latest one chosen).
     """
 
@@ -59,6 +67,11 @@ class RecordStats:
     writer_cpu_seconds: float = 0.0
     blocked_seconds: float = 0.0
     snapshot_seconds: float = 0.0
+    state_seconds: float = 0.0
+    rng_seconds: float = 0.0
+    store_seconds: float = 0.0
+    code_seconds: float = 0.0
+    log_writer_cpu_seconds: float = 0.0
     checkpoint_every: int = 1
 
 
@@ -185,6 +198,8 @@ class FlorCallback(Callback):
         self._checkpoints: CheckpointStore | None = None  # the latest run's, kept after it closes for stats
         self._snapshot_seconds = 0.0
         self._last_snapshot_seconds = 0.0
+        self._seconds = dict.fromkeys(("state", "rng", "store", "code"), 0.0)  # RecordStats' <key>_seconds
+        self._log_writer: store.LogWriter | None = None  # the latest fit's, kept after it closes for stats
 
     # ---- session life cycle -------------------------------------------------------------
 
@@ -210,6 +225,7 @@ class FlorCallback(Callback):
         checkpoints = None
         run_id = self.run_id
         if fitting:
+            self._seconds = dict.fromkeys(self._seconds, 0.0)
             run_id = new_run_id(self._clock())
             checkpoints = CheckpointStore(checkpoint_root(loc.project, self.checkpoint_dir))
         conn = store.connect(loc.db_path)  # a damaged store or one under a file fails here, before any folder
@@ -249,9 +265,9 @@ class FlorCallback(Callback):
                 raise
             self._owns_run_until = "fit" if fitting else "stage"
         self.run_id = run_id
-        if checkpoints is not None:
-            self._checkpoints, self._snapshot_seconds = checkpoints, 0.0
         writer = store.LogWriter(lambda: store.connect(loc.db_path), interval=self.flush_interval)
+        if checkpoints is not None:
+            self._checkpoints, self._snapshot_seconds, self._log_writer = checkpoints, 0.0, writer
         self.capture.start(writer, run_id, self.replay_id)
         return _Session(run_id, self.replay_id, conn, writer, checkpoints)
 
@@ -268,8 +284,12 @@ class FlorCallback(Callback):
         rel_script = _relative(script, loc.root) if script else None
         exclude = codeversion.run_exclusions(loc, trainer, ckpt_url)
         message = f"flor run {run_id}: {rel_script}"
-        version = codeversion.commit_code(loc, message, exclude=exclude, max_file_bytes=self.max_file_bytes)
-        store.insert(
+        version = self._timed(
+            "code", codeversion.commit_code, loc, message, exclude=exclude, max_file_bytes=self.max_file_bytes
+        )
+        self._timed(
+            "store",
+            store.insert,
             conn,
             "runs",
             {
@@ -417,7 +437,7 @@ class FlorCallback(Callback):
         if not trainer.sanity_checking:
             self._val_started = self._clock()
             if self._session is not None and self._session.checkpoints is not None:
-                self._rng_at_validation = rng.capture()
+                self._rng_at_validation = self._timed("rng", rng.capture)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -443,7 +463,9 @@ class FlorCallback(Callback):
         self.capture.epoch_ended(trainer, "train")
         session = self._session
         if session is not None and session.checkpoints is not None:
-            store.insert(
+            self._timed(
+                "store",
+                store.insert,
                 session.conn,
                 "epochs",
                 {
@@ -463,12 +485,12 @@ class FlorCallback(Callback):
         session = self._session
         if session is None or session.checkpoints is None:
             return
-        state = _lightning.dump_state(trainer)
+        state = self._timed("state", _lightning.dump_state, trainer)
         epoch, step = trainer.current_epoch - 1, trainer.global_step
         state["flor"] = {
             "run_id": session.run_id,
             "epoch": epoch,
-            "rng": rng.capture(),
+            "rng": self._timed("rng", rng.capture),
             "rng_at_validation": self._rng_at_validation,
         }
         self._checkpoint_epochs.add(epoch)
@@ -502,18 +524,29 @@ class FlorCallback(Callback):
             # consistent, and replay works around the missing epoch.
             log.warning("flor: %s; training continues, and replay will re-train around that epoch", err)
 
+    def _timed(self, what: str, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """``fn(*args, **kwargs)``, its duration added to :attr:`stats`' ``<what>_seconds``."""
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self._seconds[what] += time.perf_counter() - start
+
     @property
     def stats(self) -> RecordStats:
         """What recording the latest fit cost so far; still readable once the fit has ended."""
-        c = self._checkpoints
-        if c is None:
-            return RecordStats(checkpoint_every=self._period)
+        c, s, w = self._checkpoints, self._seconds, self._log_writer
         return RecordStats(
-            checkpoints_written=c.written,
-            checkpoint_bytes=c.bytes_written,
-            writer_cpu_seconds=c.writer_cpu_seconds,
-            blocked_seconds=c.blocked_seconds,
+            checkpoints_written=c.written if c else 0,
+            checkpoint_bytes=c.bytes_written if c else 0,
+            writer_cpu_seconds=c.writer_cpu_seconds if c else 0.0,
+            blocked_seconds=c.blocked_seconds if c else 0.0,
             snapshot_seconds=self._snapshot_seconds,
+            state_seconds=s["state"],
+            rng_seconds=s["rng"],
+            store_seconds=s["store"],
+            code_seconds=s["code"],
+            log_writer_cpu_seconds=w.cpu_seconds if w else 0.0,
             checkpoint_every=self._period,
         )
 

@@ -387,6 +387,7 @@ class LogWriter:
         self._done = 0
         self._closing = False
         self._error: BaseException | None = None
+        self.cpu_seconds = 0.0  # CPU time of the writer thread's flushes
         self._thread = threading.Thread(target=self._loop, name="flor-log-writer", daemon=True)
         self._thread.start()
 
@@ -438,7 +439,9 @@ class LogWriter:
                 self._wake.clear()
                 with self._flushed:
                     ticket = self._requested
+                cpu = time.thread_time()
                 self._write(conn)
+                self.cpu_seconds += time.thread_time() - cpu
                 with self._flushed:
                     self._done = ticket
                     self._flushed.notify_all()

@@ -480,6 +480,28 @@ def test_stats_count_the_checkpoints_and_stay_readable_after_fit(project: Path, 
 
 
 @pytest.mark.integration
+def test_stats_time_each_step_of_recording(project: Path) -> None:
+    callback = FlorCallback()
+    start = time.perf_counter()
+    fit(callbacks=[callback])
+    fit_seconds = time.perf_counter() - start
+
+    stats = callback.stats
+    training_thread = {
+        "state": stats.state_seconds,  # Lightning's checkpoint dict, once per checkpoint
+        "rng": stats.rng_seconds,  # per checkpoint and per validation
+        "snapshot": stats.snapshot_seconds,
+        "store": stats.store_seconds,  # the run's row and one row per epoch
+        "code": stats.code_seconds,  # the project is a git repository: its code is committed
+        "blocked": stats.blocked_seconds,
+    }
+    assert all(seconds > 0 for name, seconds in training_thread.items() if name != "blocked"), training_thread
+    # Each is a part of the fit, timed on the thread that ran it, and no two overlap.
+    assert sum(training_thread.values()) < fit_seconds
+    assert 0 < stats.log_writer_cpu_seconds < fit_seconds  # the writer thread stored every value
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize(("budget", "expected"), [(1e-9, [-1, 4]), (1.0, [-1, 0, 1, 2, 3, 4])])
 def test_auto_checkpoint_period_follows_the_budget(project: Path, budget: float, expected: list[int]) -> None:
     """A tiny budget leaves only the initial and last checkpoints; a whole epoch's allows all."""
