@@ -26,7 +26,7 @@ from typing import Any
 
 import pandas as pd
 
-from flor_lightning import housekeeping, planner, store
+from flor_lightning import housekeeping, planner, store, trackers
 from flor_lightning.errors import ConfigError, FlorError, GitError
 from flor_lightning.locate import locate
 from flor_lightning.query import open_store, query, records, runs, store_path
@@ -221,6 +221,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             {k: r[k] for k in ("replay_id", "status", "shadow_commit")} | {"report": _json(r["report"])}
             for r in replays
         ],
+        "loggers": json.loads(run["loggers"]) if run.get("loggers") is not None else None,
     }
     if args.format == "json":
         sys.stdout.write(json.dumps(info, indent=1, default=str) + "\n")
@@ -239,6 +240,8 @@ def _sections(info: dict[str, Any]) -> str:
         if isinstance(body, dict):
             lines.append(f"{section}:")
             lines += [f"  {k}: {_fmt(v)}" for k, v in body.items()]
+        elif section == "loggers":
+            lines += trackers.show_lines(body)
         elif isinstance(body, list) and section == "replays":
             lines.append(f"replays: {len(body) or 'none'}")
             lines += [_replay_line(r) for r in body]

@@ -130,6 +130,12 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         ALTER TABLE replays ADD COLUMN host TEXT;
         """,
     ),
+    (
+        # the loggers a recorded fit wrote to, each with what finds its run again (flor_lightning.trackers);
+        # NULL for runs recorded before this column
+        "0007_run_loggers",
+        "ALTER TABLE runs ADD COLUMN loggers TEXT;",
+    ),
 )
 
 LOG_COLUMNS = ("run_id", "replay_id", "stage", "level", "epoch", "step", "batch_idx", "name", "value", "text")
