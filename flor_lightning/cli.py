@@ -1,4 +1,4 @@
-"""The ``flor`` command line: runs, query, show, diff, replay, gc, push and plot.
+"""The ``flor`` command line: runs, query, show, diff, replay, export, gc, push and plot.
 
 Every command takes ``--db PATH`` (default: ``.flor/flor.db`` of the project around the working
 directory, or ``FLOR_DB``). Tabular output is a terminal table by default; ``--format csv|json``
@@ -343,6 +343,20 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Send runs' recorded and hindsight values to TensorBoard event files and/or an MLflow tracking URI."""
+    from flor_lightning import tracker_export
+
+    if not (args.tensorboard or args.mlflow):
+        raise ConfigError("flor export needs a destination: --tensorboard DIR and/or --mlflow URI")
+    _check_runs(args.db, args.run)
+    done = tracker_export.export_tensorboard(args.tensorboard, run=args.run, db=args.db) if args.tensorboard else []
+    if args.mlflow:
+        done += tracker_export.export_mlflow(args.mlflow, experiment=args.experiment, run=args.run, db=args.db)
+    emit(_records_frame(done), args.format, args.out)
+    return 0
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     """Replay every selected past run from its own code version with today's logging."""
     try:
@@ -417,6 +431,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--train", action=argparse.BooleanOptionalAction, default=None, help="force re-training or restoring"
     )
+    p = _add(sub, "export", cmd_export, "send runs' values to TensorBoard event files or an MLflow tracking URI")
+    p.add_argument("--tensorboard", metavar="DIR", help="write a TensorBoard run folder per run under DIR")
+    p.add_argument("--mlflow", metavar="URI", help="write an MLflow run per run there, e.g. sqlite:///mlflow.db")
+    p.add_argument("--experiment", help="the MLflow experiment (default: each run's project)")
+    p.add_argument("--run", action="append", help="a run id (repeat for several; default: all)")
     p = _add(sub, "gc", cmd_gc, "delete checkpoints of older runs")
     p.add_argument("--keep-last", type=int, required=True, metavar="N", help="runs to keep per project")
     p.add_argument("--dry-run", action="store_true", help="say what would be deleted, delete nothing")
