@@ -20,12 +20,13 @@ import csv
 import json
 import os
 from argparse import Namespace
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from contextlib import closing
 from typing import TYPE_CHECKING, Any
 
 import fsspec
 from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger
+from lightning.pytorch.loggers.logger import DummyLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
@@ -50,13 +51,23 @@ class HindsightLogger(Logger):
         recorded: the names flor recorded for the run.
         finish: whether ``finalize`` reaches ``inner`` (not for MLflow: it would mark the recorded
             run terminated anew, with a new end time).
+        logged: the names ``self.log`` has sent to the loggers so far (``trainer.logged_metrics``);
+            only those pass (see :func:`trackers.new_metrics`).
     """
 
-    def __init__(self, inner: Logger, recorded: Collection[str], *, finish: bool = True) -> None:
+    def __init__(
+        self,
+        inner: Logger,
+        recorded: Collection[str],
+        *,
+        finish: bool = True,
+        logged: Callable[[], Collection[str]] | None = None,
+    ) -> None:
         super().__init__()
         self.inner = inner
         self.recorded = frozenset(recorded)
         self.finish = finish
+        self.logged = logged
         self.written = 0
 
     @property
@@ -94,7 +105,7 @@ class HindsightLogger(Logger):
 
     @override
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        new = trackers.new_metrics(metrics, self.recorded)
+        new = trackers.new_metrics(metrics, self.recorded, logged=self.logged() if self.logged else None)
         if new:
             self.inner.log_metrics(new, step)
             self.written += len(new)
@@ -180,7 +191,11 @@ class CSVBesideLogger(Logger):
 
 
 def open_logger(
-    ident: dict[str, Any], *, replay_id: str, recorded: Collection[str]
+    ident: dict[str, Any],
+    *,
+    replay_id: str,
+    recorded: Collection[str],
+    logged: Callable[[], Collection[str]] | None = None,
 ) -> tuple[HindsightLogger | None, str]:
     """The logger writing into the recorded run ``ident`` (a :func:`trackers.identity`), and a line
     saying where the values go, or None and a note saying why nothing is written there."""
@@ -213,7 +228,7 @@ def open_logger(
             None,
             f"flor: the recorded {where} cannot be written ({type(err).__name__}: {err}); nothing is written there",
         )
-    return HindsightLogger(inner, recorded, finish=kind != "mlflow"), f"flor: new values go to {where}"
+    return HindsightLogger(inner, recorded, finish=kind != "mlflow", logged=logged), f"flor: new values go to {where}"
 
 
 def recorded_trackers(db_path: str, run_id: str) -> tuple[list[dict[str, Any]] | None, set[str]]:
@@ -231,10 +246,12 @@ def point_at_recording(
     """Replace ``trainer.loggers`` for a replay; return the Trainer's own loggers, to put back after it.
 
     With ``enabled`` the replay's loggers write into the recorded run's TensorBoard, CSV and MLflow
-    runs (see the module's docstring); without, no logger receives anything.
+    runs (see the module's docstring); without, no logger receives anything. Where none is written
+    to, a Trainer that had loggers keeps Lightning's ``DummyLogger``, which drops everything, so
+    callbacks that refuse a Trainer without a logger (``LearningRateMonitor``) still run.
     """
     own = list(trainer.loggers)
-    trainer.loggers = []
+    trainer.loggers = [DummyLogger()] if own else []
     if not enabled:
         return own
     recorded, names = recorded_trackers(db_path, run_id)
@@ -243,7 +260,7 @@ def point_at_recording(
     )
     opened: list[Logger] = []
     for ident in targets:
-        logger, line = open_logger(ident, replay_id=replay_id, recorded=names)
+        logger, line = open_logger(ident, replay_id=replay_id, recorded=names, logged=lambda: trainer.logged_metrics)
         if logger is None:
             notes.append(line)
         else:
@@ -251,5 +268,6 @@ def point_at_recording(
             rank_zero_info(line)
     for note in notes:
         rank_zero_warn(note)
-    trainer.loggers = opened
+    if opened:
+        trainer.loggers = opened
     return own

@@ -129,9 +129,16 @@ def is_recorded(name: str, recorded: Collection[str]) -> bool:
     return base != name and base in recorded
 
 
-def new_metrics(metrics: Mapping[str, Any], recorded: Collection[str]) -> dict[str, Any]:
-    """The part of one logger call that the recorded run's logger does not hold yet."""
-    return {k: v for k, v in metrics.items() if not is_recorded(k, recorded)}
+def new_metrics(
+    metrics: Mapping[str, Any], recorded: Collection[str], *, logged: Collection[str] | None = None
+) -> dict[str, Any]:
+    """The part of one logger call that the recorded run's logger does not hold yet.
+
+    With ``logged`` (the names ``self.log`` sent to the loggers so far: ``trainer.logged_metrics``),
+    only those pass: a callback that logs to the loggers directly (``LearningRateMonitor``) bypasses
+    flor's record, so its names look new, though a re-trained replay only repeats them.
+    """
+    return {k: v for k, v in metrics.items() if not is_recorded(k, recorded) and (logged is None or k in logged)}
 
 
 def plan(

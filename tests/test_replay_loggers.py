@@ -16,6 +16,7 @@ import lightning as L
 import pytest
 import torch
 from helpers import rows, sha256
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, Logger
 from models import DigitsClassifier, DigitsData, trainer_kwargs
 
@@ -107,6 +108,38 @@ def test_replay_adds_the_hindsight_curve_to_the_recorded_tensorboard_run_on_its_
     assert ident["version"] == 0 and ident["save_dir"] == str(project)
 
 
+class WithDoubleLoss(DigitsClassifier):
+    """The recorded model with a hindsight metric on the training path (the replay re-trains)."""
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss_x2", loss.detach() * 2)
+        return loss
+
+
+@pytest.mark.integration
+def test_a_retrained_replay_adds_training_curves_on_the_recorded_steps_and_repeats_no_callback_values(project):
+    pytest.importorskip("tensorboard")
+    L.seed_everything(7)
+    # LearningRateMonitor logs to the loggers directly, not through self.log: flor has no record of lr-Adam
+    trainer = flor.Trainer(**trainer_kwargs(logger=True, log_every_n_steps=1, callbacks=[LearningRateMonitor()]))
+    trainer.fit(DigitsClassifier(), datamodule=DigitsData())
+    folder = project / "lightning_logs" / "version_0"
+    before = scalars(folder)
+
+    L.seed_everything(7)
+    trainer = flor.Trainer(**trainer_kwargs(logger=True, log_every_n_steps=1, callbacks=[LearningRateMonitor()]))
+    report = trainer.replay(WithDoubleLoss(), datamodule=DigitsData(), train=True)
+
+    assert report.epochs_trained == [0, 1, 2] and report.mismatched == 0
+    after = scalars(folder)
+    assert {tag: len(points) for tag, points in after.items() if tag != "train_loss_x2"} == {
+        tag: len(points) for tag, points in before.items()
+    }  # lr-Adam and train_loss_step are not logged again
+    assert [s for s, _ in after["train_loss_x2"]] == [s for s, _ in before["train_loss_step"]]
+    assert [v for _, v in after["train_loss_x2"]] == pytest.approx([2 * v for _, v in before["train_loss_step"]])
+
+
 @pytest.mark.integration
 def test_replay_writes_the_recorded_mlflow_run_on_its_steps_and_tags_it(project, tmp_path):
     pytest.importorskip("mlflow")
@@ -161,7 +194,8 @@ def test_loggers_false_sends_nothing_to_any_logger(project):
     files = sorted(p.name for p in folder.iterdir())
     own = ListLogger()
 
-    report = replay([own], loggers=False)
+    # LearningRateMonitor refuses a Trainer with no logger: the replay keeps one that drops everything
+    report = replay([own], loggers=False, trainer={"callbacks": [LearningRateMonitor()]})
 
     assert report.new_names == ["val_conf"]  # the replay itself stored its values
     assert sorted(p.name for p in folder.iterdir()) == files

@@ -25,6 +25,14 @@ def test_a_name_the_recording_has_is_not_sent_again_in_any_of_lightnings_spellin
     assert trackers.new_metrics({"acc_step": 1.0, "_step": 2.0}, {"val_loss"}) == {"acc_step": 1.0, "_step": 2.0}
 
 
+def test_only_names_self_log_sent_pass_when_the_logged_names_are_given():
+    # LearningRateMonitor logs lr-Adam to the loggers directly: not new, only unknown to flor
+    metrics = {"lr-Adam": 0.01, "train_loss_x2": 1.0}
+    assert trackers.new_metrics(metrics, {"train_loss"}, logged={"train_loss_step", "train_loss_x2"}) == {
+        "train_loss_x2": 1.0
+    }
+
+
 @pytest.mark.parametrize(
     ("uri", "absolute"),
     [
