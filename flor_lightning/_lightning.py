@@ -202,7 +202,13 @@ class ReplayFitLoop(_FitLoop):
         if self._validates_this_epoch():
             trainer.validating = True
             first_loop_iter = trainer._logger_connector._first_loop_iter
-            self.epoch_loop.val_loop.run()
+            # The recording validated inside its last batch, before Lightning counted that batch as
+            # stepped: its loggers got validation on one step less than the restored counter says.
+            self.epoch_loop._batches_that_stepped -= 1
+            try:
+                self.epoch_loop.val_loop.run()
+            finally:
+                self.epoch_loop._batches_that_stepped += 1
             trainer.training = True
             trainer._logger_connector._first_loop_iter = first_loop_iter
         if self._end_rng is not None:
@@ -338,3 +344,8 @@ def forks_ranks(trainer: pl.Trainer) -> bool:
     """Whether fit forks the ranks from this process (ddp_fork) and runs none itself."""
     launcher = trainer.strategy.launcher
     return isinstance(launcher, _MultiProcessingLauncher) and launcher._start_method == "fork"
+
+
+def logger_prefix(logger: object) -> str:
+    """The ``prefix`` a TensorBoard, CSV or MLflow logger puts before each name (kept privately)."""
+    return str(getattr(logger, "_prefix", "") or "")

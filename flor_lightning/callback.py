@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from flor_lightning import _lightning, codeversion, rng, store
+from flor_lightning import _lightning, codeversion, rng, store, trackers
 from flor_lightning.capture import LogCapture
 from flor_lightning.checkpoints import CheckpointInfo, CheckpointStore, snapshot
 from flor_lightning.errors import CheckpointError, ConfigError, FlorError
@@ -424,7 +424,8 @@ class FlorCallback(Callback):
             return
         row = store.fetch(session.conn, "SELECT settings FROM runs WHERE run_id = ?", [session.run_id])[0]
         settings = {**json.loads(row["settings"]), **data_sizes(trainer)}
-        store.update(session.conn, "runs", {"run_id": session.run_id}, {"settings": settings})
+        loggers = trackers.identities(trainer.loggers)  # what finds each logger's run again (replay writes there)
+        store.update(session.conn, "runs", {"run_id": session.run_id}, {"settings": settings, "loggers": loggers})
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -1,4 +1,4 @@
-"""The ``flor`` command line: runs, query, show, diff, replay, gc, push and plot.
+"""The ``flor`` command line: runs, query, show, diff, replay, export, gc, push and plot.
 
 Every command takes ``--db PATH`` (default: ``.flor/flor.db`` of the project around the working
 directory, or ``FLOR_DB``). Tabular output is a terminal table by default; ``--format csv|json``
@@ -27,7 +27,7 @@ from typing import Any
 
 import pandas as pd
 
-from flor_lightning import housekeeping, planner, store
+from flor_lightning import housekeeping, planner, store, trackers
 from flor_lightning.errors import ConfigError, FlorError, GitError
 from flor_lightning.locate import locate
 from flor_lightning.query import filter_rows, logged_names, open_store, query, records, runs, store_path
@@ -235,6 +235,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             {k: r[k] for k in ("replay_id", "status", "shadow_commit")} | {"report": _json(r["report"])}
             for r in replays
         ],
+        "loggers": json.loads(run["loggers"]) if run.get("loggers") is not None else None,
     }
     if args.format == "json":
         sys.stdout.write(json.dumps(info, indent=1, default=str) + "\n")
@@ -253,6 +254,8 @@ def _sections(info: dict[str, Any]) -> str:
         if isinstance(body, dict):
             lines.append(f"{section}:")
             lines += [f"  {k}: {_fmt(v)}" for k, v in body.items()]
+        elif section == "loggers":
+            lines += trackers.show_lines(body)
         elif isinstance(body, list) and section == "replays":
             lines.append(f"replays: {len(body) or 'none'}")
             lines += [_replay_line(r) for r in body]
@@ -354,6 +357,20 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Send runs' recorded and hindsight values to TensorBoard event files and/or an MLflow tracking URI."""
+    from flor_lightning import tracker_export
+
+    if not (args.tensorboard or args.mlflow):
+        raise ConfigError("flor export needs a destination: --tensorboard DIR and/or --mlflow URI")
+    _check_runs(args.db, args.run)
+    done = tracker_export.export_tensorboard(args.tensorboard, run=args.run, db=args.db) if args.tensorboard else []
+    if args.mlflow:
+        done += tracker_export.export_mlflow(args.mlflow, experiment=args.experiment, run=args.run, db=args.db)
+    emit(_records_frame(done), args.format, args.out)
+    return 0
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     """Replay every selected past run from its own code version with today's logging."""
     from flor_lightning import multiversion  # imports torch and Lightning: only for this command
@@ -427,6 +444,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--train", action=argparse.BooleanOptionalAction, default=None, help="force re-training or restoring"
     )
+    p = _add(sub, "export", cmd_export, "send runs' values to TensorBoard event files or an MLflow tracking URI")
+    p.add_argument("--tensorboard", metavar="DIR", help="write a TensorBoard run folder per run under DIR")
+    p.add_argument("--mlflow", metavar="URI", help="write an MLflow run per run there, e.g. sqlite:///mlflow.db")
+    p.add_argument("--experiment", help="the MLflow experiment (default: each run's project)")
+    p.add_argument("--run", action="append", help="a run id (repeat for several; default: all)")
     p = _add(sub, "gc", cmd_gc, "delete checkpoints of older runs")
     p.add_argument("--keep-last", type=int, required=True, metavar="N", help="runs to keep per project")
     p.add_argument("--dry-run", action="store_true", help="say what would be deleted, delete nothing")

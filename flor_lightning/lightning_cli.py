@@ -25,7 +25,7 @@ class LightningCLI(_LightningCLI):
     ``trainer_class`` defaults to ``flor.Trainer`` (a subclass of it may be given).
     ``replay`` takes the same configuration as ``fit`` and the options of
     :meth:`flor_lightning.Trainer.replay` (``--run``, ``--epochs``, ``--segments``,
-    ``--segment``, ``--train``). It writes no ``config.yaml``: that belongs to the recorded run.
+    ``--segment``, ``--train``, ``--loggers``). It writes no ``config.yaml``: that belongs to the recorded run.
 
     Example::
 

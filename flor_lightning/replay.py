@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from flor_lightning import _lightning, codecheck, codeversion, planner, shadow, store
+from flor_lightning import _lightning, codecheck, codeversion, planner, replay_loggers, shadow, store
 from flor_lightning.callback import hyperparameters
 from flor_lightning.checkpoints import CheckpointStore
 from flor_lightning.errors import CheckpointError, FlorError, ReplayError
@@ -160,6 +160,7 @@ def run_replay(
     segments: int,
     segment: int | None,
     train: bool | None,
+    loggers: bool = True,
 ) -> ReplayReport:
     """See :meth:`flor_lightning.Trainer.replay`."""
     _check_arguments(trainer.world_size, segments, segment, train)
@@ -227,6 +228,7 @@ def run_replay(
         checkpoints=ckpt_rows,
         good=good,
         retrain=retrain,
+        loggers=loggers,
     )
     report.status = "failed"
     try:
@@ -403,6 +405,7 @@ class SegmentRunner:
         checkpoints: dict[int, dict[str, Any]],
         good: set[int],
         retrain: bool,
+        loggers: bool = True,
     ) -> None:
         self.db_path = db_path
         self.replay_id = replay_id
@@ -414,6 +417,7 @@ class SegmentRunner:
         self.checkpoints = checkpoints
         self.good = set(good)
         self.retrain = retrain
+        self.loggers = loggers  # write into the recorded run's TensorBoard/CSV/MLflow runs
         self._store: CheckpointStore | None = None
         self._segment: planner.Segment | None = None
 
@@ -428,6 +432,9 @@ class SegmentRunner:
         sampler = _lightning.replay_data_unsharded(trainer, False)
         launched_env = os.environ.get(REPLAY_ID_ENV)
         os.environ[REPLAY_ID_ENV] = self.replay_id  # ranks started by the launcher join this replay
+        own_loggers = replay_loggers.point_at_recording(
+            trainer, db_path=self.db_path, run_id=self.run_id, replay_id=self.replay_id, enabled=self.loggers
+        )
         try:
             if trainer.world_size > 1:
                 self._run_fit(trainer, model, data, None)
@@ -437,6 +444,7 @@ class SegmentRunner:
         finally:
             trainer.fit_loop, trainer.num_sanity_val_steps = original_loop, sanity
             trainer.callbacks = callbacks  # type: ignore[attr-defined]
+            trainer.loggers = own_loggers
             _lightning.replay_data_unsharded(trainer, sampler)
             flor.replay_id, flor.capture.muted = None, False
             if launched_env is None:

@@ -155,6 +155,12 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
             AND NOT EXISTS (SELECT 1 FROM json_each(replays.report) j WHERE j.key NOT GLOB 'bad_[0-9-]*');
         """,
     ),
+    (
+        # the loggers a recorded fit wrote to, each with what finds its run again (flor_lightning.trackers);
+        # NULL for runs recorded before this column
+        "0007_run_loggers",
+        "ALTER TABLE runs ADD COLUMN loggers TEXT;",
+    ),
 )
 
 LOG_COLUMNS = ("run_id", "replay_id", "stage", "level", "epoch", "step", "batch_idx", "name", "value", "text")

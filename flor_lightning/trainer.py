@@ -55,6 +55,7 @@ class Trainer(pl.Trainer):
         segments: int = 1,
         segment: int | None = None,
         train: bool | None = None,
+        loggers: bool = True,
     ) -> ReplayReport:
         """Replay a recorded run with the current code, storing what it logs beside the recording.
 
@@ -81,6 +82,14 @@ class Trainer(pl.Trainer):
             segment: replay only this segment (0-based), e.g. one SLURM array task each.
             train: re-run training batches (True), restore only (False), or decide by comparing
                 the training-path code with the recorded version (None).
+            loggers: write the new values into the runs the recording's loggers wrote (True), or
+                send nothing to any logger during the replay (False). With True the Trainer's own
+                loggers are set aside for the replay (no new ``lightning_logs/version_N``), and
+                the recorded TensorBoard run gets a new event file in its folder, the recorded
+                MLflow run the values on its run id (tagged ``flor.replay_id``), the recorded
+                CSVLogger run a ``metrics.flor-<replay_id>.csv`` beside its ``metrics.csv``:
+                only names the recording lacks, on the recorded steps. Other loggers (W&B: its
+                steps must increase) get nothing, with a note; ``flor export`` is the way there.
 
         Returns:
             The replay report (also printed and stored with the replay).
@@ -107,4 +116,5 @@ class Trainer(pl.Trainer):
             segments=segments,
             segment=segment,
             train=train,
+            loggers=loggers,
         )
