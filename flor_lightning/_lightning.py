@@ -436,7 +436,7 @@ def capture_mid_epoch(
             "num_training_batches": trainer.num_training_batches,
             "data_rng": data_rng,
             "results": _results_state(loop._results),
-            "metrics": _metric_states(trainer.lightning_module),
+            "metrics": _metric_states(trainer.lightning_module, reset=_reset_after(trainer, moment)),
             "logger": _logger_state(trainer),
             "grads": _pending_grads(trainer),
         },
@@ -607,10 +607,23 @@ def _restore_results(trainer: pl.Trainer, saved: dict[str, Any]) -> str:
     return ""
 
 
-def _metric_states(module: pl.LightningModule) -> dict[str, Any]:
-    """The states of the torchmetrics Metrics in ``module`` (not in its state_dict: they are not persistent)."""
+def _reset_after(trainer: pl.Trainer, moment: Moment) -> set[int]:
+    """The torchmetrics Metrics Lightning resets right after this moment (ids): at ``on_validation_end``,
+    those logged in the validation (its results are reset once the hook has run)."""
+    if moment != "validation_end":
+        return set()
+    return {id(m.value) for m in trainer.fit_loop.epoch_loop.val_loop._results.values() if not m.is_tensor}
+
+
+def _metric_states(module: pl.LightningModule, *, reset: set[int]) -> dict[str, Any]:
+    """The states of the torchmetrics Metrics in ``module`` (not in its state_dict: they are not persistent);
+    those in ``reset`` as ``Metric.reset()`` leaves them."""
     return {
-        name: {"state": m.metric_state, "update_count": m._update_count}
+        name: (
+            {"state": m._defaults, "update_count": 0}
+            if id(m) in reset
+            else {"state": m.metric_state, "update_count": m._update_count}
+        )
         for name, m in module.named_modules()
         if isinstance(m, Metric)
     }

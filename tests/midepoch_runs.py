@@ -18,7 +18,9 @@ import lightning as L
 import torch
 from lightning.pytorch.loops.fit_loop import _FitLoop
 from models import DigitsClassifier, DigitsData, trainer_kwargs
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler
+from torchmetrics import Accuracy
 
 from flor_lightning import _lightning, rng
 from flor_lightning.checkpoints import snapshot
@@ -315,6 +317,45 @@ class StatefulLoader(DataLoader):  # type: ignore[type-arg]
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._seed, self._resume_at = state["seed"], state["yielded"]
+
+
+class AccuracyClassifier(DigitsClassifier):
+    """Logs torchmetrics Accuracy objects: training (step and epoch) and validation (epoch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.train_accuracy = Accuracy(task="multiclass", num_classes=10)
+        self.val_accuracy = Accuracy(task="multiclass", num_classes=10)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        self.train_accuracy(logits, y)
+        self.log("train_accuracy", self.train_accuracy, on_step=True, on_epoch=True)
+        loss = F.cross_entropy(logits, y)
+        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.val_accuracy.update(self(x), y)
+        self.log("val_accuracy", self.val_accuracy, on_epoch=True)
+
+
+class PlateauClassifier(DigitsClassifier):
+    """Halves its learning rate when val_loss does not improve, checked as each epoch ends."""
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": plateau, "monitor": "val_loss", "interval": "epoch"}}
+
+
+class NoisyEpochStart(DigitsClassifier):
+    """Draws a random number in its own on_train_epoch_start, between a recorder's epoch start and the data."""
+
+    def on_train_epoch_start(self) -> None:
+        self.noise = torch.rand(1)
 
 
 def run(

@@ -12,9 +12,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import pytest
-from midepoch_runs import Captures, Data, Interrupted, StopAt, ValueLog, assert_same_state, assert_same_values, run
+import torch
+from midepoch_runs import (
+    AccuracyClassifier,
+    Captures,
+    Data,
+    Interrupted,
+    NoisyEpochStart,
+    PlateauClassifier,
+    StopAt,
+    ValueLog,
+    assert_same_state,
+    assert_same_values,
+    run,
+)
 from models import DigitsClassifier
+
+from flor_lightning import _lightning
+from flor_lightning.errors import CheckpointError
+from flor_lightning.planner import EpochStep
 
 # one epoch of 45 batches, stopped by max_steps inside it, validating every 4 batches: points after 4, 8, 12
 ONE_EPOCH = {"max_steps": 14, "limit_train_batches": None, "val_check_interval": 4}
@@ -62,3 +80,143 @@ def test_resume_after_a_validation_point_equals_the_uninterrupted_run(
     assert again.result is not None and again.result.exact and again.result.how == how
     assert_same_values(full.values[cap.logged :], resumed.values)
     assert_same_state(full.final, resumed.final)
+
+
+@pytest.mark.integration
+def test_a_float_val_check_interval_resumes_exactly(tmp_path: Path) -> None:
+    # int(20 * 0.3) = 6: validation after batches 6, 12 and 18, none as the epoch ends
+    full, resumed, caps, again = interrupted_and_resumed(
+        tmp_path, (0, 14), max_steps=20, limit_train_batches=20, val_check_interval=0.3
+    )
+    assert [c.batches for c in caps.saved] == [6, 12]
+    assert again.result is not None and again.result.exact
+    assert_same_values(full.values[caps.saved[-1].logged :], resumed.values)
+    assert_same_state(full.final, resumed.final)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "captures",
+    [{"at_validation": True}, {"at_validation": False, "at_batches": (5,)}],
+    ids=["validation-point", "train-batch-end"],
+)
+def test_a_capture_inside_a_gradient_accumulation_window_resumes_exactly(
+    tmp_path: Path, captures: dict[str, Any]
+) -> None:
+    # accumulating 2 batches per optimizer step, validating every 3: batches 3 and 9 end inside a window (the
+    # gradients of their window's first batch are pending), and so does batch 5, captured at its batch end
+    full, resumed, caps, again = interrupted_and_resumed(
+        tmp_path,
+        (0, 10),
+        captures=captures,
+        max_epochs=1,
+        limit_train_batches=12,
+        val_check_interval=3,
+        accumulate_grad_batches=2,
+    )
+    cap = caps.saved[-1]
+    assert (cap.moment, cap.batches) == (
+        ("validation_end", 9) if captures["at_validation"] else ("train_batch_end", 5)
+    )
+    assert torch.load(cap.path, weights_only=True)["flor"]["mid_epoch"]["grads"]  # the window's gradients
+    assert again.result is not None and again.result.exact
+    assert_same_values(full.values[cap.logged :], resumed.values)
+    assert_same_state(full.final, resumed.final)
+
+
+@pytest.mark.integration
+def test_check_val_every_n_epoch_2_resumes_inside_the_validating_epoch(tmp_path: Path) -> None:
+    full, resumed, caps, again = interrupted_and_resumed(
+        tmp_path, (1, 6), max_epochs=3, limit_train_batches=8, val_check_interval=4, check_val_every_n_epoch=2
+    )
+    cap = caps.saved[-1]
+    assert [(c.epoch, c.batches) for c in caps.saved] == [(1, 4)]  # epoch 0 does not validate
+    assert again.result is not None and again.result.exact
+    assert_same_values(full.values[cap.logged :], resumed.values)
+    assert {r[2] for r in resumed.values} == {1, 2}
+    assert_same_state(full.final, resumed.final)
+
+
+@pytest.mark.integration
+def test_torchmetrics_logged_per_epoch_resume_with_their_state(tmp_path: Path) -> None:
+    full, resumed, caps, again = interrupted_and_resumed(tmp_path, (0, 10), model=AccuracyClassifier, **ONE_EPOCH)
+    assert again.result is not None and again.result.exact
+    tail = full.values[caps.saved[-1].logged :]
+    assert ("epoch", "train_accuracy_epoch") in {r[:2] for r in tail}
+    assert_same_values(tail, resumed.values)
+    assert_same_state(full.final, resumed.final)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("epoch", [0, 1])
+def test_a_capture_inside_either_epoch_of_a_two_epoch_run_resumes_exactly(tmp_path: Path, epoch: int) -> None:
+    # ReduceLROnPlateau steps as each epoch ends on val_loss: the resumed epoch's end must step it too
+    full, resumed, caps, again = interrupted_and_resumed(
+        tmp_path, (epoch, 6), model=PlateauClassifier, max_epochs=2, limit_train_batches=8, val_check_interval=4
+    )
+    cap = caps.saved[-1]
+    assert (cap.epoch, cap.batches) == (epoch, 4)
+    assert again.result is not None and again.result.exact
+    assert_same_values(full.values[cap.logged :], resumed.values)
+    assert_same_state(full.final, resumed.final)
+    assert full.final["schedulers"][0]["last_epoch"] == 2  # it stepped as both epochs ended
+
+
+@pytest.mark.integration
+def test_a_stateful_loader_resumes_from_its_own_state(tmp_path: Path) -> None:
+    full, resumed, caps, again = interrupted_and_resumed(
+        tmp_path, (0, 10), data=lambda: Data(kind="stateful"), **ONE_EPOCH
+    )
+    assert again.result is not None and again.result.exact and again.result.how == "stateful"
+    assert_same_values(full.values[caps.saved[-1].logged :], resumed.values)
+    assert_same_state(full.final, resumed.final)
+
+
+@pytest.mark.integration
+def test_an_iterable_dataset_without_state_is_refused_before_training_resumes(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="IterableDataset without state_dict") as err:
+        interrupted_and_resumed(tmp_path, (0, 10), data=lambda: Data(kind="iterable"), **ONE_EPOCH)
+    assert "StatefulDataLoader" in str(err.value)
+
+
+@pytest.mark.integration
+def test_random_numbers_drawn_at_the_epoch_start_make_the_resume_not_exact(tmp_path: Path) -> None:
+    full = ValueLog()
+    kw: dict[str, Any] = {"model": NoisyEpochStart, "max_epochs": 2, "limit_train_batches": 8, "val_check_interval": 4}
+    run([full], **kw)
+    part = ValueLog()
+    caps = Captures(tmp_path, part, epoch_starts=True)
+    with pytest.raises(Interrupted):
+        run([part, caps, StopAt(1, 6)], **kw)
+    resumed = ValueLog()
+    with pytest.raises(CheckpointError, match="torch random state differs at the epoch's first batch"):
+        run([resumed, Captures(tmp_path, resumed)], ckpt_path=caps.saved[-1].path, **kw)
+    assert resumed.values == []  # refused before any batch ran
+    # the fall-back: replay re-trains epoch 1 from the checkpoint at its start, exactly
+    replayed = ValueLog()
+    hooks = _EpochFromStart(caps.epoch_checkpoints[0], epoch=1)
+    run([replayed], fit_loop=lambda trainer: _lightning.ReplayFitLoop(trainer, hooks), **kw)
+    assert_same_values([r for r in full.values if r[2] >= 1], replayed.values)
+    assert_same_state(full.final, replayed.final)
+
+
+class _EpochFromStart:
+    """ReplayHooks that re-train one epoch from the epoch checkpoint before it."""
+
+    def __init__(self, path: Path, *, epoch: int) -> None:
+        self.path, self.epoch = path, epoch
+
+    def steps(self, trainer: L.Trainer) -> list[EpochStep]:
+        return [EpochStep(self.epoch, "train", self.epoch - 1)]
+
+    def load(self, epoch: int) -> dict[str, Any]:
+        return dict(torch.load(self.path, weights_only=True))
+
+    def replan(self, bad_epoch: int, remaining: list[EpochStep]) -> list[EpochStep]:
+        raise AssertionError(f"checkpoint {bad_epoch} failed to load")
+
+    def on_start(self, trainer: L.Trainer) -> None: ...
+
+    def on_step_start(self, trainer: L.Trainer, step: EpochStep) -> None: ...
+
+    def on_step_done(self, trainer: L.Trainer, step: EpochStep) -> None: ...
