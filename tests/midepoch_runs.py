@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.loops.fit_loop import _FitLoop
 from models import DigitsClassifier, DigitsData, trainer_kwargs
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, IterableDataset, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
 from torchmetrics import Accuracy
 
 from flor_lightning import _lightning, rng
@@ -46,7 +46,7 @@ class StopAt(L.Callback):
 
 
 class ValueLog(L.Callback):
-    """Every value the run logs, in order, and its state at the end of training."""
+    """Every value the run logs outside the sanity check, in order, and its state at the end of training."""
 
     def __init__(self) -> None:
         self.values: list[Record] = []
@@ -57,9 +57,10 @@ class ValueLog(L.Callback):
         original = pl_module.log
 
         def log(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
-            step = _lightning.step_value(value)
-            step = step.clone() if isinstance(step, torch.Tensor) else step
-            self.values.append(("step", name, trainer.current_epoch, trainer.global_step, step))
+            if not trainer.sanity_checking:  # as flor, which records no sanity check
+                step = _lightning.step_value(value)
+                step = step.clone() if isinstance(step, torch.Tensor) else step
+                self.values.append(("step", name, trainer.current_epoch, trainer.global_step, step))
             original(name, value, *args, **kwargs)
 
         pl_module.log = log  # type: ignore[method-assign]
@@ -271,6 +272,9 @@ class Data(DigitsData):
     def train_dataloader(self) -> DataLoader:
         if self.kind == "iterable":
             return DataLoader(_Stream(self.train_set), batch_size=self.hparams.batch_size)
+        if self.kind == "distributed":  # a sampler that shuffles by its set_epoch, as under DDP
+            sampler = DistributedSampler(self.train_set, num_replicas=1, rank=0, shuffle=True)
+            return DataLoader(self.train_set, batch_size=self.hparams.batch_size, sampler=sampler)
         cls = StatefulLoader if self.kind == "stateful" else DataLoader
         return cls(
             self.train_set,
@@ -306,11 +310,16 @@ class StatefulLoader(DataLoader):  # type: ignore[type-arg]
             self._seed = int(torch.empty((), dtype=torch.int64).random_().item())
         assert isinstance(self.sampler, RandomSampler)
         self.sampler.generator = torch.Generator().manual_seed(self._seed)
-        self._yielded = 0
-        for i, batch in enumerate(super().__iter__()):
-            if i >= skip:
-                self._yielded = i + 1
-                yield batch
+        self._yielded = skip
+        batches = super().__iter__()
+        for _ in range(skip):  # at once, as torchdata's StatefulDataLoader restores its position in iter()
+            next(batches)
+        return self._counted(batches)
+
+    def _counted(self, batches: Any) -> Any:
+        for batch in batches:
+            self._yielded += 1
+            yield batch
 
     def state_dict(self) -> dict[str, int]:
         return {"yielded": self._yielded, "seed": self._seed}

@@ -148,11 +148,20 @@ def test_torchmetrics_logged_per_epoch_resume_with_their_state(tmp_path: Path) -
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("epoch", [0, 1])
-def test_a_capture_inside_either_epoch_of_a_two_epoch_run_resumes_exactly(tmp_path: Path, epoch: int) -> None:
-    # ReduceLROnPlateau steps as each epoch ends on val_loss: the resumed epoch's end must step it too
+@pytest.mark.parametrize(("epoch", "kind"), [(0, "plain"), (1, "plain"), (1, "distributed")])
+def test_a_capture_inside_either_epoch_of_a_two_epoch_run_resumes_exactly(
+    tmp_path: Path, epoch: int, kind: str
+) -> None:
+    # ReduceLROnPlateau steps as each epoch ends on val_loss: the resumed epoch's end must step it too;
+    # a DistributedSampler orders epoch 1 by its set_epoch(1), which the fresh one has not had
     full, resumed, caps, again = interrupted_and_resumed(
-        tmp_path, (epoch, 6), model=PlateauClassifier, max_epochs=2, limit_train_batches=8, val_check_interval=4
+        tmp_path,
+        (epoch, 6),
+        data=lambda: Data(kind=kind),
+        model=PlateauClassifier,
+        max_epochs=2,
+        limit_train_batches=8,
+        val_check_interval=4,
     )
     cap = caps.saved[-1]
     assert (cap.epoch, cap.batches) == (epoch, 4)
