@@ -40,7 +40,9 @@ class StopAt(L.Callback):
     def __init__(self, epoch: int, batch_idx: int) -> None:
         self.at = (epoch, batch_idx)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if (trainer.current_epoch, batch_idx) == self.at:
             raise Interrupted(f"stopped at epoch {self.at[0]} batch {batch_idx}")
 
@@ -153,6 +155,7 @@ class Captures(L.Callback):
         self.epoch_checkpoints: dict[int, Path] = {}
         self.refused: list[str] = []
         self.result: Exactness | None = None
+        self.warnings: list[str] = []  # what the resumed fit warned (filled in by the tests)
         self._rng_at_validation: dict[str, Any] | None = None
         self._loaded: dict[str, Any] | None = None
 
@@ -165,9 +168,13 @@ class Captures(L.Callback):
         if self.epoch_starts:
             checkpoint = _lightning.dump_state(trainer)
             checkpoint["flor"] = {"epoch": trainer.current_epoch - 1, "rng": state, "rng_at_validation": None}
-            self.epoch_checkpoints[trainer.current_epoch - 1] = self._write(checkpoint, f"epoch{trainer.current_epoch - 1}")
+            self.epoch_checkpoints[trainer.current_epoch - 1] = self._write(
+                checkpoint, f"epoch{trainer.current_epoch - 1}"
+            )
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.tracker.batch_started(trainer.current_epoch, rng.capture())
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -205,9 +212,7 @@ class Captures(L.Callback):
         os.replace(tmp, path)  # a reader (or a kill) never sees half a capture
         return path
 
-    def on_load_checkpoint(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         self._loaded = checkpoint.get("flor")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
