@@ -125,6 +125,8 @@ def data_skip(loaders: list[LoaderFacts], *, dataloader_iter: bool, sized: bool)
         return "training_step takes the dataloader iterator, so flor cannot tell which batches it consumed"
     if loaders and all(dl.stateful for dl in loaders):
         return "stateful"
+    if any(dl.stateful for dl in loaders):
+        return "some training loaders have state_dict/load_state_dict and some do not; give all of them one"
     if any(dl.iterable_dataset for dl in loaders):
         return (
             "the training data is an IterableDataset without state_dict/load_state_dict, so its position inside "

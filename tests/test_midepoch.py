@@ -38,6 +38,7 @@ from models import DigitsClassifier
 
 from flor_lightning import _lightning
 from flor_lightning.errors import CheckpointError
+from flor_lightning.midepoch import EpochRngTracker, LoaderFacts, capture_refusal, data_skip
 from flor_lightning.planner import EpochStep
 
 NOT_RESUMABLE = "ended before the epoch ended and your dataloader is not resumable"
@@ -68,6 +69,78 @@ def interrupted_and_resumed(
         run([resumed, again], ckpt_path=caps.saved[pick].path, **kw)
     again.warnings = [str(w.message) for w in caught]
     return full, resumed, caps, again
+
+
+# ---- the plain-data decisions (no Trainer) ------------------------------------------------------------
+
+
+def test_the_tracker_keeps_the_states_before_each_epochs_iterator_and_at_its_first_batch() -> None:
+    tracker = EpochRngTracker()
+    tracker.fit_started({"at": "fit start"})
+    assert tracker.data_rng(0) is None
+    tracker.epoch_started(0, {"at": "epoch 0 start"})
+    assert tracker.data_rng(0) is None  # no batch yet
+    tracker.batch_started(0, {"at": "epoch 0 batch 0"})
+    tracker.batch_started(0, {"at": "epoch 0 batch 1"})
+    # the first epoch of a fit: Lightning made its iterator in setup_data, before on_train_start
+    assert tracker.data_rng(0) == {
+        "epoch": 0,
+        "before_iterator": {"at": "fit start"},
+        "first_batch": {"at": "epoch 0 batch 0"},
+    }
+    tracker.epoch_started(1, {"at": "epoch 1 start"})
+    tracker.batch_started(1, {"at": "epoch 1 batch 0"})
+    assert tracker.data_rng(0) is None
+    assert tracker.data_rng(1) == {
+        "epoch": 1,
+        "before_iterator": {"at": "epoch 1 start"},
+        "first_batch": {"at": "epoch 1 batch 0"},
+    }
+
+
+def test_the_tracker_carries_the_states_of_an_epoch_a_fit_resumed_inside() -> None:
+    tracker = EpochRngTracker()
+    tracker.fit_started({"at": "fit start"})
+    recorded = {"epoch": 3, "before_iterator": {"at": "recorded start"}, "first_batch": {"at": "recorded batch 0"}}
+    tracker.resumed(recorded)  # no epoch-start hook runs for the resumed epoch, and its first batch is long past
+    tracker.batch_started(3, {"at": "a later batch"})
+    assert tracker.data_rng(3) == recorded
+    tracker.epoch_started(4, {"at": "epoch 4 start"})  # made after the epoch hooks, not at fit start
+    tracker.batch_started(4, {"at": "epoch 4 batch 0"})
+    assert tracker.data_rng(4) == {
+        "epoch": 4,
+        "before_iterator": {"at": "epoch 4 start"},
+        "first_batch": {"at": "epoch 4 batch 0"},
+    }
+
+
+@pytest.mark.parametrize(
+    ("loaders", "kwargs", "expected"),
+    [
+        ([LoaderFacts(False, False, 0, False)], {}, "sampler"),
+        ([LoaderFacts(False, False, 2, False)], {}, "fetch"),
+        ([LoaderFacts(False, False, 0, False), LoaderFacts(False, False, 0, False)], {}, "fetch"),
+        ([LoaderFacts(True, True, 2, True)], {}, "stateful"),
+        ([LoaderFacts(False, True, 0, False), LoaderFacts(False, False, 0, False)], {}, "some training loaders"),
+        ([LoaderFacts(True, False, 0, False)], {}, "IterableDataset without state_dict"),
+        ([LoaderFacts(False, False, 2, True)], {}, "persistent_workers=True"),
+        ([LoaderFacts(False, False, 0, True)], {}, "sampler"),  # no workers to persist
+        ([LoaderFacts(False, False, 0, False)], {"sized": False}, "has no length"),
+        ([LoaderFacts(False, True, 0, False)], {"dataloader_iter": True}, "takes the dataloader iterator"),
+    ],
+)
+def test_how_the_data_position_is_restored(loaders: list[LoaderFacts], kwargs: dict[str, bool], expected: str) -> None:
+    how = data_skip(loaders, **{"dataloader_iter": False, "sized": True, **kwargs})
+    assert how == expected if expected in ("sampler", "fetch", "stateful") else expected in how
+
+
+def test_a_capture_is_refused_where_a_restart_from_it_would_not_continue_the_run() -> None:
+    assert capture_refusal("validation_end", training_done=False, validation_follows=False) is None
+    assert capture_refusal("train_batch_end", training_done=False, validation_follows=False) is None
+    done = capture_refusal("validation_end", training_done=True, validation_follows=False)
+    assert done is not None and "epoch-end checkpoint" in done
+    follows = capture_refusal("train_batch_end", training_done=False, validation_follows=True)
+    assert follows is not None and "on_validation_end" in follows
 
 
 @pytest.mark.integration
