@@ -26,6 +26,7 @@ from lightning.pytorch.trainer.connectors.logger_connector.result import (
     _Sync,
 )
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.combined_loader import _ModeIterator
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, IterableDataset
@@ -35,7 +36,7 @@ from typing_extensions import override
 
 from flor_lightning import rng
 from flor_lightning.errors import CheckpointError
-from flor_lightning.midepoch import Exactness, LoaderFacts, Moment, capture_refusal, data_skip, not_exact
+from flor_lightning.midepoch import Exactness, LoaderFacts, Moment, SkipHow, capture_refusal, data_skip, not_exact
 from flor_lightning.planner import EpochStep
 
 if TYPE_CHECKING:
@@ -368,6 +369,10 @@ def forks_ranks(trainer: pl.Trainer) -> bool:
 # ---- restarting inside an epoch -------------------------------------------------------------
 # Pure decisions are in flor_lightning.midepoch; what follows reads and writes Lightning's loops.
 
+# What Lightning warns on every resume inside an epoch whose training loaders are not stateful, even when
+# resume_mid_epoch made it exact (it cannot tell); a caller that knows better may filter it with this pattern.
+NOT_RESUMABLE_WARNING = r"You're resuming from a checkpoint that ended before the epoch ended"
+
 # The reductions Lightning 2.6 accepts for self.log (it refuses any other), by a name a checkpoint can hold.
 _REDUCTIONS: dict[str, Any] = {
     "mean": torch.mean,
@@ -498,6 +503,8 @@ def fast_forward(trainer: pl.Trainer, data_rng: dict[str, Any], *, batches: int)
     say), and the result is "not exact". Then ``batches - 1`` more are skipped: a single-process
     loader advances its index sampler without loading data, others fetch and discard.
     """
+    if batches < 1:
+        raise ValueError(f"fast_forward needs at least one batch done, got batches={batches}")
     fit_loop = trainer.fit_loop
     fetcher, combined = fit_loop._data_fetcher, fit_loop._combined_loader
     assert fetcher is not None and combined is not None
@@ -529,19 +536,24 @@ def fast_forward(trainer: pl.Trainer, data_rng: dict[str, Any], *, batches: int)
                 "something between the epoch's start and its first batch draws random numbers outside the data "
                 "loader (a hook such as on_train_epoch_start?); re-train from the epoch's start"
             )
-        single = modes.iterators[0] if len(modes.iterators) == 1 else None
-        if how == "sampler" and isinstance(single, _SingleProcessDataLoaderIter):
-            for _ in range(batches - 1):
-                single._next_index()  # type: ignore[no-untyped-call]
-            single._num_yielded += batches - 1
-            modes._idx += batches - 1
-        else:
-            how = "fetch"
-            for _ in range(batches - 1):
-                next(modes)
+        return Exactness(True, how=_skip(modes, batches - 1, sampler=how == "sampler"))
     except StopIteration:
         return not_exact(f"the training data ran out before batch {batches} of the epoch; it is not the recorded data")
-    return Exactness(True, how=how)
+
+
+def _skip(modes: _ModeIterator, n: int, *, sampler: bool) -> SkipHow:
+    """Skip ``n`` training batches: by advancing a single-process loader's index sampler (no data
+    loaded) where ``sampler`` allows, else by fetching them; returns which it did."""
+    single = modes.iterators[0] if len(modes.iterators) == 1 else None
+    if sampler and isinstance(single, _SingleProcessDataLoaderIter):
+        for _ in range(n):
+            single._next_index()  # type: ignore[no-untyped-call]
+        single._num_yielded += n  # as _BaseDataLoaderIter.__next__ counts
+        modes._idx += n
+        return "sampler"
+    for _ in range(n):
+        next(modes)
+    return "fetch"
 
 
 def _loader_facts(dl: object) -> LoaderFacts:

@@ -86,6 +86,7 @@ class ValueLog(L.Callback):
                 "optimizers": [opt.state_dict() for opt in trainer.optimizers],
                 "schedulers": [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs],
                 "global_step": trainer.global_step,
+                "batches_that_stepped": trainer.fit_loop.epoch_loop._batches_that_stepped,  # loggers' step
                 "rng": rng.capture(),
             }
         )
@@ -363,6 +364,19 @@ class PlateauClassifier(DigitsClassifier):
         opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=0)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": plateau, "monitor": "val_loss", "interval": "epoch"}}
+
+
+GROUP = object()  # stands for a process group: an object a checkpoint cannot hold
+
+
+class GroupSyncedClassifier(DigitsClassifier):
+    """Logs train_loss with a sync_dist_group, whose epoch aggregate a capture therefore cannot hold."""
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, sync_dist_group=GROUP)
+        return loss
 
 
 class NoisyEpochStart(DigitsClassifier):

@@ -24,6 +24,7 @@ from midepoch_runs import (
     AccuracyClassifier,
     Captures,
     Data,
+    GroupSyncedClassifier,
     Interrupted,
     NoisyEpochStart,
     PlateauClassifier,
@@ -41,7 +42,7 @@ from flor_lightning.errors import CheckpointError
 from flor_lightning.midepoch import EpochRngTracker, LoaderFacts, capture_refusal, data_skip
 from flor_lightning.planner import EpochStep
 
-NOT_RESUMABLE = "ended before the epoch ended and your dataloader is not resumable"
+NOT_RESUMABLE = _lightning.NOT_RESUMABLE_WARNING
 
 # one epoch of 45 batches, stopped by max_steps inside it, validating every 4 batches: points after 4, 8, 12
 ONE_EPOCH = {"max_steps": 14, "limit_train_batches": None, "val_check_interval": 4}
@@ -253,6 +254,19 @@ def test_a_capture_inside_either_epoch_of_a_two_epoch_run_resumes_exactly(
     assert_same_values(full.values[cap.logged :], resumed.values)
     assert_same_state(full.final, resumed.final)
     assert full.final["schedulers"][0]["last_epoch"] == 2  # it stepped as both epochs ended
+
+
+@pytest.mark.integration
+def test_an_aggregate_a_capture_cannot_hold_is_reported_and_only_it_differs(tmp_path: Path) -> None:
+    full, resumed, caps, again = interrupted_and_resumed(tmp_path, (0, 10), model=GroupSyncedClassifier, **ONE_EPOCH)
+    assert again.result is not None and again.result.exact
+    assert "'train_loss' is logged with a sync_dist_group" in again.result.aggregates
+    tail = full.values[caps.saved[-1].logged :]
+    steps = [i for i, r in enumerate(tail) if r[0] == "step"]
+    assert_same_values([tail[i] for i in steps], [resumed.values[i] for i in steps])
+    (epoch_value,) = [(r, s) for r, s in zip(tail, resumed.values, strict=True) if r[1] == "train_loss_epoch"]
+    assert not torch.equal(epoch_value[0][4], epoch_value[1][4])  # over the resumed batches only: not to be stored
+    assert_same_state(full.final, resumed.final)
 
 
 @pytest.mark.integration
