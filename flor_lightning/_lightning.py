@@ -409,10 +409,11 @@ def capture_mid_epoch(
     plus, under ``"flor"``: ``"rng"`` (every generator now), ``"rng_at_validation"`` (as given)
     and ``"mid_epoch"``: where the capture stands (moment, epoch, batches done, global step, the
     epoch's batch count), ``data_rng`` (from :class:`~flor_lightning.midepoch.EpochRngTracker`),
-    the training epoch aggregates, the module's torchmetrics states, Lightning's metric dicts and
-    gradients still being accumulated. Values are references to live objects: copy them
-    (``checkpoints.snapshot``) before training goes on. Plain data: ``torch.load(weights_only=True)``
-    reads it back.
+    ``data_skip`` (how a restart will restore the data position with these loaders, or why it
+    cannot: known before a replay starts), the training epoch aggregates, the module's
+    torchmetrics states, Lightning's metric dicts and gradients still being accumulated. Values
+    are references to live objects: copy them (``checkpoints.snapshot``) before training goes on.
+    Plain data: ``torch.load(weights_only=True)`` reads it back.
 
     Raises:
         CheckpointError: :func:`mid_epoch_refusal` says no, or ``data_rng`` is not this epoch's.
@@ -440,6 +441,7 @@ def capture_mid_epoch(
             "global_step": trainer.global_step,
             "num_training_batches": trainer.num_training_batches,
             "data_rng": data_rng,
+            "data_skip": _data_skip(trainer),
             "results": _results_state(loop._results),
             "metrics": _metric_states(trainer.lightning_module, reset=_reset_after(trainer, moment)),
             "logger": _logger_state(trainer),
@@ -508,11 +510,7 @@ def fast_forward(trainer: pl.Trainer, data_rng: dict[str, Any], *, batches: int)
     fit_loop = trainer.fit_loop
     fetcher, combined = fit_loop._data_fetcher, fit_loop._combined_loader
     assert fetcher is not None and combined is not None
-    how = data_skip(
-        [_loader_facts(dl) for dl in combined.flattened],
-        dataloader_iter=isinstance(fetcher, _DataLoaderIterDataFetcher),
-        sized=fetcher.length is not None,
-    )
+    how = _data_skip(trainer)
     if how == "stateful":
         pending = bool(fit_loop._combined_loader_states_to_load)
         fit_loop._load_combined_loader_states()  # under fit(ckpt_path=...) Lightning did it in setup_data
@@ -539,6 +537,17 @@ def fast_forward(trainer: pl.Trainer, data_rng: dict[str, Any], *, batches: int)
         return Exactness(True, how=_skip(modes, batches - 1, sampler=how == "sampler"))
     except StopIteration:
         return not_exact(f"the training data ran out before batch {batches} of the epoch; it is not the recorded data")
+
+
+def _data_skip(trainer: pl.Trainer) -> str:
+    """:func:`~flor_lightning.midepoch.data_skip` for this trainer's training data."""
+    fetcher, combined = trainer.fit_loop._data_fetcher, trainer.fit_loop._combined_loader
+    assert fetcher is not None and combined is not None
+    return data_skip(
+        [_loader_facts(dl) for dl in combined.flattened],
+        dataloader_iter=isinstance(fetcher, _DataLoaderIterDataFetcher),
+        sized=fetcher.length is not None,
+    )
 
 
 def _skip(modes: _ModeIterator, n: int, *, sampler: bool) -> SkipHow:

@@ -162,6 +162,7 @@ def test_resume_after_a_validation_point_equals_the_uninterrupted_run(
     )
     cap = caps.saved[-1]
     assert (cap.moment, cap.epoch, cap.batches) == ("validation_end", 0, 8)
+    assert torch.load(cap.path, weights_only=True)["flor"]["mid_epoch"]["data_skip"] == how
     assert again.result is not None and again.result.exact and again.result.how == how
     assert_same_values(full.values[cap.logged :], resumed.values)
     assert_same_state(full.final, resumed.final)
@@ -285,6 +286,9 @@ def test_an_iterable_dataset_without_state_is_refused_before_training_resumes(tm
     with pytest.raises(CheckpointError, match="IterableDataset without state_dict") as err:
         interrupted_and_resumed(tmp_path, (0, 10), data=lambda: Data(kind="iterable"), **ONE_EPOCH)
     assert "StatefulDataLoader" in str(err.value)
+    # the capture says so itself, so that a replay can plan around it before it starts
+    capture = torch.load(tmp_path / "first" / "e0-b8-validation_end.ckpt", weights_only=True)
+    assert "IterableDataset without state_dict" in capture["flor"]["mid_epoch"]["data_skip"]
 
 
 @pytest.mark.integration
