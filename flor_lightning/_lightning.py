@@ -485,9 +485,10 @@ def resume_mid_epoch(trainer: pl.Trainer, flor_state: dict[str, Any]) -> Exactne
     aggregates = _restore_results(trainer, mid["results"])
     _restore_metric_states(module, mid["metrics"])
     _restore_logger_state(trainer, mid["logger"])
+    grads = mid["grads"] or {}
     for name, param in module.named_parameters():
-        if mid["grads"] is not None and name in mid["grads"]:
-            param.grad = mid["grads"][name].to(param.device, copy=True)
+        if name in grads:
+            param.grad = grads[name].to(param.device, copy=True)
     # Lightning skips the epoch-end step of ReduceLROnPlateau schedulers while the fit loop reads as
     # restarting (it has no metrics then); flor restored them, so the epoch ends as it did when recorded.
     trainer.fit_loop._restarting = False

@@ -370,14 +370,15 @@ def test_a_capture_resumed_with_other_trainer_settings_is_refused(tmp_path: Path
 
 
 @pytest.mark.integration
-def test_a_custom_fit_loop_runs_segments_between_captures(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("kind", "how"), [("plain", "sampler"), ("stateful", "stateful")])
+def test_a_custom_fit_loop_runs_segments_between_captures(tmp_path: Path, kind: str, how: str) -> None:
     """What a replay split into segments does: each restores the capture at its start and the first
     stops at the next capture, without the epoch's end; together they log each value once."""
     full = ValueLog()
-    run([full], **ONE_EPOCH)
+    run([full], data=lambda: Data(kind=kind), **ONE_EPOCH)
     recorded = ValueLog()
     caps = Captures(tmp_path, recorded)
-    run([recorded, caps], **ONE_EPOCH)
+    run([recorded, caps], data=lambda: Data(kind=kind), **ONE_EPOCH)
     at = {c.batches: c for c in caps.saved}
     assert sorted(at) == [4, 8, 12]
     loops: list[SegmentLoop] = []
@@ -388,12 +389,12 @@ def test_a_custom_fit_loop_runs_segments_between_captures(tmp_path: Path) -> Non
             return loops[-1]
 
         values = ValueLog()
-        trainer = run([values], fit_loop=loop, num_sanity_val_steps=0, **ONE_EPOCH)
+        trainer = run([values], data=lambda: Data(kind=kind), fit_loop=loop, num_sanity_val_steps=0, **ONE_EPOCH)
         assert trainer.global_step == (stop or ONE_EPOCH["max_steps"])
         return values
 
     first, second = segment(4, 8), segment(8, None)
-    assert all(lp.result is not None and lp.result.exact for lp in loops)
+    assert all(lp.result is not None and lp.result.exact and lp.result.how == how for lp in loops)
     assert first.epochs_ended == [] and not any(r[0] == "epoch" and r[1] == "train_loss_epoch" for r in first.values)
     assert_same_values(full.values[at[4].logged : at[8].logged], first.values)
     assert second.epochs_ended == [0]
