@@ -6,23 +6,37 @@ integration tests; the rest of the package uses public Lightning API only.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+from lightning.fabric.utilities.data import _set_sampler_epoch
+from lightning.fabric.utilities.types import _Stateful
+from lightning.pytorch.loops.fetchers import _DataLoaderIterDataFetcher
 from lightning.pytorch.loops.fit_loop import _FitLoop
 from lightning.pytorch.loops.loop import _Loop
 from lightning.pytorch.loops.progress import _ProcessedTracker
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.trainer import call
-from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultCollection
+from lightning.pytorch.trainer.connectors.logger_connector.result import (
+    _Metadata,
+    _ResultCollection,
+    _ResultMetric,
+    _Sync,
+)
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.combined_loader import _ModeIterator
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data.dataloader import _SingleProcessDataLoaderIter
 from torchmetrics import Metric
 from typing_extensions import override
 
 from flor_lightning import rng
 from flor_lightning.errors import CheckpointError
+from flor_lightning.midepoch import Exactness, LoaderFacts, Moment, SkipHow, capture_refusal, data_skip, not_exact
 from flor_lightning.planner import EpochStep
 
 if TYPE_CHECKING:
@@ -43,11 +57,17 @@ _USER_OBJECT_KEYS = (
 
 def dump_state(trainer: pl.Trainer) -> dict[str, Any]:
     """Lightning's full training state (model, optimizers, schedulers, precision/AMP scaler,
-    loops, callbacks, datamodule), as references to the live objects."""
+    loops, callbacks, datamodule) between two epochs, as references to the live objects."""
+    state = _full_state(trainer)
+    _as_between_epochs(state["loops"]["fit_loop"])
+    return state
+
+
+def _full_state(trainer: pl.Trainer) -> dict[str, Any]:
+    """Lightning's full training state as its own checkpoint holds it, less the user objects."""
     state = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
     for key in _USER_OBJECT_KEYS:
         state.pop(key, None)
-    _as_between_epochs(state["loops"]["fit_loop"])
     return state
 
 
@@ -252,22 +272,7 @@ class ReplayFitLoop(_FitLoop):
         """Load checkpoint ``epoch`` into the model, optimizers, schedulers, callbacks and counters."""
         trainer = self.trainer
         state = self._hooks.load(epoch)
-        connector = trainer._checkpoint_connector
-        connector._loaded_checkpoint = state
-        try:
-            connector.restore_datamodule()
-            connector.restore_model()
-            connector.restore_callbacks()
-            connector.restore_precision_plugin_state()
-            connector.restore_optimizers_and_schedulers()
-        except (RuntimeError, KeyError, ValueError) as err:
-            raise CheckpointError(
-                f"the checkpoint of epoch {epoch} does not fit the model or optimizers being replayed: {err}. "
-                "Replay with the model, optimizers and hyperparameters the run was recorded with "
-                "(flor.runs() shows its hparams; the shadow commit holds its code)."
-            ) from err
-        finally:
-            connector._loaded_checkpoint = {}
+        restore_modules(trainer, state, what=f"the checkpoint of epoch {epoch}")
         self.load_state_dict(state["loops"]["fit_loop"])
         self._clear_restart_flags(self)
         flor = state.get("flor", {})
@@ -296,6 +301,27 @@ class ReplayFitLoop(_FitLoop):
             child._resuming_from_checkpoint = False
             if child is not loop:
                 ReplayFitLoop._clear_restart_flags(child)
+
+
+def restore_modules(trainer: pl.Trainer, state: dict[str, Any], *, what: str) -> None:
+    """Load ``state`` (``what`` names it in errors) into the datamodule, model, callbacks, precision
+    plugin, optimizers and schedulers; the loops are left to the caller."""
+    connector = trainer._checkpoint_connector
+    connector._loaded_checkpoint = state
+    try:
+        connector.restore_datamodule()
+        connector.restore_model()
+        connector.restore_callbacks()
+        connector.restore_precision_plugin_state()
+        connector.restore_optimizers_and_schedulers()
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise CheckpointError(
+            f"{what} does not fit the model or optimizers being replayed: {err}. "
+            "Replay with the model, optimizers and hyperparameters the run was recorded with "
+            "(flor.runs() shows its hparams; the shadow commit holds its code)."
+        ) from err
+    finally:
+        connector._loaded_checkpoint = {}
 
 
 _KEEP_ALIVE: list[object] = []
@@ -349,3 +375,355 @@ def forks_ranks(trainer: pl.Trainer) -> bool:
 def logger_prefix(logger: object) -> str:
     """The ``prefix`` a TensorBoard, CSV or MLflow logger puts before each name (kept privately)."""
     return str(getattr(logger, "_prefix", "") or "")
+
+
+# ---- restarting inside an epoch -------------------------------------------------------------
+# Pure decisions are in flor_lightning.midepoch; what follows reads and writes Lightning's loops.
+
+# What Lightning warns on every resume inside an epoch whose training loaders are not stateful, even when
+# resume_mid_epoch made it exact (it cannot tell); a caller that knows better may filter it with this pattern.
+NOT_RESUMABLE_WARNING = r"You're resuming from a checkpoint that ended before the epoch ended"
+
+# The reductions Lightning 2.6 accepts for self.log (it refuses any other), by a name a checkpoint can hold.
+_REDUCTIONS: dict[str, Any] = {
+    "mean": torch.mean,
+    "max": torch.max,
+    "min": torch.min,
+    "sum": torch.sum,
+    "builtins.max": max,
+    "builtins.min": min,
+    "builtins.sum": sum,
+}
+
+
+def mid_epoch_refusal(trainer: pl.Trainer, moment: Moment) -> str | None:
+    """Why :func:`capture_mid_epoch` cannot capture now, or None when it can."""
+    if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+        return "only validation inside fit is a validation point (not the sanity check, not validate())"
+    loop = trainer.fit_loop.epoch_loop
+    fetcher = trainer.fit_loop._data_fetcher
+    follows = moment == "train_batch_end" and fetcher is not None and loop._should_check_val_fx(fetcher)
+    done = loop._is_training_done or trainer.should_stop
+    return capture_refusal(moment, training_done=done, validation_follows=follows)
+
+
+def capture_mid_epoch(
+    trainer: pl.Trainer,
+    moment: Moment,
+    *,
+    data_rng: dict[str, Any],
+    rng_at_validation: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The full state inside an epoch, at ``moment``, as a checkpoint ``Trainer.fit(ckpt_path=...)`` loads.
+
+    Lightning's own checkpoint (loop progress as it stands: Lightning's restart logic reads it)
+    plus, under ``"flor"``: ``"rng"`` (every generator now), ``"rng_at_validation"`` (as given)
+    and ``"mid_epoch"``: where the capture stands (moment, epoch, batches done, global step, the
+    epoch's batch count), ``data_rng`` (from :class:`~flor_lightning.midepoch.EpochRngTracker`),
+    ``data_skip`` (how a restart will restore the data position with these loaders, or why it
+    cannot: known before a replay starts), the training epoch aggregates, the module's
+    torchmetrics states, Lightning's metric dicts and gradients still being accumulated. Values
+    are references to live objects: copy them (``checkpoints.snapshot``) before training goes on.
+    Plain data: ``torch.load(weights_only=True)`` reads it back.
+
+    Raises:
+        CheckpointError: :func:`mid_epoch_refusal` says no, or ``data_rng`` is not this epoch's.
+    """
+    refusal = mid_epoch_refusal(trainer, moment)
+    if refusal is not None:
+        raise CheckpointError(f"no mid-epoch capture at {moment}: {refusal}")
+    if data_rng.get("epoch") != trainer.current_epoch or data_rng.get("first_batch") is None:
+        raise CheckpointError(
+            f"no mid-epoch capture in epoch {trainer.current_epoch}: the data RNG states given are those of epoch "
+            f"{data_rng.get('epoch')}; feed EpochRngTracker from on_fit_start, on_train_epoch_start and "
+            "on_train_batch_start"
+        )
+    loop = trainer.fit_loop.epoch_loop
+    done = loop.batch_progress.current
+    assert isinstance(done, _ProcessedTracker)
+    state = _full_state(trainer)
+    state["flor"] = {
+        "rng": rng.capture(),
+        "rng_at_validation": rng_at_validation,
+        "mid_epoch": {
+            "moment": moment,
+            "epoch": trainer.current_epoch,
+            "batches": done.processed,
+            "global_step": trainer.global_step,
+            "num_training_batches": trainer.num_training_batches,
+            "data_rng": data_rng,
+            "data_skip": _data_skip(trainer),
+            "results": _results_state(loop._results),
+            "metrics": _metric_states(trainer.lightning_module, reset=_reset_after(trainer, moment)),
+            "logger": _logger_state(trainer),
+            "grads": _pending_grads(trainer),
+        },
+    }
+    return state
+
+
+def restore_loops_mid_epoch(trainer: pl.Trainer, fit_loop_state: dict[str, Any]) -> None:
+    """For a custom fit loop: load a mid-epoch capture's ``state["loops"]["fit_loop"]`` so that the
+    loops continue inside the epoch, as ``fit(ckpt_path=...)`` would (no epoch-start hooks, the epoch
+    loop resuming after the captured batch). Call :func:`resume_mid_epoch` next."""
+    fit_loop = trainer.fit_loop
+    fit_loop.load_state_dict(fit_loop_state)
+    fit_loop.update_restart_stage()
+
+
+def resume_mid_epoch(trainer: pl.Trainer, flor_state: dict[str, Any]) -> Exactness:
+    """Continue the recorded trajectory from a mid-epoch capture (its ``state["flor"]``).
+
+    Called once the model, optimizers and loops hold the capture and the data fetcher exists:
+    from a Callback's ``on_train_start`` under ``fit(ckpt_path=...)``, or by a custom fit loop
+    after :func:`restore_loops_mid_epoch`. Puts the data back (:func:`fast_forward`), then the
+    epoch aggregates, torchmetrics states, Lightning's metric dicts and pending gradients, then
+    every RNG, last. When the result is not exact nothing past the data is restored and the
+    trainer must not go on: restart from the checkpoint at the epoch's start instead.
+    """
+    mid = flor_state["mid_epoch"]
+    here = (trainer.current_epoch, trainer.global_step, trainer.num_training_batches)
+    recorded = (mid["epoch"], mid["global_step"], mid["num_training_batches"])
+    if here != recorded:
+        return not_exact(
+            f"the trainer stands at (epoch, global step, batches per epoch) {here}, the capture at {recorded}; "
+            "resume with the Trainer settings and data the run was recorded with"
+        )
+    result = fast_forward(trainer, mid["data_rng"], batches=mid["batches"])
+    if not result.exact:
+        return result
+    module = trainer.lightning_module
+    aggregates = _restore_results(trainer, mid["results"])
+    _restore_metric_states(module, mid["metrics"])
+    _restore_logger_state(trainer, mid["logger"])
+    grads = mid["grads"] or {}
+    for name, param in module.named_parameters():
+        if name in grads:
+            param.grad = grads[name].to(param.device, copy=True)
+    # Lightning skips the epoch-end step of ReduceLROnPlateau schedulers while the fit loop reads as
+    # restarting (it has no metrics then); flor restored them, so the epoch ends as it did when recorded.
+    trainer.fit_loop._restarting = False
+    rng.restore(flor_state["rng"])
+    return Exactness(True, how=result.how, aggregates=aggregates)
+
+
+def fast_forward(trainer: pl.Trainer, data_rng: dict[str, Any], *, batches: int) -> Exactness:
+    """Re-create the training data iterator as the recording had it after ``batches`` batches of this epoch.
+
+    Stateful loaders load their own saved state. Otherwise every generator is set to the state
+    it had before the epoch's iterator was made, the iterator is made, its first batch fetched
+    and the generators compared with their state at the epoch's first batch: a difference means
+    something between those points drew random numbers (a user ``on_train_epoch_start`` hook,
+    say), and the result is "not exact". Then ``batches - 1`` more are skipped: a single-process
+    loader advances its index sampler without loading data, others fetch and discard.
+    """
+    if batches < 1:
+        raise ValueError(f"fast_forward needs at least one batch done, got batches={batches}")
+    fit_loop = trainer.fit_loop
+    fetcher, combined = fit_loop._data_fetcher, fit_loop._combined_loader
+    assert fetcher is not None and combined is not None
+    how = _data_skip(trainer)
+    if how == "stateful":
+        pending = bool(fit_loop._combined_loader_states_to_load)
+        fit_loop._load_combined_loader_states()  # under fit(ckpt_path=...) Lightning did it in setup_data
+        if pending:
+            iter(fetcher)
+        return Exactness(True, how=how)
+    if how not in ("sampler", "fetch"):
+        return not_exact(how)
+    rng.restore(data_rng["before_iterator"])
+    for dl in combined.flattened:
+        _set_sampler_epoch(dl, trainer.current_epoch)
+    iter(fetcher)
+    modes = combined._iterator
+    assert modes is not None
+    try:
+        next(modes)  # the first batch is loaded for real: loading may draw random numbers too
+        drift = rng.differs(rng.capture(), data_rng["first_batch"])
+        if drift:
+            return not_exact(
+                f"the {' and '.join(drift)} random state differs at the epoch's first batch from the recording's: "
+                "something between the epoch's start and its first batch draws random numbers outside the data "
+                "loader (a hook such as on_train_epoch_start?); re-train from the epoch's start"
+            )
+        return Exactness(True, how=_skip(modes, batches - 1, sampler=how == "sampler"))
+    except StopIteration:
+        return not_exact(f"the training data ran out before batch {batches} of the epoch; it is not the recorded data")
+
+
+def _data_skip(trainer: pl.Trainer) -> str:
+    """:func:`~flor_lightning.midepoch.data_skip` for this trainer's training data."""
+    fetcher, combined = trainer.fit_loop._data_fetcher, trainer.fit_loop._combined_loader
+    assert fetcher is not None and combined is not None
+    return data_skip(
+        [_loader_facts(dl) for dl in combined.flattened],
+        dataloader_iter=isinstance(fetcher, _DataLoaderIterDataFetcher),
+        sized=fetcher.length is not None,
+    )
+
+
+def _skip(modes: _ModeIterator, n: int, *, sampler: bool) -> SkipHow:
+    """Skip ``n`` training batches: by advancing a single-process loader's index sampler (no data
+    loaded) where ``sampler`` allows, else by fetching them; returns which it did."""
+    single = modes.iterators[0] if len(modes.iterators) == 1 else None
+    if sampler and isinstance(single, _SingleProcessDataLoaderIter):
+        for _ in range(n):
+            single._next_index()  # type: ignore[no-untyped-call]
+        single._num_yielded += n  # as _BaseDataLoaderIter.__next__ counts
+        modes._idx += n
+        return "sampler"
+    for _ in range(n):
+        next(modes)
+    return "fetch"
+
+
+def _loader_facts(dl: object) -> LoaderFacts:
+    if isinstance(dl, DataLoader):
+        iterable = isinstance(dl.dataset, IterableDataset)
+        workers, persistent = dl.num_workers, dl.persistent_workers
+    else:  # any iterable Lightning accepts: a list of batches replays, anything else is a stream
+        iterable, workers, persistent = not isinstance(dl, (list, tuple)), 0, False
+    return LoaderFacts(iterable, isinstance(dl, _Stateful), workers, persistent)
+
+
+def _results_state(results: _ResultCollection) -> dict[str, Any]:
+    """The training epoch aggregates as plain data: ``{"entries": [...]}``, or ``{"reason": why not}``."""
+    names = {id(fn): name for name, fn in _REDUCTIONS.items()}
+    entries = []
+    for key, metric in results.items():
+        meta = metric.meta
+        reduce = names.get(id(meta.reduce_fx))
+        if reduce is None or meta.sync.group is not None:
+            why = "a reduction flor cannot name" if reduce is None else "a sync_dist_group"
+            return {"reason": f"{meta.name!r} is logged with {why}, so its epoch aggregate cannot be checkpointed"}
+        fields = {f.name: getattr(meta, f.name) for f in dataclasses.fields(meta) if f.name != "_sync"}
+        entry: dict[str, Any] = {
+            "key": key,
+            "meta": {**fields, "reduce_fx": reduce},
+            "sync": {"should": meta.sync.should, "rank_zero_only": meta.sync.rank_zero_only},
+            "is_tensor": metric.is_tensor,
+            "has_reset": metric.has_reset,
+            "update_count": metric._update_count,
+        }
+        if metric.is_tensor:
+            entry["value"] = metric.value
+            if meta.is_mean_reduction:
+                entry["cumulated_batch_size"] = metric.cumulated_batch_size
+        entries.append(entry)
+    return {"entries": entries}
+
+
+def _restore_results(trainer: pl.Trainer, saved: dict[str, Any]) -> str:
+    """Rebuild the training epoch aggregates; returns why they could not be (empty when they were)."""
+    results = trainer.fit_loop.epoch_loop._results
+    results.clear()
+    if "reason" in saved:
+        return str(saved["reason"])
+    modules = dict(trainer.lightning_module.named_modules())
+    for entry in saved["entries"]:
+        meta = _Metadata(**{**entry["meta"], "reduce_fx": _REDUCTIONS[entry["meta"]["reduce_fx"]]})
+        sync = entry["sync"]
+        meta.sync = _Sync(_should=sync["should"], fn=trainer.strategy.reduce, rank_zero_only=sync["rank_zero_only"])
+        metric = _ResultMetric(meta, entry["is_tensor"])
+        if entry["is_tensor"]:
+            metric.value = entry["value"].clone()
+            if "cumulated_batch_size" in entry:
+                metric.cumulated_batch_size = entry["cumulated_batch_size"].clone()
+        else:
+            value = modules.get(meta.metric_attribute or "")
+            if not isinstance(value, Metric):
+                results.clear()
+                return f"the module has no torchmetrics Metric {meta.metric_attribute!r}, logged as {meta.name!r}"
+            metric.value = value
+        metric.has_reset, metric._update_count = entry["has_reset"], entry["update_count"]
+        results[entry["key"]] = metric
+    return ""
+
+
+def _reset_after(trainer: pl.Trainer, moment: Moment) -> set[int]:
+    """The torchmetrics Metrics Lightning resets right after this moment (ids): at ``on_validation_end``,
+    those logged in the validation (its results are reset once the hook has run)."""
+    if moment != "validation_end":
+        return set()
+    return {id(m.value) for m in trainer.fit_loop.epoch_loop.val_loop._results.values() if not m.is_tensor}
+
+
+def _metric_states(module: pl.LightningModule, *, reset: set[int]) -> dict[str, Any]:
+    """The states of the torchmetrics Metrics in ``module`` (not in its state_dict: they are not persistent);
+    those in ``reset`` as ``Metric.reset()`` leaves them."""
+    return {
+        name: (
+            {"state": m._defaults, "update_count": 0}
+            if id(m) in reset
+            else {"state": m.metric_state, "update_count": m._update_count}
+        )
+        for name, m in module.named_modules()
+        if isinstance(m, Metric)
+    }
+
+
+def _restore_metric_states(module: pl.LightningModule, saved: dict[str, Any]) -> None:
+    modules = dict(module.named_modules())
+    for name, entry in saved.items():
+        metric = modules.get(name)
+        if not isinstance(metric, Metric):
+            raise CheckpointError(
+                f"the capture holds the state of torchmetrics Metric {name!r}, which the module lacks; "
+                "resume with the model the run was recorded with"
+            )
+        for attr, value in entry["state"].items():
+            copy = [v.to(metric.device, copy=True) for v in value] if isinstance(value, list) else None
+            setattr(metric, attr, copy if copy is not None else value.to(metric.device, copy=True))
+        metric._update_count, metric._computed = entry["update_count"], None
+
+
+def _logger_state(trainer: pl.Trainer) -> dict[str, Any]:
+    connector = trainer._logger_connector
+    return {
+        "callback": dict(connector._callback_metrics),
+        "logged": dict(connector._logged_metrics),
+        "progress_bar": dict(connector._progress_bar_metrics),
+    }
+
+
+def _restore_logger_state(trainer: pl.Trainer, saved: dict[str, Any]) -> None:
+    connector = trainer._logger_connector
+    connector._callback_metrics = dict(saved["callback"])
+    connector._logged_metrics = dict(saved["logged"])
+    connector._progress_bar_metrics = dict(saved["progress_bar"])
+    # the next batch is not the epoch's first: a True/None here would make the first self.log reset
+    # the restored aggregates (LoggerConnector.should_reset_tensors)
+    connector._first_loop_iter = False
+
+
+def _pending_grads(trainer: pl.Trainer) -> dict[str, Tensor] | None:
+    """Gradients accumulated for an optimizer step still to come, by parameter name; None when none are."""
+    module = trainer.lightning_module
+    if module.automatic_optimization and not trainer.fit_loop.epoch_loop._should_accumulate():
+        return None
+    return {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
+
+
+class StoppableEpochLoop(_TrainingEpochLoop):
+    """A training epoch loop that a custom fit loop can stop after a given number of the epoch's batches.
+
+    Set :attr:`stop_after` (batches of the epoch, counted from its start) before the epoch runs;
+    the loop ends once that many are done and their validation, if due, has run. The fit loop
+    then checks :attr:`stopped_early` and skips its epoch end (no epoch-end hooks, no epoch
+    aggregates: they belong to whoever runs the epoch to its end).
+    """
+
+    def __init__(self, trainer: pl.Trainer, min_steps: int | None = None, max_steps: int = -1) -> None:
+        super().__init__(trainer, min_steps=min_steps, max_steps=max_steps)
+        self.stop_after: int | None = None
+
+    @property
+    def stopped_early(self) -> bool:
+        """Whether the epoch stopped at :attr:`stop_after`, before its own end."""
+        stop = self.stop_after
+        return stop is not None and self.batch_progress.current.completed >= stop and not self._is_training_done
+
+    @property
+    @override
+    def done(self) -> bool:
+        return self.stopped_early or super().done

@@ -45,3 +45,18 @@ def restore(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def differs(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Names of the generators whose states differ between two :func:`capture` results."""
+    pa, pb, na, nb = a["python"], b["python"], a["numpy"], b["numpy"]
+    ca, cb = a.get("cuda", []), b.get("cuda", [])
+    same = {
+        "python": (pa["version"], pa["gauss"]) == (pb["version"], pb["gauss"])
+        and torch.equal(pa["state"], pb["state"]),
+        "numpy": all(na[k] == nb[k] for k in ("kind", "pos", "has_gauss", "cached"))
+        and torch.equal(na["keys"], nb["keys"]),
+        "torch": torch.equal(a["torch"], b["torch"]),
+        "cuda": len(ca) == len(cb) and all(torch.equal(x, y) for x, y in zip(ca, cb, strict=True)),
+    }
+    return [name for name, equal in same.items() if not equal]

@@ -8,6 +8,7 @@ changes what that module mirrors or rewrites, instead of letting replay drift si
 from __future__ import annotations
 
 import ast
+import dataclasses
 import hashlib
 import inspect
 import os
@@ -17,10 +18,16 @@ from typing import Any
 
 import lightning as L
 import pytest
+import torch
+from lightning.pytorch.loops.evaluation_loop import _EvaluationLoop
 from lightning.pytorch.loops.fit_loop import _FitLoop
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+from lightning.pytorch.trainer.connectors.logger_connector.logger_connector import _LoggerConnector
+from lightning.pytorch.trainer.connectors.logger_connector.result import _Metadata, _ResultCollection, _Sync
+from lightning.pytorch.utilities.combined_loader import _MaxSizeCycle
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from models import DigitsClassifier, DigitsData, trainer_kwargs
+from torch.utils.data.dataloader import _BaseDataLoaderIter
 
 import flor_lightning as flor
 from flor_lightning import _lightning
@@ -35,6 +42,36 @@ MIRRORED = {
 }
 
 
+# The same for each method whose behaviour the mid-epoch restart (flor_lightning._lightning: capture_mid_epoch,
+# resume_mid_epoch, fast_forward) is built on, with what it relies on; torch's DataLoader iterator included.
+RELIED_ON = {
+    # the restart stages read from a capture's loop progress (on_validation_end: RESTARTED_ON_LAST;
+    # on_train_batch_end: RESTARTED_ON_TRAIN_BATCH_END) and what each one increments; the not-resumable warning
+    _TrainingEpochLoop.update_restart_stage: "e8f3ffd8cf83c8a9",
+    _TrainingEpochLoop.reset: "eec15d914fda4529",
+    # a restart skips the validation due after the restored batch (why no batch-end capture is taken there)
+    _TrainingEpochLoop.advance: "8afcd55fc9ff0912",
+    # no new data iterator while restarting; fetched += the batches done
+    _TrainingEpochLoop.on_run_start: "50e0f42df86d26ac",
+    # RESTARTED_MID_EPOCH: no epoch-start hooks (on_advance_start), the sampler's set_epoch
+    _FitLoop.update_restart_stage: "2098623741c06303",
+    _FitLoop.on_advance_start: "fec1de82764dda3c",
+    # the first epoch's iterator is made here, after the stateful loaders load their states
+    _FitLoop.setup_data: "8dd5f7d4374f7182",
+    # the first self.log of a batch resets the aggregates unless _first_loop_iter is False
+    _LoggerConnector.should_reset_tensors: "28521dcccae8beb3",
+    # how a logged value's _ResultMetric, _Metadata and _Sync are built (_restore_results rebuilds them)
+    _ResultCollection.log: "77b69049fed03c9c",
+    # validation's results (and the Metrics logged in them) are reset right after the on_validation_end hooks
+    _EvaluationLoop._on_evaluation_end: "757c5c04977761b3",
+    # one training loader's batches come from iterators[0]; _idx counts them
+    _MaxSizeCycle.__next__: "d5307eac972e74aa",
+    # the base seed is drawn as the iterator is made; a batch is _next_index() then a fetch, counted in _num_yielded
+    _BaseDataLoaderIter.__init__: "ee11b215bf7356f6",
+    _BaseDataLoaderIter.__next__: "6eb7bc3c6cec0b91",
+}
+
+
 def tree_hash(fn: Any) -> str:
     tree = ast.dump(ast.parse(textwrap.dedent(inspect.getsource(fn))))
     return hashlib.sha256(tree.encode()).hexdigest()[:16]
@@ -46,6 +83,22 @@ def test_the_lightning_methods_replay_mirrors_are_unchanged(fn: Any) -> None:
         f"Lightning changed {fn.__qualname__}; flor_lightning._lightning.ReplayFitLoop mirrors it. Review "
         "the upstream change, carry it into ReplayFitLoop (_restored_epoch_end / advance), then update MIRRORED."
     )
+
+
+@pytest.mark.parametrize("fn", list(RELIED_ON), ids=lambda fn: fn.__qualname__)
+def test_the_lightning_methods_a_mid_epoch_restart_relies_on_are_unchanged(fn: Any) -> None:
+    assert tree_hash(fn) == RELIED_ON[fn], (
+        f"{fn.__module__}.{fn.__qualname__} changed; the mid-epoch restart in flor_lightning._lightning relies on it "
+        "(see the comment above it in RELIED_ON). Review the change against capture_mid_epoch, resume_mid_epoch and "
+        "fast_forward, run tests/test_midepoch.py, then update RELIED_ON."
+    )
+
+
+def test_the_fields_a_mid_epoch_capture_rebuilds_logged_values_from_are_unchanged() -> None:
+    # _results_state saves every _Metadata field but _sync; _restore_results rebuilds _Sync from these
+    assert [f.name for f in dataclasses.fields(_Sync)] == ["fn", "_should", "rank_zero_only", "_op", "_group"]
+    assert "_sync" in {f.name for f in dataclasses.fields(_Metadata)}
+    assert set(_lightning._REDUCTIONS.values()) >= {torch.mean, torch.max, torch.min, torch.sum}
 
 
 class _DumpAtEpochStart(L.Callback):
