@@ -30,12 +30,13 @@ it compares. PyTorch bumps the version counter on every in-place op it dispatche
 * BatchNorm's running statistics, updated inside the kernel in training forward;
 * writes past autograd: ``p.data.mul_(...)``, writes through a ``.numpy()`` view, custom kernels and extensions.
 
-:func:`watch_untracked_writes` closes the first two with public hooks that bump the version counters
-(``torch.autograd.graph.increment_version``) after every optimizer step and every training forward of a module with
-running statistics. The third kind cannot be seen without reading the data: ``snapshot(state, verify=True)`` hashes
-every tensor the counter calls unchanged, stores it anew where its bytes differ, names it in
-:attr:`Snapshot.suspects` and stops trusting the counter for that path. Run it where no training races it (the last
-checkpoint of a run, or on demand); between verified snapshots such a write can go unrecorded.
+:func:`watch_untracked_writes` closes the first two: public hooks note which optimizer stepped and which module
+ran a training forward, and before each snapshot the tracker bumps those tensors' version counters
+(``torch.autograd.graph.increment_version``; not inside the forward, where it would break BatchNorm's backward,
+which saved the statistics). The third kind cannot be seen without reading the data: ``snapshot(state,
+verify=True)`` hashes every tensor the counter calls unchanged, stores it anew where its bytes differ, names it
+in :attr:`Snapshot.suspects` and stops trusting the counter for that path. Run it where no training races it (the
+last checkpoint of a run, or on demand); between verified snapshots such a write goes unrecorded.
 
 Loading (:meth:`BlobStore.load`) opens a local pack with safetensors' mmap (``safe_open``: the bytes are read once,
 from the page cache, by the hash check and then by whoever copies them into the model) and reads a remote one once.
@@ -63,7 +64,6 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from safetensors import SafetensorError, safe_open
 from torch.autograd.graph import increment_version
-from torch.utils.hooks import RemovableHandle
 
 from flor_lightning.errors import CheckpointError, ConfigError
 
@@ -188,11 +188,9 @@ class Snapshot:
 
 def identity(t: torch.Tensor) -> Identity | None:
     """What stays equal while ``t`` is unchanged: its memory, layout and version counter (None: no counter)."""
-    try:
-        version = t._version
-    except RuntimeError:  # an inference-mode tensor has no version counter: never judged unchanged
+    if t.is_inference():  # no version counter (its detached views report 0 forever): never judged unchanged
         return None
-    return (t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device, version)
+    return (t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device, t._version)
 
 
 def unchanged(before: Identity | None, now: Identity | None) -> bool:
@@ -205,9 +203,14 @@ class ChangeTracker:
 
     Hold one per run and pass its snapshots to :meth:`BlobStore.write` in order, one write at a time. It keeps
     the previous snapshot's tensors alive (for parameters and optimizer state, memory that is alive anyway).
+
+    Args:
+        watch: the run's :func:`watch_untracked_writes`, bumped before each snapshot (without one, fused
+            optimizer steps and BatchNorm statistics go unseen until a verifying snapshot).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, watch: WriteWatch | None = None) -> None:
+        self._watch = watch
         self._entries: dict[TensorPath, _Entry] = {}
         self._untrusted: set[TensorPath] = set()
 
@@ -222,6 +225,8 @@ class ChangeTracker:
         Runs on the training thread. ``verify`` reads every tensor judged unchanged (from a GPU: a copy to the
         host), so call it where it is worth that, e.g. the last checkpoint of a run.
         """
+        if self._watch is not None:
+            self._watch.bump()
         found: list[tuple[TensorPath, torch.Tensor]] = []
         skeleton = _skeleton(state, (), found)
         entries: dict[TensorPath, _Entry] = {}
@@ -314,32 +319,54 @@ def _tensor_leaf(t: torch.Tensor, path: TensorPath, found: list[tuple[TensorPath
     return t.to("cpu", copy=True)  # torch.save keeps in the manifest what safetensors cannot hold
 
 
-def watch_untracked_writes(
-    module: torch.nn.Module, optimizers: Iterable[torch.optim.Optimizer]
-) -> list[RemovableHandle]:
-    """Bump the version counters that PyTorch's own kernels leave alone; remove the returned handles to stop.
+class WriteWatch:
+    """Notes the in-place writes PyTorch's version counters miss; :meth:`bump` declares them before a snapshot.
 
-    After every step of each optimizer: its parameters that have a gradient and their state tensors (fused
-    kernels write them unseen). After every training-mode forward of a module with running statistics
-    (BatchNorm, InstanceNorm with ``track_running_stats``): ``running_mean`` and ``running_var``.
+    Fused optimizer kernels write parameters and their state unseen, and BatchNorm's kernel updates its running
+    statistics unseen (they are saved for backward, so a bump inside the forward would break that backward). The
+    hooks only note, in O(1), which optimizer stepped and which module ran a training forward; :meth:`bump` then
+    increments the version counters of every parameter with optimizer state, of that state, and of the running
+    statistics, at a point where no autograd graph holds them (a checkpoint between steps).
     """
-    handles = [opt.register_step_post_hook(_bump_stepped) for opt in optimizers]
-    for m in module.modules():
-        if getattr(m, "track_running_stats", False):
-            handles.append(m.register_forward_hook(_bump_running_stats))
-    return handles
+
+    def __init__(self, module: torch.nn.Module, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        self._stepped: set[torch.optim.Optimizer] = set()
+        self._ran: set[torch.nn.Module] = set()
+        self._handles = [opt.register_step_post_hook(self._on_step) for opt in optimizers]
+        for m in module.modules():
+            if getattr(m, "track_running_stats", False):
+                self._handles.append(m.register_forward_hook(self._on_forward))
+
+    def _on_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._stepped.add(optimizer)
+
+    def _on_forward(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if module.training:
+            self._ran.add(module)
+
+    def bump(self) -> None:
+        """Increment the version counters of everything written since the last bump."""
+        tensors: list[torch.Tensor] = []
+        for opt in self._stepped:
+            for param, state in opt.state.items():
+                tensors += [param, *(v for v in state.values() if isinstance(v, torch.Tensor))]
+        for m in self._ran:
+            stats = (getattr(m, "running_mean", None), getattr(m, "running_var", None))
+            tensors += [t for t in stats if isinstance(t, torch.Tensor)]
+        if tensors:
+            increment_version(tensors)  # a list in one call: torch >= 2.5
+        self._stepped.clear()
+        self._ran.clear()
+
+    def remove(self) -> None:
+        """Remove the hooks."""
+        for handle in self._handles:
+            handle.remove()
 
 
-def _bump_stepped(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    stepped = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    state = [v for p in stepped for v in optimizer.state.get(p, {}).values() if isinstance(v, torch.Tensor)]
-    increment_version(stepped + state)  # one call for a list: torch >= 2.5
-
-
-def _bump_running_stats(module: torch.nn.Module, args: Any, output: Any) -> None:
-    if module.training:
-        stats = (getattr(module, "running_mean", None), getattr(module, "running_var", None))
-        increment_version([t for t in stats if isinstance(t, torch.Tensor)])
+def watch_untracked_writes(module: torch.nn.Module, optimizers: Iterable[torch.optim.Optimizer]) -> WriteWatch:
+    """Hooks on ``module`` and ``optimizers`` that make their unseen writes visible to a :class:`ChangeTracker`."""
+    return WriteWatch(module, optimizers)
 
 
 # ---- what a manifest holds ----------------------------------------------------------------------------------------
