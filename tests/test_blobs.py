@@ -20,10 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+import lightning as L
 import numpy as np
 import pytest
 import torch
 from fsspec.implementations.memory import MemoryFileSystem
+from lightning.pytorch.plugins.io import CheckpointIO
+from models import DigitsClassifier, DigitsData, trainer_kwargs
 from safetensors import safe_open
 from torch import nn
 
@@ -670,6 +673,48 @@ def test_a_push_stopped_anywhere_leaves_every_checkpoint_loadable(local: BlobSto
         for name, state in states.items():
             assert same(local.load(name, resolve=resolve), state), (obj, name)
     assert [n for n in local.manifests() if n.startswith("a/")] == []
+
+
+# ---- Lightning ------------------------------------------------------------------------------------------------------
+
+
+class BlobCheckpointIO(CheckpointIO):
+    """Lightning's public plugin API over a BlobStore; also writes each checkpoint with torch.save beside it."""
+
+    def __init__(self, store: BlobStore, reference: Path) -> None:
+        self.store, self.reference = store, reference
+        self.tracker, self.index = ChangeTracker(), store.rebuild_index()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        torch.save(checkpoint, self.reference)
+        self.index.update(self.store.write(self.tracker.snapshot(checkpoint), str(path), index=self.index).new_blobs)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Any = None) -> dict[str, Any]:
+        return self.store.load(str(path))
+
+    def remove_checkpoint(self, path: Any) -> None:
+        raise NotImplementedError
+
+
+@pytest.mark.integration
+def test_lightning_resumes_from_a_blob_checkpoint_as_from_its_torch_save_twin(local: BlobStore, tmp_path: Path) -> None:
+    reference = tmp_path / "epoch=1.ckpt"
+    L.seed_everything(0)
+    trainer = L.Trainer(**trainer_kwargs(max_epochs=2), plugins=[BlobCheckpointIO(local, reference)])
+    trainer.fit(DigitsClassifier(), datamodule=DigitsData())
+    trainer.save_checkpoint("run/epoch=1.manifest")
+    assert same(local.load("run/epoch=1.manifest"), torch.load(reference, weights_only=True))
+
+    def resume(ckpt_path: str, plugins: list[Any]) -> dict[str, torch.Tensor]:  # epochs 2 and 3, seeded alike
+        L.seed_everything(1)
+        model = DigitsClassifier()
+        L.Trainer(**trainer_kwargs(max_epochs=4), plugins=plugins).fit(
+            model, datamodule=DigitsData(), ckpt_path=ckpt_path
+        )
+        return model.state_dict()
+
+    from_blobs = resume("run/epoch=1.manifest", [BlobCheckpointIO(local, tmp_path / "unused.ckpt")])
+    assert same(from_blobs, resume(str(reference), []))
 
 
 # ---- SIGKILL at random moments --------------------------------------------------------------------------------------
