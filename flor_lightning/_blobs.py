@@ -324,13 +324,14 @@ class WriteWatch:
 
     Fused optimizer kernels write parameters and their state unseen, and BatchNorm's kernel updates its running
     statistics unseen (they are saved for backward, so a bump inside the forward would break that backward). The
-    hooks only note, in O(1), which optimizer stepped and which module ran a training forward; :meth:`bump` then
-    increments the version counters of every parameter with optimizer state, of that state, and of the running
-    statistics, at a point where no autograd graph holds them (a checkpoint between steps).
+    hooks only note which parameters had a gradient when an optimizer stepped (what torch's optimizers update) and
+    which modules ran a training forward; :meth:`bump` then increments the version counters of those parameters,
+    of their optimizer state and of the running statistics, where no autograd graph holds them (a checkpoint
+    between steps).
     """
 
     def __init__(self, module: torch.nn.Module, optimizers: Iterable[torch.optim.Optimizer]) -> None:
-        self._stepped: set[torch.optim.Optimizer] = set()
+        self._stepped: dict[int, tuple[torch.optim.Optimizer, torch.Tensor]] = {}  # id(param) -> (its optimizer, it)
         self._ran: set[torch.nn.Module] = set()
         self._handles = [opt.register_step_post_hook(self._on_step) for opt in optimizers]
         for m in module.modules():
@@ -338,7 +339,10 @@ class WriteWatch:
                 self._handles.append(m.register_forward_hook(self._on_forward))
 
     def _on_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self._stepped.add(optimizer)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._stepped[id(p)] = (optimizer, p)
 
     def _on_forward(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         if module.training:
@@ -347,9 +351,9 @@ class WriteWatch:
     def bump(self) -> None:
         """Increment the version counters of everything written since the last bump."""
         tensors: list[torch.Tensor] = []
-        for opt in self._stepped:
-            for param, state in opt.state.items():
-                tensors += [param, *(v for v in state.values() if isinstance(v, torch.Tensor))]
+        for opt, param in self._stepped.values():
+            state = opt.state.get(param, {})
+            tensors += [param, *(v for v in state.values() if isinstance(v, torch.Tensor))]
         for m in self._ran:
             stats = (getattr(m, "running_mean", None), getattr(m, "running_var", None))
             tensors += [t for t in stats if isinstance(t, torch.Tensor)]

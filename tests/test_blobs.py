@@ -346,6 +346,25 @@ def test_unchanged_tensors_are_neither_copied_nor_hashed_nor_written(store: Blob
     assert same(store.load("run/1.manifest"), training_state(net, opt))
 
 
+def test_a_backbone_frozen_mid_run_costs_nothing_though_its_optimizer_state_stays(store: BlobStore) -> None:
+    net = Net()
+    opt = torch.optim.Adam(net.parameters(), fused=True)
+    tracker, index = ChangeTracker(watch=watch_untracked_writes(net, [opt])), {}
+    step(net, opt)  # every parameter now has Adam state
+    net.body.requires_grad_(False).eval()
+    step(net, opt)
+    save(tracker, store, training_state(net, opt), "run/0.manifest", index)
+    step(net, opt)
+    snap = tracker.snapshot(training_state(net, opt))
+    assert not any(
+        name.startswith(("state_dict.body", *(f"optimizer_states.0.state.{i}." for i in range(4))))
+        for name in copied_names(snap)
+    ), copied_names(snap)
+    assert len(copied_names(snap)) == 8  # the head's weight and bias, and their step, exp_avg and exp_avg_sq
+    store.write(snap, "run/1.manifest", index=index)
+    assert same(store.load("run/1.manifest"), training_state(net, opt))
+
+
 def test_pytorch_misses_fused_steps_and_batchnorm_stats_which_the_hooks_and_verify_catch(store: BlobStore) -> None:
     """A canary: if PyTorch starts bumping these version counters itself, watch_untracked_writes can go."""
     net = Net()
