@@ -128,6 +128,14 @@ def test_round_trip_keeps_every_value_dtype_and_container(store: BlobStore) -> N
     assert loaded["transposed"].is_contiguous()
 
 
+def test_tensors_safetensors_cannot_hold_stay_inline_in_the_manifest(store: BlobStore) -> None:
+    state = {"c128": torch.randn(3, dtype=torch.complex128), "sparse": torch.eye(3).to_sparse(), "w": torch.ones(2)}
+    written = save(ChangeTracker(), store, state, "run/a.manifest", {})
+    assert [ref.name for ref in store.read_manifest("run/a.manifest").tensors] == ["w"] and written.hashed == 1
+    loaded = store.load("run/a.manifest")
+    assert same(loaded["c128"], state["c128"]) and torch.equal(loaded["sparse"].to_dense(), torch.eye(3))
+
+
 def test_tensors_that_shared_memory_or_content_load_as_separate_tensors(store: BlobStore) -> None:
     state = mixed_state()
     save(ChangeTracker(), store, state, "run/a.manifest", {})
@@ -863,3 +871,18 @@ def test_sigkill_at_random_moments_leaves_no_manifest_naming_a_missing_blob(tmp_
     assert KILLS - landed["outside a write"] >= KILLS // 3, landed
     assert landed["between the pack's rename and the manifest"] + landed["writing the manifest"] >= 1, landed
     assert reused_runs >= KILLS // 3, reused_runs
+
+
+@pytest.mark.integration
+def test_the_blob_store_benchmark_runs_in_smoke_mode() -> None:
+    """benchmarks/blob_store.py end to end on a tiny state; its numbers are not asserted (not a timed test)."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "blob_store.py"), "--smoke"],
+        cwd=ROOT / "benchmarks",
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    for row in ("| c1 first (all new) | today |", "| c3 frozen backbone (head) | blobs |", "| BlobStore.load (mmap"):
+        assert row in done.stdout
