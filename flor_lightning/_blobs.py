@@ -266,15 +266,6 @@ class ChangeTracker:
         return before.slot
 
 
-def _hash(slot: _Slot) -> bool:
-    """Set ``slot.blob`` from its copy unless known; whether it hashed."""
-    copy = slot.copy
-    if slot.blob is not None or copy is None:
-        return False
-    slot.blob = content_hash(copy)
-    return True
-
-
 def _expected(slot: _Slot) -> str | None:
     copy = slot.copy  # read first: the writer sets blob before it drops copy
     return content_hash(copy) if copy is not None else slot.blob
@@ -459,6 +450,15 @@ class Written:
     new_blobs: dict[str, str]
     bytes: int
     hashed: int
+
+
+def _hash(slot: _Slot) -> bool:
+    """Set ``slot.blob`` from its copy unless known; whether it hashed."""
+    copy = slot.copy
+    if slot.blob is not None or copy is None:
+        return False
+    slot.blob = content_hash(copy)
+    return True
 
 
 Resolve = Callable[[str], str]  # an object's name (relative to the root) -> the path or URL where it lies now
