@@ -38,7 +38,7 @@ from typing import Any
 
 import fsspec
 import torch
-from _harness import clock, median, remove, spread, system_busy_seconds
+from _harness import clock, median, remove, spread, busy_seconds
 from torch import nn
 
 import flor_lightning.checkpoints as today
@@ -159,7 +159,7 @@ def drop_page_cache(path: str) -> None:
 
 def run(rounds: int, smoke: bool) -> tuple[dict[str, list[float]], float]:
     results: dict[str, list[float]] = {}
-    busy0, wall0, cpu0 = system_busy_seconds(), clock(), time.process_time()
+    busy0, wall0, cpu0 = busy_seconds(), clock(), time.process_time()
     for r in range(rounds):
         root = Path(tempfile.mkdtemp(prefix="flor-blob-bench-"))
         try:
@@ -175,7 +175,7 @@ def run(rounds: int, smoke: bool) -> tuple[dict[str, list[float]], float]:
                 results.setdefault(f"load|{key}", []).append(value)
         finally:
             remove(root)
-    other = max(system_busy_seconds() - busy0 - (time.process_time() - cpu0), 0.0) / (clock() - wall0)
+    other = max(busy_seconds() - busy0 - (time.process_time() - cpu0), 0.0) / (clock() - wall0)
     return results, other
 
 
