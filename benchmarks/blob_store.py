@@ -8,7 +8,7 @@ takes three checkpoints of one run, each written by both writers:
 * c2: after one more optimizer step, every tensor changed;
 * c3: after freezing all but the last layer and one more step, only the head (and its Adam state) changed.
 
-``today``: ``flor_lightning.checkpoints.snapshot`` on the training thread (a clone of every tensor), then
+``today``: ``flor_lightning._checkpoints.snapshot`` on the training thread (a clone of every tensor), then
 ``CheckpointStore``'s writer thread (``torch.save`` into a file that hashes with SHA-256 what passes, fsync, rename).
 ``blobs``: ``ChangeTracker.snapshot`` (copies changed tensors only) and ``BlobStore.write`` on a writer thread
 (xxh3-128, one safetensors pack, fsync, rename, then the manifest). Writer CPU is ``time.thread_time`` on the writer
@@ -38,10 +38,10 @@ from typing import Any
 
 import fsspec
 import torch
-from _harness import clock, median, remove, spread, busy_seconds
+from _harness import busy_seconds, clock, median, remove, spread
 from torch import nn
 
-import flor_lightning.checkpoints as today
+import flor_lightning._checkpoints as today
 from flor_lightning._blobs import BlobStore, ChangeTracker, watch_untracked_writes
 
 CHECKPOINTS = ("c1", "c2", "c3")

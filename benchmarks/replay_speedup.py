@@ -27,7 +27,7 @@ from typing import Any
 import _harness
 from _harness import clock, median, spread, table, target, verdict
 
-from flor_lightning.planner import split_segments  # not public: the split a replay makes
+from flor_lightning._planner import split_segments  # not public: the split a replay makes
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = "w2.py"

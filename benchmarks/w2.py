@@ -96,7 +96,7 @@ def measure_loads():
     import sqlite3  # here, not above: the other modes' import time stays what a user's script has
     from contextlib import closing
 
-    from flor_lightning.checkpoints import CheckpointStore  # not public: flor's own loader is what is timed
+    from flor_lightning._checkpoints import CheckpointStore  # not public: flor's own loader is what is timed
 
     with closing(sqlite3.connect(".flor/flor.db")) as conn:
         run_id, root = conn.execute("SELECT run_id, checkpoint_root FROM runs ORDER BY started DESC").fetchone()

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-FLOR = [sys.executable, "-m", "flor_lightning.cli"]  # the `flor` command of this interpreter
+FLOR = [sys.executable, "-m", "flor_lightning"]  # the `flor` command of this interpreter
 
 NEW_METRIC = """        self.log("val_acc", (logits.argmax(1) == y).float().mean())
         # added after training: macro F1 over the 10 classes

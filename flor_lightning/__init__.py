@@ -9,30 +9,30 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from flor_lightning.errors import CheckpointError, ConfigError, FlorError, GitError, ReplayError, StoreError
+from flor_lightning._errors import CheckpointError, ConfigError, FlorError, GitError, ReplayError, StoreError
 
-# Eager: importing the submodule flor_lightning.query would otherwise shadow the function query.
-from flor_lightning.query import export, query, records, runs
+# Eager: importing the submodule flor_lightning._query would otherwise shadow the function query.
+from flor_lightning._query import export, query, records, runs
 
 if TYPE_CHECKING:
-    from flor_lightning.callback import FlorCallback
-    from flor_lightning.housekeeping import gc, push
-    from flor_lightning.lightning_cli import LightningCLI
-    from flor_lightning.multiversion import VersionReplay, format_report, replay_runs
-    from flor_lightning.resume import last_checkpoint
-    from flor_lightning.trainer import Trainer
+    from flor_lightning._callback import FlorCallback
+    from flor_lightning._housekeeping import gc, push
+    from flor_lightning._lightning_cli import LightningCLI
+    from flor_lightning._multiversion import VersionReplay, format_report, replay_runs
+    from flor_lightning._resume import last_checkpoint
+    from flor_lightning._trainer import Trainer
 
 # Imported on first use, so that ``flor --help`` or ``flor runs`` need not load torch and Lightning.
 _LAZY = {
-    "FlorCallback": "callback",
-    "LightningCLI": "lightning_cli",  # jsonargparse configures itself on import
-    "Trainer": "trainer",
-    "VersionReplay": "multiversion",
-    "format_report": "multiversion",
-    "gc": "housekeeping",
-    "push": "housekeeping",
-    "last_checkpoint": "resume",
-    "replay_runs": "multiversion",
+    "FlorCallback": "_callback",
+    "LightningCLI": "_lightning_cli",  # jsonargparse configures itself on import
+    "Trainer": "_trainer",
+    "VersionReplay": "_multiversion",
+    "format_report": "_multiversion",
+    "gc": "_housekeeping",
+    "push": "_housekeeping",
+    "last_checkpoint": "_resume",
+    "replay_runs": "_multiversion",
 }
 
 __version__ = "0.1.0"

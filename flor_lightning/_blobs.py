@@ -65,7 +65,7 @@ from fsspec.implementations.local import LocalFileSystem
 from safetensors import SafetensorError, safe_open
 from torch.autograd.graph import increment_version
 
-from flor_lightning.errors import CheckpointError, ConfigError
+from flor_lightning._errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 

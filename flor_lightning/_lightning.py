@@ -34,10 +34,10 @@ from torch.utils.data.dataloader import _SingleProcessDataLoaderIter
 from torchmetrics import Metric
 from typing_extensions import override
 
-from flor_lightning import rng
-from flor_lightning.errors import CheckpointError
-from flor_lightning.midepoch import Exactness, LoaderFacts, Moment, SkipHow, capture_refusal, data_skip, not_exact
-from flor_lightning.planner import EpochStep
+from flor_lightning import _rng as rng
+from flor_lightning._errors import CheckpointError
+from flor_lightning._midepoch import Exactness, LoaderFacts, Moment, SkipHow, capture_refusal, data_skip, not_exact
+from flor_lightning._planner import EpochStep
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -124,7 +124,7 @@ def epoch_values(trainer: pl.Trainer) -> dict[str, Tensor]:
 
 
 class ReplayHooks(Protocol):
-    """What the replay loop asks of the replay it runs (see ``flor_lightning.replay``)."""
+    """What the replay loop asks of the replay it runs (see ``flor_lightning._replay``)."""
 
     def steps(self, trainer: pl.Trainer) -> list[EpochStep]:
         """The steps this process runs (chosen by rank once the processes are up)."""
@@ -378,7 +378,7 @@ def logger_prefix(logger: object) -> str:
 
 
 # ---- restarting inside an epoch -------------------------------------------------------------
-# Pure decisions are in flor_lightning.midepoch; what follows reads and writes Lightning's loops.
+# Pure decisions are in flor_lightning._midepoch; what follows reads and writes Lightning's loops.
 
 # What Lightning warns on every resume inside an epoch whose training loaders are not stateful, even when
 # resume_mid_epoch made it exact (it cannot tell); a caller that knows better may filter it with this pattern.
@@ -419,7 +419,7 @@ def capture_mid_epoch(
     Lightning's own checkpoint (loop progress as it stands: Lightning's restart logic reads it)
     plus, under ``"flor"``: ``"rng"`` (every generator now), ``"rng_at_validation"`` (as given)
     and ``"mid_epoch"``: where the capture stands (moment, epoch, batches done, global step, the
-    epoch's batch count), ``data_rng`` (from :class:`~flor_lightning.midepoch.EpochRngTracker`),
+    epoch's batch count), ``data_rng`` (from :class:`~flor_lightning._midepoch.EpochRngTracker`),
     ``data_skip`` (how a restart will restore the data position with these loaders, or why it
     cannot: known before a replay starts), the training epoch aggregates, the module's
     torchmetrics states, Lightning's metric dicts and gradients still being accumulated. Values
@@ -552,7 +552,7 @@ def fast_forward(trainer: pl.Trainer, data_rng: dict[str, Any], *, batches: int)
 
 
 def _data_skip(trainer: pl.Trainer) -> str:
-    """:func:`~flor_lightning.midepoch.data_skip` for this trainer's training data."""
+    """:func:`~flor_lightning._midepoch.data_skip` for this trainer's training data."""
     fetcher, combined = trainer.fit_loop._data_fetcher, trainer.fit_loop._combined_loader
     assert fetcher is not None and combined is not None
     return data_skip(

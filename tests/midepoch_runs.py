@@ -22,10 +22,11 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
 from torchmetrics import Accuracy
 
-from flor_lightning import _lightning, rng
-from flor_lightning.checkpoints import snapshot
-from flor_lightning.errors import CheckpointError
-from flor_lightning.midepoch import EpochRngTracker, Exactness, Moment
+from flor_lightning import _lightning
+from flor_lightning import _rng as rng
+from flor_lightning._checkpoints import snapshot
+from flor_lightning._errors import CheckpointError
+from flor_lightning._midepoch import EpochRngTracker, Exactness, Moment
 
 Record = tuple[str, str, int, int, Any]  # (kind, name, epoch, global step, value)
 

@@ -28,11 +28,14 @@ from helpers import git, rows, user_git_state
 from models import TRAIN_BATCHES, VAL_BATCHES, DigitsClassifier, DigitsData, trainer_kwargs
 
 import flor_lightning as flor
-from flor_lightning import ConfigError, FlorCallback, ReplayError, StoreError, cli, codeversion, store
-from flor_lightning.checkpoints import CheckpointStore
-from flor_lightning.errors import CheckpointError
-from flor_lightning.locate import locate
-from flor_lightning.shadow import SHADOW_BRANCH
+from flor_lightning import ConfigError, FlorCallback, ReplayError, StoreError
+from flor_lightning import _cli as cli
+from flor_lightning import _codeversion as codeversion
+from flor_lightning import _store as store
+from flor_lightning._checkpoints import CheckpointStore
+from flor_lightning._errors import CheckpointError
+from flor_lightning._locate import locate
+from flor_lightning._shadow import SHADOW_BRANCH
 
 DB = Path(".flor") / "flor.db"
 
@@ -458,7 +461,7 @@ def test_a_read_only_store_stays_queryable(open_dir: Path, read_only: str) -> No
     env = other_user_env(open_dir)
 
     def flor_as_other(*args: str) -> subprocess.CompletedProcess[str]:
-        argv = as_other_user([sys.executable, "-m", "flor_lightning.cli", *args, "--db", str(db)])
+        argv = as_other_user([sys.executable, "-m", "flor_lightning", *args, "--db", str(db)])
         return subprocess.run(argv, capture_output=True, text=True, cwd=open_dir, env=env)
 
     done = flor_as_other("runs")

@@ -41,7 +41,7 @@ from flor_lightning._blobs import (
     push_plan,
     watch_untracked_writes,
 )
-from flor_lightning.errors import CheckpointError, ConfigError
+from flor_lightning._errors import CheckpointError, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

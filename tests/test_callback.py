@@ -20,8 +20,8 @@ from models import TEST_BATCHES, TRAIN_BATCHES, VAL_BATCHES, DigitsClassifier, D
 
 import flor_lightning as flor
 from flor_lightning import ConfigError, FlorCallback
-from flor_lightning.callback import RecordStats, auto_checkpoint_period
-from flor_lightning.shadow import SHADOW_BRANCH
+from flor_lightning._callback import RecordStats, auto_checkpoint_period
+from flor_lightning._shadow import SHADOW_BRANCH
 
 EPOCHS = 3
 RUN_LEVEL = ["run_id", "started", "status", "script", "shadow_commit"]

@@ -19,9 +19,9 @@ from models import TRAIN_BATCHES, DigitsClassifier, DigitsData, trainer_kwargs
 from torch.nn import functional as F
 
 import flor_lightning as flor
-from flor_lightning import rng
-from flor_lightning.checkpoints import CheckpointInfo, CheckpointStore, snapshot
-from flor_lightning.errors import CheckpointError, ConfigError
+from flor_lightning import _rng as rng
+from flor_lightning._checkpoints import CheckpointInfo, CheckpointStore, snapshot
+from flor_lightning._errors import CheckpointError, ConfigError
 
 
 @pytest.fixture(params=["memory", "local"])

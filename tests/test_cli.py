@@ -26,7 +26,7 @@ from helpers import git
 from models import trainer_kwargs
 
 import flor_lightning as flor
-from flor_lightning import cli
+from flor_lightning import _cli as cli
 
 pytestmark = pytest.mark.integration
 
@@ -137,10 +137,10 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, s
 
 
 def flor_cmd(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """``flor ARGS`` as its own process (``python -m flor_lightning.cli``)."""
+    """``flor ARGS`` as its own process (``python -m flor_lightning``)."""
     env = {k: v for k, v in os.environ.items() if k != "FLOR_DB"}
     return subprocess.run(
-        [sys.executable, "-m", "flor_lightning.cli", *args], cwd=cwd, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "flor_lightning", *args], cwd=cwd, env=env, capture_output=True, text=True
     )
 
 

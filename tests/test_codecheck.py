@@ -8,7 +8,7 @@ from pathlib import Path
 
 from helpers import make_venv
 
-from flor_lightning.codecheck import (
+from flor_lightning._codecheck import (
     changed_training_path,
     defined_in_project,
     is_user_file,

@@ -15,8 +15,8 @@ from lightning.pytorch.loggers import CSVLogger
 from models import DigitsClassifier, DigitsData, trainer_kwargs
 
 import flor_lightning as flor
-from flor_lightning import cli
-from flor_lightning.codeversion import FLOR_FILES, TRAINER_OUTPUT, exclusions, local_path
+from flor_lightning import _cli as cli
+from flor_lightning._codeversion import FLOR_FILES, TRAINER_OUTPUT, exclusions, local_path
 
 
 def test_exclusions_keep_only_folders_strictly_inside_the_project(tmp_path):
@@ -124,7 +124,7 @@ def test_a_tracked_file_in_an_output_folder_goes_in(project):
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc (Linux)")
 def test_the_file_a_process_output_is_redirected_into_is_found(tmp_path):
     out = tmp_path / "r1.log"
-    code = "import sys; from flor_lightning.codeversion import redirected_output as r; sys.stderr.write(str(r()))"
+    code = "import sys; from flor_lightning._codeversion import redirected_output as r; sys.stderr.write(str(r()))"
     with out.open("w") as stdout:
         done = subprocess.run([sys.executable, "-c", code], stdout=stdout, stderr=subprocess.PIPE, text=True)
     assert done.stderr == str([out.resolve()])

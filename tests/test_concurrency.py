@@ -17,8 +17,8 @@ from models import TRAIN_BATCHES, VAL_BATCHES
 from zygote import Child, Zygote
 
 import flor_lightning as flor
-from flor_lightning import store
-from flor_lightning.shadow import SHADOW_BRANCH
+from flor_lightning import _store as store
+from flor_lightning._shadow import SHADOW_BRANCH
 
 pytestmark = pytest.mark.integration
 

@@ -19,10 +19,12 @@ from helpers import git, rows, sha256
 from test_cli import MODEL_SOURCE, VAL_CONF, edit_model, flor_cmd, record, replay
 
 import flor_lightning as flor
-from flor_lightning import cli, housekeeping, store
-from flor_lightning.checkpoints import CheckpointStore
-from flor_lightning.errors import CheckpointError, ConfigError
-from flor_lightning.housekeeping import busy_runs, select_for_gc
+from flor_lightning import _cli as cli
+from flor_lightning import _housekeeping as housekeeping
+from flor_lightning import _store as store
+from flor_lightning._checkpoints import CheckpointStore
+from flor_lightning._errors import CheckpointError, ConfigError
+from flor_lightning._housekeeping import busy_runs, select_for_gc
 
 pytestmark = pytest.mark.integration
 
@@ -179,7 +181,7 @@ def test_gc_killed_between_index_and_files_loses_nothing_and_the_next_gc_frees_t
 def test_gc_rejects_a_negative_keep_last(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ConfigError, match="keep_last must be an integer >= 0"):
         flor.gc(keep_last=-1)
-    from flor_lightning import cli
+    from flor_lightning import _cli as cli
 
     assert cli.main(["gc", "--keep-last", "-1"]) == 2
     assert "keep_last must be" in capsys.readouterr().err
@@ -380,7 +382,7 @@ def test_interrupted_push_leaves_every_checkpoint_readable_and_push_again_finish
 
 
 def test_push_unknown_run_and_bad_url(three_runs: tuple[Path, list[str]], capsys: pytest.CaptureFixture[str]) -> None:
-    from flor_lightning import cli
+    from flor_lightning import _cli as cli
 
     assert cli.main(["push", str(three_runs[0].parent / "archive"), "--run", "nope"]) == 1
     assert "unknown run id(s) ['nope']" in capsys.readouterr().err
@@ -391,7 +393,7 @@ def test_push_unknown_run_and_bad_url(three_runs: tuple[Path, list[str]], capsys
 KILLER = """
 import os, signal, sys
 from fsspec.implementations.local import LocalFileSystem
-from flor_lightning import housekeeping, store
+from flor_lightning import _housekeeping as housekeeping, _store as store
 
 point, n, url, run = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 calls = 0

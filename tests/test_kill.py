@@ -20,9 +20,9 @@ from helpers import git, rows, sha256, user_git_state
 from zygote import Child, Zygote
 
 import flor_lightning as flor
-from flor_lightning import store
-from flor_lightning.checkpoints import CheckpointStore
-from flor_lightning.shadow import SHADOW_BRANCH
+from flor_lightning import _store as store
+from flor_lightning._checkpoints import CheckpointStore
+from flor_lightning._shadow import SHADOW_BRANCH
 
 pytestmark = pytest.mark.integration
 

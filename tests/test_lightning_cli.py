@@ -12,7 +12,7 @@ import pytest
 from helpers import git, rows, user_git_state
 
 import flor_lightning as flor
-from flor_lightning.errors import ConfigError
+from flor_lightning._errors import ConfigError
 
 pytest.importorskip("jsonargparse")
 

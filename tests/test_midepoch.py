@@ -1,4 +1,4 @@
-"""Restarting inside an epoch continues the recorded trajectory bit for bit (flor_lightning.midepoch and
+"""Restarting inside an epoch continues the recorded trajectory bit for bit (flor_lightning._midepoch and
 the mid-epoch part of flor_lightning._lightning).
 
 Each integration test runs the digits model uninterrupted, then again with captures, interrupted
@@ -38,9 +38,9 @@ from midepoch_runs import (
 from models import DigitsClassifier
 
 from flor_lightning import _lightning
-from flor_lightning.errors import CheckpointError
-from flor_lightning.midepoch import EpochRngTracker, LoaderFacts, capture_refusal, data_skip
-from flor_lightning.planner import EpochStep
+from flor_lightning._errors import CheckpointError
+from flor_lightning._midepoch import EpochRngTracker, LoaderFacts, capture_refusal, data_skip
+from flor_lightning._planner import EpochStep
 
 NOT_RESUMABLE = _lightning.NOT_RESUMABLE_WARNING
 

@@ -20,9 +20,9 @@ from helpers import git, rows, user_git_state
 from lightning.pytorch.callbacks import Callback
 
 import flor_lightning as flor
-from flor_lightning import multiversion
-from flor_lightning import propagate as merging
-from flor_lightning.errors import ConfigError
+from flor_lightning import _multiversion as multiversion
+from flor_lightning import _propagate as merging
+from flor_lightning._errors import ConfigError
 
 SCRIPT = """
 import argparse
@@ -387,7 +387,7 @@ def test_a_probe_class_is_referenced_by_its_file_and_name():
 
 
 def test_a_probe_hooking_the_training_path_asks_for_retraining():
-    from flor_lightning.version_runner import probe_trains
+    from flor_lightning._version_runner import probe_trains
 
     class OnBatch(Callback):
         def on_train_batch_end(self, *args: object) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from flor_lightning.errors import ReplayError
-from flor_lightning.planner import (
+from flor_lightning._errors import ReplayError
+from flor_lightning._planner import (
     EpochStep,
     describe,
     epoch_list,

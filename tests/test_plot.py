@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 from test_cli import flor_cmd, recorded
 
-from flor_lightning import cli
-from flor_lightning.errors import ConfigError
-from flor_lightning.plot import curves, plot
+from flor_lightning import _cli as cli
+from flor_lightning._errors import ConfigError
+from flor_lightning._plot import curves, plot
 
 pytestmark = pytest.mark.integration
 __all__ = ["recorded"]  # the module-scoped fixture of test_cli: two runs, the second replayed with val_conf

@@ -21,9 +21,10 @@ import pandas as pd
 import pytest
 
 import flor_lightning as flor
-from flor_lightning import ConfigError, StoreError, store
+from flor_lightning import ConfigError, StoreError
+from flor_lightning import _store as store
 
-flor_query = importlib.import_module("flor_lightning.query")  # flor_lightning.query is the function
+flor_query = importlib.import_module("flor_lightning._query")  # flor_lightning._query is the function
 RUN_A, RUN_B = "20260101-000000-aaaaaa", "20260102-000000-bbbbbb"
 RUN_LEVEL = ["run_id", "started", "status", "script", "shadow_commit"]
 
@@ -221,7 +222,7 @@ def test_logged_names_that_are_built_in_columns_get_their_own(db: Path, capsys: 
     assert flor.query(run=RUN_A, where="step > 2")["step"].tolist() == [3, 4]
     assert flor.query("step", run=RUN_A).dropna(subset=["metric.step"])["metric.step"].tolist() == [100.0]
 
-    from flor_lightning import cli
+    from flor_lightning import _cli as cli
 
     assert cli.main(["runs", "--format", "json"]) == 0
     (run,) = [r for r in json.loads(capsys.readouterr().out) if r["run_id"] == RUN_A]

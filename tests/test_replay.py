@@ -15,7 +15,7 @@ from helpers import git, make_venv, rows
 from models import VAL_BATCHES, trainer_kwargs
 
 import flor_lightning as flor
-from flor_lightning.errors import CheckpointError, ReplayError
+from flor_lightning._errors import CheckpointError, ReplayError
 
 pytestmark = pytest.mark.integration
 

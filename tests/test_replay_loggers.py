@@ -21,8 +21,8 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from models import DigitsClassifier, DigitsData, trainer_kwargs
 
 import flor_lightning as flor
-from flor_lightning import cli
-from flor_lightning.replay_loggers import CSVBesideLogger, HindsightLogger
+from flor_lightning import _cli as cli
+from flor_lightning._replay_loggers import CSVBesideLogger, HindsightLogger
 
 
 class WithConfidence(DigitsClassifier):

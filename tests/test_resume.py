@@ -9,7 +9,7 @@ from helpers import rows
 from models import DigitsClassifier, DigitsData, trainer_kwargs
 
 import flor_lightning as flor
-from flor_lightning.errors import CheckpointError
+from flor_lightning._errors import CheckpointError
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""flor_lightning.rng: capture, restore and compare every generator."""
+"""flor_lightning._rng: capture, restore and compare every generator."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 import numpy as np
 import torch
 
-from flor_lightning import rng
+from flor_lightning import _rng as rng
 
 
 def test_differs_names_each_generator_that_moved_and_none_after_a_restore() -> None:

@@ -21,8 +21,9 @@ from helpers import git, rows
 from models import DigitsClassifier, trainer_kwargs
 
 import flor_lightning as flor
-from flor_lightning import replay, store
-from flor_lightning.errors import ReplayError
+from flor_lightning import _replay as replay
+from flor_lightning import _store as store
+from flor_lightning._errors import ReplayError
 
 pytestmark = pytest.mark.integration
 

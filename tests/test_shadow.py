@@ -1,4 +1,4 @@
-"""Tests for flor_lightning.shadow against real git repositories in tmp_path."""
+"""Tests for flor_lightning._shadow against real git repositories in tmp_path."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from flor_lightning import shadow
-from flor_lightning.errors import ConfigError, GitError
-from flor_lightning.shadow import SHADOW_BRANCH, CodeVersion, find_repo_root, read_file, snapshot
+from flor_lightning import _shadow as shadow
+from flor_lightning._errors import ConfigError, GitError
+from flor_lightning._shadow import SHADOW_BRANCH, CodeVersion, find_repo_root, read_file, snapshot
 
 
 def _git(cwd: Path, *args: str) -> str:

@@ -10,8 +10,9 @@ from contextlib import closing
 import pytest
 import torch
 
-from flor_lightning import housekeeping, store
-from flor_lightning.errors import StoreError
+from flor_lightning import _housekeeping as housekeeping
+from flor_lightning import _store as store
+from flor_lightning._errors import StoreError
 
 
 def test_connect_creates_wal_store_with_migrations(tmp_path):

@@ -10,9 +10,9 @@ import pytest
 from test_replay_loggers import record, replay, scalars
 
 import flor_lightning as flor
-from flor_lightning import cli
-from flor_lightning.errors import StoreError
-from flor_lightning.tracker_export import export_mlflow, export_tensorboard, export_values, mlflow_name
+from flor_lightning import _cli as cli
+from flor_lightning._errors import StoreError
+from flor_lightning._tracker_export import export_mlflow, export_tensorboard, export_values, mlflow_name
 
 
 def frame(rows: list[tuple[str | None, str, int, int, object]]) -> pd.DataFrame:
@@ -120,7 +120,7 @@ def test_mlflow_export_makes_one_run_per_flor_run_and_running_it_twice_adds_noth
 
 def test_export_of_an_unknown_run_or_without_a_destination_says_what_to_do(project, capsys):
     flor_db = project / ".flor" / "flor.db"
-    from flor_lightning import store
+    from flor_lightning import _store as store
 
     store.connect(flor_db).close()
     assert cli.main(["export", "--run", "nope"]) == 2

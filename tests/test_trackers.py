@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from flor_lightning import trackers
+from flor_lightning import _trackers as trackers
 
 
 class Broken(TensorBoardLogger):

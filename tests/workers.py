@@ -20,8 +20,8 @@ from models import DigitsClassifier, DigitsData, trainer_kwargs
 from torch import nn
 
 import flor_lightning as flor
-from flor_lightning import store
-from flor_lightning.checkpoints import CheckpointStore
+from flor_lightning import _store as store
+from flor_lightning._checkpoints import CheckpointStore
 
 emit: Callable[[str], None] = lambda text: None  # noqa: E731  (replaced by the zygote in each child)
 

@@ -3,7 +3,7 @@
 Recording keeps, for each Lightning logger attached to the fit, what finds that logger's run
 again (:func:`identity`): for TensorBoard and CSV its folder (save dir, name, version, log dir,
 made absolute), for MLflow its run (tracking URI, experiment, run id); for any other logger
-only its kind. Replay writes into those runs (see :mod:`flor_lightning.replay_loggers`), and
+only its kind. Replay writes into those runs (see :mod:`flor_lightning._replay_loggers`), and
 only the names the recording lacks (:func:`new_metrics`): what it re-derives is there already.
 
 Everything here but :func:`identity` works on plain dicts, and nothing here imports Lightning

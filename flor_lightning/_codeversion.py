@@ -1,6 +1,6 @@
 """The code a run (or a replay) is recorded with: one function commits it, leaving the outputs out.
 
-A snapshot holds code, not outputs (:mod:`flor_lightning.shadow` says which files it takes).
+A snapshot holds code, not outputs (:mod:`flor_lightning._shadow` says which files it takes).
 Where the outputs are is known only at run time, from the Trainer and flor's own settings:
 each logger's save and log folder, each checkpoint callback's ``dirpath``, ``default_root_dir``'s
 ``lightning_logs/``, the log store (``FLOR_DB``, ``.flor/``), the checkpoint root (``FLOR_HOME``,
@@ -19,9 +19,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flor_lightning import shadow
-from flor_lightning.errors import GitError
-from flor_lightning.locate import Location
+from flor_lightning import _shadow as shadow
+from flor_lightning._errors import GitError
+from flor_lightning._locate import Location
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

@@ -13,7 +13,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from flor_lightning.errors import ReplayError
+from flor_lightning._errors import ReplayError
 
 
 @dataclass(frozen=True)

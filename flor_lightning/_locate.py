@@ -11,8 +11,8 @@ from pathlib import Path
 import fsspec
 from fsspec import AbstractFileSystem
 
-from flor_lightning.errors import ConfigError
-from flor_lightning.shadow import find_repo_root
+from flor_lightning._errors import ConfigError
+from flor_lightning._shadow import find_repo_root
 
 
 @dataclass(frozen=True)

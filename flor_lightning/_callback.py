@@ -22,13 +22,17 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from flor_lightning import _lightning, codeversion, rng, store, trackers
-from flor_lightning.capture import LogCapture
-from flor_lightning.checkpoints import CheckpointInfo, CheckpointStore, snapshot
-from flor_lightning.errors import CheckpointError, ConfigError, FlorError
-from flor_lightning.locate import Location, checkpoint_root, ignore_flor_folder, locate, open_fs, process_local
-from flor_lightning.resume import recorded_checkpoints, reopen_run, run_exists
-from flor_lightning.shadow import DEFAULT_MAX_FILE_BYTES
+from flor_lightning import _codeversion as codeversion
+from flor_lightning import _lightning
+from flor_lightning import _rng as rng
+from flor_lightning import _store as store
+from flor_lightning import _trackers as trackers
+from flor_lightning._capture import LogCapture
+from flor_lightning._checkpoints import CheckpointInfo, CheckpointStore, snapshot
+from flor_lightning._errors import CheckpointError, ConfigError, FlorError
+from flor_lightning._locate import Location, checkpoint_root, ignore_flor_folder, locate, open_fs, process_local
+from flor_lightning._resume import recorded_checkpoints, reopen_run, run_exists
+from flor_lightning._shadow import DEFAULT_MAX_FILE_BYTES
 
 if TYPE_CHECKING:
     import sqlite3
@@ -115,7 +119,7 @@ class FlorCallback(Callback):
     go to the sqlite log store ``.flor/flor.db`` at the git repository root; the full training
     state is checkpointed in the background after every ``checkpoint_every``-th epoch (and
     the last one); the code is committed to the ``flor.shadow`` branch, without the run's outputs
-    (the Trainer's log and checkpoint folders, flor's own files: see :mod:`flor_lightning.codeversion`).
+    (the Trainer's log and checkpoint folders, flor's own files: see :mod:`flor_lightning._codeversion`).
 
     With ``checkpoint_every="auto"`` the period adapts so that checkpointing's CPU time (the
     snapshot plus the background write, measured on the latest checkpoint) stays under

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import git
 
-from flor_lightning.codecheck import holds_pyvenv_cfg
-from flor_lightning.errors import ConfigError, GitError
+from flor_lightning._codecheck import holds_pyvenv_cfg
+from flor_lightning._errors import ConfigError, GitError
 
 SHADOW_BRANCH = "flor.shadow"
 DEFAULT_MAX_FILE_BYTES = 5 * 1024 * 1024

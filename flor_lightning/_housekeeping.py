@@ -37,11 +37,11 @@ from typing import Any
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-from flor_lightning import store
-from flor_lightning.errors import CheckpointError, ConfigError
-from flor_lightning.locate import check_writable, open_fs, process_local, protocol
-from flor_lightning.query import open_store
-from flor_lightning.store import replay_alive as replay_alive  # re-exported: `flor show` reads it here
+from flor_lightning import _store as store
+from flor_lightning._errors import CheckpointError, ConfigError
+from flor_lightning._locate import check_writable, open_fs, process_local, protocol
+from flor_lightning._query import open_store
+from flor_lightning._store import replay_alive as replay_alive  # re-exported: `flor show` reads it here
 
 _CHUNK = 8 * 1024 * 1024
 

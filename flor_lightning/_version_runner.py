@@ -2,7 +2,7 @@
 
 Started by :func:`flor_lightning.replay_runs` in a checkout of the run's code version::
 
-    python -m flor_lightning.version_runner --run ID [--segments N] [--train auto|true|false]
+    python -m flor_lightning._version_runner --run ID [--segments N] [--train auto|true|false]
         [--probe /abs/file.py:Class] [--report out.json] -- script.py [recorded arguments...]
 
 The script runs as ``python script.py ...`` would (``__main__``, ``sys.argv``, its folder first
@@ -26,12 +26,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from flor_lightning.callback import FlorCallback
-from flor_lightning.codecheck import TRAINING_HOOKS
-from flor_lightning.errors import ReplayError
-from flor_lightning.multiversion import load_probe
-from flor_lightning.replay import run_replay
-from flor_lightning.trainer import Trainer as FlorTrainer
+from flor_lightning._callback import FlorCallback
+from flor_lightning._codecheck import TRAINING_HOOKS
+from flor_lightning._errors import ReplayError
+from flor_lightning._multiversion import load_probe
+from flor_lightning._replay import run_replay
+from flor_lightning._trainer import Trainer as FlorTrainer
 
 
 @dataclass
@@ -49,7 +49,7 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     """The runner's options and the script's command line (after ``--``)."""
     argv = list(argv)
     cut = argv.index("--") if "--" in argv else len(argv)
-    parser = argparse.ArgumentParser(prog="python -m flor_lightning.version_runner")
+    parser = argparse.ArgumentParser(prog="python -m flor_lightning._version_runner")
     parser.add_argument("--run", required=True)
     parser.add_argument("--segments", type=int, default=1)
     parser.add_argument("--train", choices=["auto", "true", "false"], default="auto")

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import git
 
-from flor_lightning import shadow
-from flor_lightning.errors import GitError
-from flor_lightning.shadow import is_binary
+from flor_lightning import _shadow as shadow
+from flor_lightning._errors import GitError
+from flor_lightning._shadow import is_binary
 
 MergeFile = Callable[[bytes, bytes, bytes], "tuple[bytes, bool]"]
 

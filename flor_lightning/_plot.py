@@ -12,8 +12,8 @@ from typing import Any
 
 import pandas as pd
 
-from flor_lightning.errors import ConfigError
-from flor_lightning.query import records
+from flor_lightning._errors import ConfigError
+from flor_lightning._query import records
 
 X_AXES = ("epoch", "step")
 
@@ -49,7 +49,7 @@ def plot(
     One panel per metric, one line per run. The format follows ``out``'s suffix (png, svg, pdf).
 
     Example:
-        >>> from flor_lightning.plot import plot
+        >>> from flor_lightning._plot import plot
         >>> plot(["val_loss", "val_f1"], "curves.png")  # doctest: +SKIP
 
     Raises:

@@ -30,7 +30,8 @@ from lightning.pytorch.loggers.logger import DummyLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from flor_lightning import store, trackers
+from flor_lightning import _store as store
+from flor_lightning import _trackers as trackers
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

@@ -21,9 +21,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flor_lightning import store
-from flor_lightning.errors import ConfigError, StoreError
-from flor_lightning.locate import locate
+from flor_lightning import _store as store
+from flor_lightning._errors import ConfigError, StoreError
+from flor_lightning._locate import locate
 
 KEY = ["run_id", "epoch", "step"]
 RUN_COLUMNS = ["run_id", "started", "status", "script", "shadow_commit"]

@@ -7,9 +7,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from flor_lightning.callback import FlorCallback
-from flor_lightning.errors import ConfigError
-from flor_lightning.replay import ReplayReport, run_replay
+from flor_lightning._callback import FlorCallback
+from flor_lightning._errors import ConfigError
+from flor_lightning._replay import ReplayReport, run_replay
 
 
 class Trainer(pl.Trainer):

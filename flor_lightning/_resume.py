@@ -7,9 +7,9 @@ import socket
 import sqlite3
 from pathlib import Path
 
-from flor_lightning.errors import CheckpointError
-from flor_lightning.locate import open_fs
-from flor_lightning.query import open_store
+from flor_lightning._errors import CheckpointError
+from flor_lightning._locate import open_fs
+from flor_lightning._query import open_store
 
 
 def last_checkpoint(run: str | None = None, *, db: str | Path | None = None) -> str:

@@ -27,10 +27,13 @@ from typing import Any
 
 import pandas as pd
 
-from flor_lightning import housekeeping, planner, store, trackers
-from flor_lightning.errors import ConfigError, FlorError, GitError
-from flor_lightning.locate import locate
-from flor_lightning.query import filter_rows, logged_names, open_store, query, records, runs, store_path
+from flor_lightning import _housekeeping as housekeeping
+from flor_lightning import _planner as planner
+from flor_lightning import _store as store
+from flor_lightning import _trackers as trackers
+from flor_lightning._errors import ConfigError, FlorError, GitError
+from flor_lightning._locate import locate
+from flor_lightning._query import filter_rows, logged_names, open_store, query, records, runs, store_path
 
 FORMATS = ("table", "csv", "json", "parquet")
 _SHOWN_HPARAMS = 4
@@ -349,7 +352,7 @@ def _housekeeping_output(
 
 def cmd_plot(args: argparse.Namespace) -> int:
     """Learning curves of the chosen metrics per run."""
-    from flor_lightning.plot import plot
+    from flor_lightning._plot import plot
 
     _check_runs(args.db, args.run)
     path = plot(args.names, args.out, run=args.run, x=args.x, db=args.db)
@@ -359,7 +362,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Send runs' recorded and hindsight values to TensorBoard event files and/or an MLflow tracking URI."""
-    from flor_lightning import tracker_export
+    from flor_lightning import _tracker_export as tracker_export
 
     if not (args.tensorboard or args.mlflow):
         raise ConfigError("flor export needs a destination: --tensorboard DIR and/or --mlflow URI")

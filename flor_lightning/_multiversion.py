@@ -2,8 +2,8 @@
 
 For each selected run: its shadow commit is checked out in a temporary ``git worktree``, the
 new logging is brought in (a *probe* callback, and/or the edits made since the latest
-recorded version merged in, see :mod:`flor_lightning.propagate`), and the recorded script is
-run there with its recorded arguments by :mod:`flor_lightning.version_runner`, which turns the
+recorded version merged in, see :mod:`flor_lightning._propagate`), and the recorded script is
+run there with its recorded arguments by :mod:`flor_lightning._version_runner`, which turns the
 script's ``Trainer.fit`` into a replay of that run. Values land in the original log store.
 The user's HEAD, branch, index and files are never touched; worktrees are removed afterwards.
 """
@@ -32,13 +32,14 @@ import git
 import pandas as pd
 from lightning.pytorch.callbacks import Callback
 
-from flor_lightning import planner, store
-from flor_lightning import propagate as merging
-from flor_lightning.errors import ConfigError, GitError
-from flor_lightning.locate import locate
-from flor_lightning.query import run_info, store_path
-from flor_lightning.query import runs as runs_table
-from flor_lightning.shadow import SHADOW_BRANCH
+from flor_lightning import _planner as planner
+from flor_lightning import _propagate as merging
+from flor_lightning import _store as store
+from flor_lightning._errors import ConfigError, GitError
+from flor_lightning._locate import locate
+from flor_lightning._query import run_info, store_path
+from flor_lightning._query import runs as runs_table
+from flor_lightning._shadow import SHADOW_BRANCH
 
 # What `where` can name besides the hyperparameters (a clashing hyperparameter is ``hparam.<name>``).
 RUN_FRAME_COLUMNS = ("run_id", "project", "started", "status", "script", "shadow_commit", "head_commit", "branch")
@@ -382,7 +383,7 @@ def _run(job: _Job, tree: Path, merge: str, reason: str) -> VersionReplay:
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"{run_id}.{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}.log"
     report_file = log.with_suffix(".json")
-    cmd = [sys.executable, "-m", "flor_lightning.version_runner", "--run", run_id, "--segments", str(job.segments)]
+    cmd = [sys.executable, "-m", "flor_lightning._version_runner", "--run", run_id, "--segments", str(job.segments)]
     cmd += ["--report", str(report_file), "--train", {None: "auto", True: "true", False: "false"}[job.train]]
     cmd += ["--probe", job.probe] if job.probe else []
     cmd += ["--", str(tree / job.run["script"]), *json.loads(job.run["argv"] or "[]")]

@@ -19,11 +19,17 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from flor_lightning import _lightning, codecheck, codeversion, planner, replay_loggers, shadow, store
-from flor_lightning.callback import hyperparameters
-from flor_lightning.checkpoints import CheckpointStore
-from flor_lightning.errors import CheckpointError, FlorError, ReplayError
-from flor_lightning.locate import Location, locate, process_local
+from flor_lightning import _codecheck as codecheck
+from flor_lightning import _codeversion as codeversion
+from flor_lightning import _lightning
+from flor_lightning import _planner as planner
+from flor_lightning import _replay_loggers as replay_loggers
+from flor_lightning import _shadow as shadow
+from flor_lightning import _store as store
+from flor_lightning._callback import hyperparameters
+from flor_lightning._checkpoints import CheckpointStore
+from flor_lightning._errors import CheckpointError, FlorError, ReplayError
+from flor_lightning._locate import Location, locate, process_local
 
 if TYPE_CHECKING:
     import sqlite3

@@ -33,8 +33,8 @@ from typing import Any
 
 import pandas as pd
 
-from flor_lightning.errors import ConfigError, StoreError
-from flor_lightning.query import records, runs
+from flor_lightning._errors import ConfigError, StoreError
+from flor_lightning._query import records, runs
 
 EVENT_SUFFIX = ".flor"  # marks the event files flor's export wrote (an export replaces only those)
 RUN_TAG = "flor.run_id"

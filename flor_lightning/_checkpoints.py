@@ -33,8 +33,8 @@ import torch
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-from flor_lightning.errors import CheckpointError
-from flor_lightning.locate import check_writable, open_fs
+from flor_lightning._errors import CheckpointError
+from flor_lightning._locate import check_writable, open_fs
 
 log = logging.getLogger(__name__)
 

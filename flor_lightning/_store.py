@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from flor_lightning.errors import StoreError
+from flor_lightning._errors import StoreError
 
 # Named, ordered migrations: each runs once, in order, inside one transaction.
 MIGRATIONS: tuple[tuple[str, str], ...] = (
@@ -156,7 +156,7 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         """,
     ),
     (
-        # the loggers a recorded fit wrote to, each with what finds its run again (flor_lightning.trackers);
+        # the loggers a recorded fit wrote to, each with what finds its run again (flor_lightning._trackers);
         # NULL for runs recorded before this column
         "0007_run_loggers",
         "ALTER TABLE runs ADD COLUMN loggers TEXT;",

@@ -12,8 +12,8 @@ from lightning.pytorch.cli import LightningCLI as _LightningCLI
 from lightning.pytorch.cli import SaveConfigCallback
 from typing_extensions import override
 
-from flor_lightning.errors import ConfigError
-from flor_lightning.trainer import Trainer
+from flor_lightning._errors import ConfigError
+from flor_lightning._trainer import Trainer
 
 _REPLAY_SKIPS = {"model", "datamodule", "train_dataloaders", "val_dataloaders"}
 

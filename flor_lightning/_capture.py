@@ -20,14 +20,14 @@ from flor_lightning import _lightning
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-    from flor_lightning.store import LogWriter
+    from flor_lightning._store import LogWriter
 
 # Lightning's running stages that are recorded (the sanity check and predict are not), named as Lightning does.
 RECORDED_STAGES = frozenset({"train", "validate", "test"})
 
 
 class LogCapture:
-    """Turns ``self.log`` calls into log rows for a :class:`~flor_lightning.store.LogWriter`.
+    """Turns ``self.log`` calls into log rows for a :class:`~flor_lightning._store.LogWriter`.
 
     Attributes:
         muted: drop what is logged (replay sets it while it trains an epoch another segment stores).
