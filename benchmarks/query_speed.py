@@ -18,7 +18,9 @@ import _harness
 from _harness import median, spread, table, target, verdict
 
 import flor_lightning as flor
-from flor_lightning import store  # not public: the store is built through flor's own writer, 1M values in seconds
+
+# not public: the store is built through flor's own writer, 1M values in seconds
+from flor_lightning import _store as store
 
 HERE = Path(__file__).resolve().parent
 TARGET_SECONDS = 1.0

@@ -65,7 +65,7 @@ from fsspec.implementations.local import LocalFileSystem
 from safetensors import SafetensorError, safe_open
 from torch.autograd.graph import increment_version
 
-from flor_lightning._errors import CheckpointError, ConfigError
+from flor_lightning._errors import BlobError, CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -96,23 +96,6 @@ _PACKABLE = frozenset(
     )
     if hasattr(torch, name)
 )
-
-
-class BlobError(CheckpointError):
-    """A blob of a checkpoint is missing or corrupt.
-
-    Attributes:
-        checkpoint: the manifest's name.
-        tensor: the tensor's path in the state, dotted (``state_dict.net.0.weight``).
-    """
-
-    def __init__(self, checkpoint: str, tensor: str, problem: str) -> None:
-        super().__init__(
-            f"checkpoint {checkpoint!r}: tensor {tensor!r} {problem}. "
-            "Load an earlier checkpoint, or record the run again"
-        )
-        self.checkpoint = checkpoint
-        self.tensor = tensor
 
 
 class BlobIndex(Protocol):

@@ -16,7 +16,6 @@ import contextlib
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -29,19 +28,16 @@ import pandas as pd
 
 from flor_lightning import _housekeeping as housekeeping
 from flor_lightning import _planner as planner
+from flor_lightning import _runs
 from flor_lightning import _store as store
 from flor_lightning import _trackers as trackers
-from flor_lightning._errors import ConfigError, FlorError, GitError
+from flor_lightning._errors import CommandProblem, ConfigError, FlorError, GitError
 from flor_lightning._locate import locate
 from flor_lightning._query import filter_rows, logged_names, open_store, query, records, runs, store_path
 
 FORMATS = ("table", "csv", "json", "parquet")
 _SHOWN_HPARAMS = 4
 _SHOWN_METRICS = 4
-
-
-class Problem(FlorError):
-    """The command ran but found something wrong (exit code 1)."""
 
 
 # ---- output ------------------------------------------------------------------------------------
@@ -127,10 +123,7 @@ def _check_runs(db: str | None, run_ids: Sequence[str] | None) -> None:
     if not run_ids:
         return
     with closing(open_store(db, readonly=True)) as conn:
-        known = {r["run_id"] for r in store.fetch(conn, "SELECT run_id FROM runs")}
-    unknown = sorted(set(run_ids) - known)
-    if unknown:
-        raise Problem(f"unknown run id(s) {unknown}; `flor runs` lists the recorded ones")
+        _runs.check_known(conn, run_ids)
 
 
 # ---- commands ----------------------------------------------------------------------------------
@@ -199,27 +192,26 @@ def cmd_query(args: argparse.Namespace) -> int:
         known = logged_names(args.db)
         shown = ", ".join(known[:30]) + (f" ... ({len(known)} in all)" if len(known) > 30 else "")
         where = f" in run(s) {', '.join(args.run)}" if args.run else ""
-        raise Problem(f"no values logged under {', '.join(map(repr, absent))}{where}; the store has: {shown or '-'}")
+        raise CommandProblem(
+            f"no values logged under {', '.join(map(repr, absent))}{where}; the store has: {shown or '-'}"
+        )
     emit(df, args.format, args.out)
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     """Everything flor knows about one run."""
-    _check_runs(args.db, [args.run])
     with closing(open_store(args.db, readonly=True)) as conn:
-        run = store.fetch(conn, "SELECT * FROM runs WHERE run_id = ?", [args.run])[0]
+        run = _runs.get_run(conn, args.run)
         ckpts = store.fetch(
             conn, "SELECT epoch, path, size FROM checkpoints WHERE run_id = ? ORDER BY epoch", [args.run]
         )
         replays = store.fetch(conn, "SELECT * FROM replays WHERE run_id = ? ORDER BY started", [args.run])
-        host = socket.gethostname()
-        for r in replays:  # killed (kill -9, a version replay's timeout): its row could not say so
-            if r["status"] == "running" and not housekeeping.replay_alive(conn, r["replay_id"], host):
-                r["status"] = "crashed"
-    status = runs(db=args.db).set_index("run_id").loc[args.run, "status"]
+        statuses = _runs.replay_statuses(conn, args.run)  # a killed replay's row could not say so itself
+    for r in replays:
+        r["status"] = statuses[r["replay_id"]]
     info = {
-        "run": {k: run[k] for k in ("run_id", "project", "script", "host", "pid")} | {"status": status},
+        "run": {k: run[k] for k in ("run_id", "project", "script", "host", "pid")} | {"status": _runs.status(run)},
         "argv": _json(run["argv"]),
         "started": str(pd.to_datetime(run["started"], unit="s")),
         "ended": str(pd.to_datetime(run["ended"], unit="s")) if run["ended"] else None,
@@ -304,7 +296,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     )
     for row in (a, b):
         if not row["shadow_commit"]:
-            raise Problem(f"run {row['run_id']} has no code snapshot (it was recorded outside git)")
+            raise CommandProblem(f"run {row['run_id']} has no code snapshot (it was recorded outside git)")
     done = subprocess.run(
         ["git", "diff", "--no-color", a["shadow_commit"], b["shadow_commit"]],
         cwd=_repo_root(args.db),
@@ -376,7 +368,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """Replay every selected past run from its own code version with today's logging."""
-    from flor_lightning import multiversion  # imports torch and Lightning: only for this command
+    from flor_lightning import _multiversion as multiversion  # imports torch and Lightning: only for this command
 
     _check_runs(args.db, args.run)
     with contextlib.redirect_stdout(sys.stderr):  # progress lines: stdout carries only the report

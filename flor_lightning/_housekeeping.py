@@ -37,11 +37,11 @@ from typing import Any
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
+from flor_lightning import _runs
 from flor_lightning import _store as store
 from flor_lightning._errors import CheckpointError, ConfigError
 from flor_lightning._locate import check_writable, open_fs, process_local, protocol
 from flor_lightning._query import open_store
-from flor_lightning._store import replay_alive as replay_alive  # re-exported: `flor show` reads it here
 
 _CHUNK = 8 * 1024 * 1024
 
@@ -96,12 +96,12 @@ def busy_runs(conn: sqlite3.Connection, *, host: str | None = None) -> dict[str,
     """Runs in use, with the reason: still recording, or needed by an unfinished replay."""
     host = host or socket.gethostname()
     busy: dict[str, str] = {}
-    for r in store.fetch(conn, "SELECT run_id, pid, host FROM runs WHERE status = 'running'"):
-        if store.pid_alive(r["pid"], r["host"], host):
+    for r in store.fetch(conn, "SELECT run_id, status, pid, host FROM runs WHERE status = 'running'"):
+        if _runs.status(r, host) == "running":
             busy[r["run_id"]] = "still recording"
     replays = store.fetch(conn, "SELECT replay_id, run_id FROM replays WHERE status = 'running'")
     for rp in replays:
-        if replay_alive(conn, rp["replay_id"], host):
+        if _runs.replay_alive(conn, rp["replay_id"], host):
             busy.setdefault(rp["run_id"], f"replay {rp['replay_id']} is unfinished")
     return busy
 
@@ -219,9 +219,7 @@ def push(url: str, *, runs: Sequence[str] | None = None, db: str | Path | None =
     report = HousekeepingReport()
     with closing(open_store(db)) as conn:
         rows = store.fetch(conn, "SELECT run_id, project, checkpoint_root FROM runs ORDER BY started, run_id")
-        unknown = sorted(set(runs or ()) - {r["run_id"] for r in rows})
-        if unknown:
-            raise ConfigError(f"unknown run id(s) {unknown}; `flor runs` lists the recorded ones")
+        _runs.check_known(conn, runs or ())
         check_writable(dst_fs, dst_root, what="push checkpoints to", hint="Push to a folder or URL you can write.")
         busy = busy_runs(conn)
         for run in rows:

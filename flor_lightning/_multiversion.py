@@ -34,6 +34,7 @@ from lightning.pytorch.callbacks import Callback
 
 from flor_lightning import _planner as planner
 from flor_lightning import _propagate as merging
+from flor_lightning import _runs
 from flor_lightning import _store as store
 from flor_lightning._errors import ConfigError, GitError
 from flor_lightning._locate import locate
@@ -138,7 +139,8 @@ def replay_runs(
         One :class:`VersionReplay` per selected run, oldest run first.
 
     Raises:
-        ConfigError: bad arguments, unknown run ids, or a ``where`` that selects nothing.
+        UnknownRunError: a run id the store does not hold.
+        ConfigError: bad arguments, or a ``where`` that selects nothing.
 
     Example:
         >>> import flor_lightning as flor
@@ -261,17 +263,15 @@ def select_runs(table: pd.DataFrame, where: str | None, runs: Sequence[str] | No
     """The run ids chosen by ``runs`` and ``where`` over ``table``, oldest first.
 
     Raises:
-        ConfigError: unknown run ids, a ``where`` that fails or matches nothing, or no runs at all.
+        UnknownRunError: a run id the table does not hold.
+        ConfigError: a ``where`` that fails or matches nothing, or no runs at all.
     """
     if isinstance(runs, str):
         runs = [runs]
     if runs is not None and not runs:
         raise ConfigError("runs=[] selects nothing; pass run ids, or None to choose among all runs")
-    known = list(table["run_id"]) if len(table) else []
     if runs is not None:
-        unknown = sorted(set(runs) - set(known))
-        if unknown:
-            raise ConfigError(f"unknown run id(s) {unknown}; flor.runs() lists the {len(known)} recorded ones")
+        _runs.check_listed(runs, dict(zip(table["run_id"], table["started"], strict=True)))
         table = table[table["run_id"].isin(list(runs))]
     if where:
         try:

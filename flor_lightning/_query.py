@@ -21,6 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from flor_lightning import _runs
 from flor_lightning import _store as store
 from flor_lightning._errors import ConfigError, StoreError
 from flor_lightning._locate import locate
@@ -70,8 +71,7 @@ def runs(*, db: str | Path | None = None) -> pd.DataFrame:
 def _runs_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     host = socket.gethostname()
     for row in rows:
-        if row["status"] == "running" and not store.pid_alive(row["pid"], row["host"], host):
-            row["status"] = "crashed"
+        row["status"] = _runs.status(row, host)
         for col in ("argv", "hparams", "settings", "versions", "left_out"):
             row[col] = json.loads(row[col]) if row[col] else {}
     df = pd.DataFrame(rows, columns=list(rows[0]) if rows else ["run_id", "started", "status"])
@@ -103,7 +103,7 @@ def records(
     """
     path = store_path(db)
     with closing(store.connect(path, readonly=True)) as conn:
-        statuses = store.replay_statuses(conn)
+        statuses = _runs.replay_statuses(conn)
     df = _records(path, list(names), _as_list(run), unfinished=unfinished)
     status = [None if r is None else statuses.get(r) for r in df["replay_id"]]
     df.insert(2, "replay_status", pd.Series(status, index=df.index, dtype=object))
@@ -231,11 +231,9 @@ def query(
     run_ids = _as_list(run)
     with closing(store.connect(path, readonly=True)) as conn:
         run_rows = store.fetch(conn, "SELECT * FROM runs ORDER BY started, run_id")
+        _runs.check_known(conn, run_ids or ())
     runs_df = _runs_frame(run_rows)
     if run_ids:
-        unknown = sorted(set(run_ids) - set(runs_df["run_id"]))
-        if unknown:
-            raise ConfigError(f"unknown run id(s) {unknown}; flor.runs() lists the recorded ones")
         runs_df = runs_df[runs_df["run_id"].isin(run_ids)].reset_index(drop=True)
     cells = _cells(path, list(names), run_ids, list(runs_df["run_id"]), unfinished=unfinished)
     axes, table = _pivot(cells, replayed=replayed)

@@ -21,14 +21,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from flor_lightning import _codecheck as codecheck
 from flor_lightning import _codeversion as codeversion
-from flor_lightning import _lightning
+from flor_lightning import _lightning, _runs
 from flor_lightning import _planner as planner
 from flor_lightning import _replay_loggers as replay_loggers
 from flor_lightning import _shadow as shadow
 from flor_lightning import _store as store
 from flor_lightning._callback import hyperparameters
 from flor_lightning._checkpoints import CheckpointStore
-from flor_lightning._errors import CheckpointError, FlorError, ReplayError
+from flor_lightning._errors import BadCheckpoint, CheckpointError, FlorError, ReplayError
 from flor_lightning._locate import Location, locate, process_local
 
 if TYPE_CHECKING:
@@ -99,11 +99,7 @@ class ReplayReport:
 def find_run(conn: sqlite3.Connection, run: str | None, script: str | None) -> dict[str, Any]:
     """The run to replay: ``run`` if given, else the latest run of ``script`` that has checkpoints."""
     if run is not None:
-        rows = store.fetch(conn, "SELECT * FROM runs WHERE run_id = ?", [run])
-        if not rows:
-            recent = [r["run_id"] for r in store.fetch(conn, "SELECT run_id FROM runs ORDER BY started DESC LIMIT 5")]
-            raise ReplayError(f"unknown run id {run!r}; the latest runs are {recent} (flor.runs() lists all)")
-        return rows[0]
+        return _runs.get_run(conn, run)
     rows = store.fetch(
         conn,
         "SELECT * FROM runs WHERE script IS ? AND run_id IN (SELECT run_id FROM checkpoints) "
@@ -571,14 +567,6 @@ class SegmentRunner:
                 )
 
 
-class BadCheckpoint(CheckpointError):
-    """A checkpoint that is missing or fails its checksum; ``epoch`` names it."""
-
-    def __init__(self, epoch: int, message: str) -> None:
-        super().__init__(message)
-        self.epoch = epoch
-
-
 def wait_for_segments(
     db_path: str,
     replay_id: str,
@@ -603,11 +591,7 @@ def wait_for_segments(
                 r["segment"]: r
                 for r in store.fetch(c, "SELECT * FROM replay_segments WHERE replay_id = ?", [replay_id])
             }
-        failed = [
-            r
-            for r in rows.values()
-            if r["status"] == "failed" or (r["status"] == "running" and not store.pid_alive(r["pid"], r["host"], host))
-        ]
+        failed = [r for r in rows.values() if _runs.status(r, host) in ("failed", "crashed")]
         if failed:
             raise segments_failed(replay_id, failed, segments)
         if len(rows) == segments and all(r["status"] == "finished" for r in rows.values()):
@@ -660,7 +644,7 @@ def _replace_unfinished(conn: sqlite3.Connection, report: ReplayReport) -> None:
     """A finished replay repeats the unfinished (failed, crashed) replays of its run where it logged the same
     name at the same epoch: their values there are deleted, so no cell holds both. Their other values stay
     (``flor.query(..., unfinished=True)`` shows them)."""
-    statuses = store.replay_statuses(conn, report.run_id)
+    statuses = _runs.replay_statuses(conn, report.run_id)
     stale = [r for r, status in statuses.items() if status in ("failed", "crashed") and r != report.replay_id]
     with store.immediate(conn):
         for other in stale:

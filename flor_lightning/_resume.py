@@ -7,6 +7,7 @@ import socket
 import sqlite3
 from pathlib import Path
 
+from flor_lightning import _runs
 from flor_lightning._errors import CheckpointError
 from flor_lightning._locate import open_fs
 from flor_lightning._query import open_store
@@ -23,7 +24,8 @@ def last_checkpoint(run: str | None = None, *, db: str | Path | None = None) -> 
         trainer.fit(model, datamodule=dm, ckpt_path=flor.last_checkpoint(run_id))
 
     Raises:
-        CheckpointError: the run is unknown or has no complete checkpoint.
+        UnknownRunError: the store holds no run ``run``.
+        CheckpointError: the run has no complete checkpoint.
     """
     conn = open_store(db)
     try:
@@ -38,11 +40,9 @@ def last_checkpoint(run: str | None = None, *, db: str | Path | None = None) -> 
             [run],
         ).fetchone()
         if row is None:
-            known = conn.execute("SELECT 1 FROM runs WHERE run_id = ?", [run]).fetchone()
+            _runs.check_known(conn, [run])
             raise CheckpointError(
                 f"run {run!r} has no complete checkpoint; it crashed before its first epoch ended, so start it again"
-                if known
-                else f"unknown run {run!r}; flor.runs() lists the recorded runs"
             )
         path, root = str(row[0]), str(row[1])
         return open_fs(root)[0].unstrip_protocol(path) if "://" in root else path

@@ -12,7 +12,6 @@ import functools
 import json
 import math
 import os
-import socket
 import sqlite3
 import threading
 import time
@@ -554,44 +553,6 @@ def _reported(conn: sqlite3.Connection) -> Iterator[None]:
         except sqlite3.Error:
             path = "(the log store)"
         raise store_error(path, err) from err
-
-
-def pid_alive(pid: int | None, host: str | None, this_host: str) -> bool:
-    """Whether process ``pid`` on ``host`` may still run (a process on another host is assumed alive)."""
-    if pid is None or host != this_host:
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def replay_alive(conn: sqlite3.Connection, replay_id: str, host: str) -> bool:
-    """Whether a replay marked running may still be: a segment's process lives, or none has started
-    yet and the process that registered the replay lives (unknown in stores older than 0004: kept).
-    """
-    segs = fetch(conn, "SELECT status, pid, host FROM replay_segments WHERE replay_id = ?", [replay_id])
-    if not segs:
-        (owner,) = fetch(conn, "SELECT pid, host FROM replays WHERE replay_id = ?", [replay_id])
-        return owner["pid"] is None or pid_alive(owner["pid"], owner["host"], host)
-    return any(s["status"] == "running" and pid_alive(s["pid"], s["host"], host) for s in segs)
-
-
-def replay_statuses(conn: sqlite3.Connection, run_id: str | None = None) -> dict[str, str]:
-    """Each replay's status (of ``run_id``, or all) as a reader sees it: ``finished``, ``failed``,
-    ``running``, or ``crashed`` for one marked running whose processes are gone."""
-    host = socket.gethostname()
-    where, params = ("WHERE run_id = ?", [run_id]) if run_id is not None else ("", [])
-    rows = fetch(conn, f"SELECT replay_id, status FROM replays {where}", params)
-    return {
-        r["replay_id"]: "crashed"
-        if r["status"] == "running" and not replay_alive(conn, r["replay_id"], host)
-        else r["status"]
-        for r in rows
-    }
 
 
 def placeholders(values: Iterable[Any]) -> str:

@@ -33,7 +33,8 @@ from typing import Any
 
 import pandas as pd
 
-from flor_lightning._errors import ConfigError, StoreError
+from flor_lightning import _runs
+from flor_lightning._errors import ConfigError
 from flor_lightning._query import records, runs
 
 EVENT_SUFFIX = ".flor"  # marks the event files flor's export wrote (an export replaces only those)
@@ -80,9 +81,7 @@ def export_values(rec: pd.DataFrame) -> pd.DataFrame:
 def _selected(run: str | Sequence[str] | None, db: str | Path | None) -> tuple[list[dict[str, Any]], pd.DataFrame]:
     table = runs(db=db)
     wanted = [run] if isinstance(run, str) else list(run) if run is not None else list(table["run_id"])
-    unknown = sorted(set(wanted) - set(table["run_id"]))
-    if unknown:
-        raise StoreError(f"unknown run id(s) {unknown}; `flor runs` lists the recorded ones")
+    _runs.check_listed(wanted, dict(zip(table["run_id"], table["started"], strict=True)))
     if not wanted:
         return [], pd.DataFrame(columns=["run_id", "replay_id", "name", "epoch", "step", "value"])
     chosen = table[table["run_id"].isin(wanted)]

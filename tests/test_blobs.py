@@ -31,7 +31,6 @@ from safetensors import safe_open
 from torch import nn
 
 from flor_lightning._blobs import (
-    BlobError,
     BlobStore,
     ChangeTracker,
     Snapshot,
@@ -41,7 +40,7 @@ from flor_lightning._blobs import (
     push_plan,
     watch_untracked_writes,
 )
-from flor_lightning._errors import CheckpointError, ConfigError
+from flor_lightning._errors import BlobError, CheckpointError, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -255,7 +255,10 @@ def test_unknown_run_exits_1_and_usage_errors_exit_2(
     root, run_a, _ = recorded
     done = flor_cmd("show", "no-such-run", cwd=root)
     assert done.returncode == 1
-    assert done.stderr.strip() == "flor: unknown run id(s) ['no-such-run']; `flor runs` lists the recorded ones"
+    latest = [recorded[2], run_a]  # newest first: run b was recorded after run a
+    assert done.stderr.strip() == (
+        f"flor: unknown run id 'no-such-run'; the latest runs are {latest} (`flor runs` or flor.runs() lists every one)"
+    )
     assert flor_in_process(capsys, "diff", run_a, "nope")[0] == 1
     assert flor_in_process(capsys, "query", "--run", "nope")[0] == 1
     code, _, err = flor_in_process(capsys, "query", "--where", "no_such_column > 1")

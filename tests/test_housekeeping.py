@@ -385,7 +385,7 @@ def test_push_unknown_run_and_bad_url(three_runs: tuple[Path, list[str]], capsys
     from flor_lightning import _cli as cli
 
     assert cli.main(["push", str(three_runs[0].parent / "archive"), "--run", "nope"]) == 1
-    assert "unknown run id(s) ['nope']" in capsys.readouterr().err
+    assert "unknown run id 'nope'; the latest runs are [" in capsys.readouterr().err
     assert cli.main(["push", "nosuchproto://bucket/x"]) == 2
     assert "cannot use checkpoint location" in capsys.readouterr().err
 

@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import Callback
 import flor_lightning as flor
 from flor_lightning import _multiversion as multiversion
 from flor_lightning import _propagate as merging
-from flor_lightning._errors import ConfigError
+from flor_lightning._errors import ConfigError, UnknownRunError
 
 SCRIPT = """
 import argparse
@@ -330,7 +330,7 @@ def test_a_where_that_matches_nothing_names_the_columns():
         multiversion.select_runs(_table(), "lr > 1", None)
     with pytest.raises(ConfigError, match=r"cannot evaluate where='nope > 1'.*Columns"):
         multiversion.select_runs(_table(), "nope > 1", None)
-    with pytest.raises(ConfigError, match=r"unknown run id\(s\) \['zz'\]"):
+    with pytest.raises(UnknownRunError, match=r"unknown run id 'zz'; the latest runs are \["):
         multiversion.select_runs(_table(), None, ["zz"])
     with pytest.raises(ConfigError, match=r"runs=\[\] selects nothing"):
         multiversion.select_runs(_table(), None, [])

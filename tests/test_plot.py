@@ -68,7 +68,7 @@ def test_bad_requests_say_what_to_do(
     with pytest.raises(ConfigError, match="x must be one of"):
         curves(["val_loss"], x="time")
     assert cli.main(["plot", "val_loss", "--run", "nope", "--out", str(tmp_path / "x.png")]) == 1
-    assert "unknown run id(s) ['nope']" in capsys.readouterr().err
+    assert "unknown run id 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
 
 

@@ -110,9 +110,11 @@ def test_run_filter(db: Path) -> None:
     assert set(flor.records(run=RUN_A)["run_id"]) == {RUN_A}
 
 
-def test_unknown_run_is_a_config_error(db: Path) -> None:
-    with pytest.raises(ConfigError, match=r"unknown run.*nope.*flor\.runs\(\)"):
+def test_unknown_run_is_named_with_the_latest_runs(db: Path) -> None:
+    with pytest.raises(flor.UnknownRunError, match=r"unknown run id 'nope'; the latest runs are \[.*flor\.runs") as e:
         flor.query(run=["nope", RUN_A])
+    assert e.value.unknown == ["nope"] and RUN_A in e.value.latest
+    assert isinstance(e.value, LookupError)
 
 
 def test_where_over_hyperparameters_and_axes(db: Path) -> None:

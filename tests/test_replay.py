@@ -57,7 +57,7 @@ def recorded(project: Path) -> tuple[Path, str]:
     return project, trainer.flor.run_id
 
 
-def replay(m: ModuleType, **kwargs) -> flor.replay.ReplayReport:  # type: ignore[name-defined]
+def replay(m: ModuleType, **kwargs) -> flor.ReplayReport:
     L.seed_everything(7)
     trainer = flor.Trainer(**trainer_kwargs(max_epochs=kwargs.pop("max_epochs", 3), **kwargs.pop("trainer", {})))
     return trainer.replay(m.DigitsClassifier(**kwargs.pop("model", {})), datamodule=m.DigitsData(), **kwargs)
@@ -183,10 +183,15 @@ def test_different_data_length_is_refused_when_re_training(recorded):
         replay(load_module(root), train=True, trainer={"limit_train_batches": 3})
 
 
+def test_an_unknown_run_is_named_with_the_latest_runs(recorded):
+    root, run_id = recorded
+    with pytest.raises(flor.UnknownRunError, match=rf"unknown run id 'nope'; the latest runs are \['{run_id}'\]"):
+        replay(load_module(root), run="nope")
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"run": "nope"}, "unknown run id 'nope'"),
         ({"epochs": [5]}, r"epochs \[5\] were not recorded; recorded epochs: 0-2"),
         ({"segments": 0}, "segments must be a whole number"),
         ({"segments": 4}, "segments must be between 1 and the number of epochs"),

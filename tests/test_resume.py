@@ -9,7 +9,6 @@ from helpers import rows
 from models import DigitsClassifier, DigitsData, trainer_kwargs
 
 import flor_lightning as flor
-from flor_lightning._errors import CheckpointError
 
 pytestmark = pytest.mark.integration
 
@@ -70,5 +69,5 @@ def test_resumed_weights_equal_the_uninterrupted_ones(project):
 
 def test_last_checkpoint_errors(project):
     fit(max_epochs=1)
-    with pytest.raises(CheckpointError, match="unknown run 'nope'"):
+    with pytest.raises(flor.UnknownRunError, match="unknown run id 'nope'"):
         flor.last_checkpoint("nope")

@@ -10,7 +10,7 @@ from contextlib import closing
 import pytest
 import torch
 
-from flor_lightning import _housekeeping as housekeeping
+from flor_lightning import _runs
 from flor_lightning import _store as store
 from flor_lightning._errors import StoreError
 
@@ -42,7 +42,7 @@ def test_a_store_of_an_older_release_is_brought_up_to_date_keeping_its_rows(tmp_
         assert run == {"run_id": "r1", "status": "finished", "cwd": None}
         assert replay == {"replay_id": "r1.x", "pid": None, "host": None}
         # which process registered the replay is unknown: it is kept as possibly running
-        assert housekeeping.replay_alive(conn, "r1.x", "this-host")
+        assert _runs.replay_alive(conn, "r1.x", "this-host")
 
 
 def test_migration_0006_moves_bad_checkpoint_marks_out_of_the_report(tmp_path, monkeypatch):

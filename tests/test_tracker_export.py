@@ -11,7 +11,6 @@ from test_replay_loggers import record, replay, scalars
 
 import flor_lightning as flor
 from flor_lightning import _cli as cli
-from flor_lightning._errors import StoreError
 from flor_lightning._tracker_export import export_mlflow, export_tensorboard, export_values, mlflow_name
 
 
@@ -126,8 +125,8 @@ def test_export_of_an_unknown_run_or_without_a_destination_says_what_to_do(proje
     assert cli.main(["export", "--run", "nope"]) == 2
     assert "needs a destination: --tensorboard DIR and/or --mlflow URI" in capsys.readouterr().err
     assert cli.main(["export", "--tensorboard", "tb", "--run", "nope"]) == 1
-    assert "unknown run id(s) ['nope']" in capsys.readouterr().err
-    with pytest.raises(StoreError, match=r"unknown run id\(s\) \['nope'\]"):
+    assert "unknown run id 'nope'" in capsys.readouterr().err
+    with pytest.raises(flor.UnknownRunError, match=r"unknown run id 'nope'"):
         export_tensorboard("tb", run="nope")
     assert export_tensorboard("tb") == []  # no runs: nothing written
     assert not (project / "tb").exists()

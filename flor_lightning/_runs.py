@@ -1,0 +1,96 @@
+"""The runs and replays a log store holds: finding them by id, and the state each is in.
+
+One place for two rules that the command line, the queries, housekeeping and replay all need:
+a run id the store does not hold is an :class:`~flor_lightning.UnknownRunError` that names the
+latest runs, and a run, replay or replay segment marked ``running`` whose process is gone reads
+``crashed``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+from flor_lightning import _store as store
+from flor_lightning._errors import UnknownRunError
+
+Status = Literal["running", "finished", "failed", "crashed"]
+"""What a run, replay or segment is: ``running``, ``finished``, ``failed``, or ``crashed`` (marked
+running by a process that is gone)."""
+
+_LATEST = 5  # runs an UnknownRunError names
+
+
+def check_known(conn: sqlite3.Connection, run_ids: Iterable[str]) -> None:
+    """Raise :class:`UnknownRunError` naming the ids of ``run_ids`` the store does not hold."""
+    wanted = sorted(set(run_ids))
+    if wanted:
+        rows = store.fetch(conn, "SELECT run_id, started FROM runs")
+        check_listed(wanted, {r["run_id"]: r["started"] for r in rows})
+
+
+def check_listed(run_ids: Iterable[str], started: Mapping[str, Any]) -> None:
+    """Raise :class:`UnknownRunError` naming the ids of ``run_ids`` that ``started`` (every known run id
+    with its start time, of a table already read) does not hold."""
+    unknown = sorted(set(run_ids) - set(started))
+    if unknown:
+        latest = sorted(started, key=lambda r: started[r], reverse=True)[:_LATEST]
+        raise UnknownRunError(unknown, latest)
+
+
+def get_run(conn: sqlite3.Connection, run_id: str) -> dict[str, Any]:
+    """The ``runs`` row of ``run_id``; :class:`UnknownRunError` when the store has none."""
+    rows = store.fetch(conn, "SELECT * FROM runs WHERE run_id = ?", [run_id])
+    if not rows:
+        check_known(conn, [run_id])
+    return rows[0]
+
+
+def pid_alive(pid: int | None, host: str | None, this_host: str | None = None) -> bool:
+    """Whether process ``pid`` on ``host`` may still run (a process on another host is assumed alive)."""
+    if pid is None or host != (this_host or socket.gethostname()):
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def status(row: Mapping[str, Any], host: str | None = None) -> Status:
+    """The status of a ``runs`` or ``replay_segments`` row as it stands: ``crashed`` for one marked
+    running whose process is gone."""
+    marked: Status = row["status"]
+    if marked == "running" and not pid_alive(row["pid"], row["host"], host):
+        return "crashed"
+    return marked
+
+
+def replay_alive(conn: sqlite3.Connection, replay_id: str, host: str | None = None) -> bool:
+    """Whether a replay marked running may still be: a segment's process lives, or none has started
+    yet and the process that registered the replay lives (unknown in stores older than 0004: kept).
+    """
+    segs = store.fetch(conn, "SELECT status, pid, host FROM replay_segments WHERE replay_id = ?", [replay_id])
+    if not segs:
+        (owner,) = store.fetch(conn, "SELECT pid, host FROM replays WHERE replay_id = ?", [replay_id])
+        return owner["pid"] is None or pid_alive(owner["pid"], owner["host"], host)
+    return any(status(s, host) == "running" for s in segs)
+
+
+def replay_statuses(conn: sqlite3.Connection, run_id: str | None = None) -> dict[str, Status]:
+    """Each replay's status (of ``run_id``, or all) as it stands: ``crashed`` for one marked running
+    whose processes are gone."""
+    host = socket.gethostname()
+    where, params = ("WHERE run_id = ?", [run_id]) if run_id is not None else ("", [])
+    rows = store.fetch(conn, f"SELECT replay_id, status FROM replays {where}", params)
+    return {
+        r["replay_id"]: "crashed"
+        if r["status"] == "running" and not replay_alive(conn, r["replay_id"], host)
+        else r["status"]
+        for r in rows
+    }
