@@ -8,6 +8,7 @@ import sqlite3
 from pathlib import Path
 
 from flor_lightning import _runs
+from flor_lightning import _store as store
 from flor_lightning._errors import CheckpointError
 from flor_lightning._locate import open_fs
 from flor_lightning._query import open_store
@@ -61,8 +62,7 @@ def reopen_run(conn: sqlite3.Connection, run_id: str, epoch: int) -> None:
     The values, timings and checkpoints of later epochs belong to the trajectory being replaced;
     the resumed run logs them again.
     """
-    with conn:
-        conn.execute("BEGIN IMMEDIATE")
+    with store.immediate(conn):
         conn.execute("DELETE FROM logs WHERE run_id = ? AND replay_id IS NULL AND epoch > ?", [run_id, epoch])
         conn.execute("DELETE FROM epochs WHERE run_id = ? AND epoch > ?", [run_id, epoch])
         conn.execute("DELETE FROM checkpoints WHERE run_id = ? AND epoch > ?", [run_id, epoch])
@@ -70,7 +70,6 @@ def reopen_run(conn: sqlite3.Connection, run_id: str, epoch: int) -> None:
             "UPDATE runs SET status = 'running', ended = NULL, pid = ?, host = ? WHERE run_id = ?",
             [os.getpid(), socket.gethostname(), run_id],
         )
-        conn.execute("COMMIT")
 
 
 def recorded_checkpoints(conn: sqlite3.Connection, run_id: str) -> set[int]:

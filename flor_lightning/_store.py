@@ -191,9 +191,11 @@ def connect(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
         _use_wal(conn)
         conn.execute("PRAGMA synchronous=NORMAL")
         _migrate(conn)
-    except (sqlite3.DatabaseError, OSError) as err:
+    except (sqlite3.DatabaseError, OSError, StoreError) as err:
         if conn is not None:
             conn.close()
+        if isinstance(err, StoreError):  # a migration's own failure, already named (immediate())
+            raise
         raise store_error(path, err) from err
     return conn
 
@@ -325,8 +327,7 @@ def _pending(conn: sqlite3.Connection) -> bool:
 def _migrate(conn: sqlite3.Connection) -> None:
     if not _pending(conn):
         return  # up to date: no write lock needed
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with immediate(conn):
         conn.execute("CREATE TABLE IF NOT EXISTS flor_migrations (name TEXT PRIMARY KEY, applied REAL)")
         tables = _tables(conn)
         done = {r[0] for r in conn.execute("SELECT name FROM flor_migrations")}
@@ -338,10 +339,6 @@ def _migrate(conn: sqlite3.Connection) -> None:
                     if statement.strip():
                         conn.execute(statement)
                 conn.execute("INSERT INTO flor_migrations VALUES (?, julianday('now'))", (name,))
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
 
 
 def encode_value(value: Any) -> tuple[float | None, str | None]:
@@ -471,9 +468,8 @@ class LogWriter:
                 rows += [(*context, flat[i], *encode_value(flat[i + 1])) for i in range(0, len(flat), 2)]
         if not rows:
             return
-        conn.execute("BEGIN IMMEDIATE")
-        _insert_rows(conn, rows)
-        conn.execute("COMMIT")
+        with immediate(conn):
+            _insert_rows(conn, rows)
 
 
 # A flush inserts 99 rows per statement. sqlite3 releases and retakes the GIL for each statement
@@ -506,7 +502,7 @@ def insert(conn: sqlite3.Connection, table: str, row: dict[str, Any], *, replace
     marks = ", ".join("?" * len(row))
     values = [json.dumps(v, default=repr) if isinstance(v, (dict, list)) else v for v in row.values()]
     verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
-    with _reported(conn), conn:
+    with _reported(conn):  # one statement: atomic by itself, and part of an enclosing immediate() transaction
         conn.execute(f"{verb} INTO {table} ({cols}) VALUES ({marks})", values)
 
 
@@ -515,15 +511,17 @@ def update(conn: sqlite3.Connection, table: str, key: dict[str, Any], values: di
     sets = ", ".join(f"{c} = ?" for c in values)
     where = " AND ".join(f"{c} = ?" for c in key)
     params = [json.dumps(v, default=repr) if isinstance(v, (dict, list)) else v for v in values.values()]
-    with _reported(conn), conn:
+    with _reported(conn):  # one statement: atomic by itself, and part of an enclosing immediate() transaction
         conn.execute(f"UPDATE {table} SET {sets} WHERE {where}", [*params, *key.values()])
 
 
 @contextmanager
 def immediate(conn: sqlite3.Connection) -> Iterator[None]:
     """One write transaction taken at once (``BEGIN IMMEDIATE``): no other process writes between its
-    reads and its writes. Inside it, use ``conn.execute``: :func:`insert` and :func:`update` commit.
-    A sqlite error is raised as a :class:`StoreError` naming the file."""
+    reads and its writes; everything inside it (:func:`insert` and :func:`update` too) commits or
+    rolls back together. This is the store's one way to group statements: each statement outside it
+    commits by itself (the connection is in autocommit mode). A sqlite error is raised as a
+    :class:`StoreError` naming the file."""
     with _reported(conn):
         conn.execute("BEGIN IMMEDIATE")
         try:
