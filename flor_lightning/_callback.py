@@ -30,7 +30,16 @@ from flor_lightning import _trackers as trackers
 from flor_lightning._capture import LogCapture
 from flor_lightning._checkpoints import CheckpointInfo, CheckpointStore, snapshot
 from flor_lightning._errors import CheckpointError, ConfigError, FlorError
-from flor_lightning._locate import Location, checkpoint_root, ignore_flor_folder, locate, open_fs, process_local
+from flor_lightning._locate import (
+    Location,
+    checkpoint_root,
+    ignore_flor_folder,
+    locate,
+    open_fs,
+    process_local,
+    relative,
+    script,
+)
 from flor_lightning._resume import recorded_checkpoints, reopen_run, run_exists
 from flor_lightning._shadow import DEFAULT_MAX_FILE_BYTES
 
@@ -284,8 +293,7 @@ class FlorCallback(Callback):
         loc: Location,
         ckpt_url: str | None,
     ) -> None:
-        script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
-        rel_script = _relative(script, loc.root) if script else None
+        rel_script = script(loc)
         exclude = codeversion.run_exclusions(loc, trainer, ckpt_url)
         message = f"flor run {run_id}: {rel_script}"
         version = self._timed(
@@ -301,7 +309,7 @@ class FlorCallback(Callback):
                 "project": loc.project,
                 "script": rel_script,
                 "argv": list(sys.argv[1:]),
-                "cwd": _relative(Path.cwd(), loc.root),
+                "cwd": relative(Path.cwd(), loc.root),
                 "started": self._clock(),
                 "status": "running",
                 "pid": os.getpid(),
@@ -554,13 +562,6 @@ class FlorCallback(Callback):
             log_writer_cpu_seconds=w.cpu_seconds if w else 0.0,
             checkpoint_every=self._period,
         )
-
-
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return str(path)
 
 
 def hyperparameters(

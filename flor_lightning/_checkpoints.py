@@ -34,7 +34,7 @@ from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from flor_lightning._errors import CheckpointError
-from flor_lightning._locate import check_writable, open_fs
+from flor_lightning._locate import check_writable, fs_for, open_fs
 
 log = logging.getLogger(__name__)
 
@@ -219,12 +219,9 @@ class CheckpointStore:
         finally:
             self.writer_cpu_seconds += time.thread_time() - cpu
 
-    def _fs(self, path: str) -> AbstractFileSystem:
-        return open_fs(path)[0] if "://" in path else self.fs
-
     def exists(self, path: str) -> bool:
         """Whether the checkpoint file at ``path`` (this store's, or a URL where it was pushed) exists."""
-        return bool(self._fs(path).exists(path))
+        return bool(fs_for(path, self.fs)[0].exists(path))
 
     def load(self, path: str, sha256: str | None) -> dict[str, Any]:
         """Read a checkpoint as data (``weights_only=True``), verifying its checksum first.
@@ -235,7 +232,7 @@ class CheckpointStore:
             CheckpointError: the file is missing, its checksum differs, or it is not a checkpoint.
         """
         try:
-            data = self._fs(path).cat_file(path)
+            data = fs_for(path, self.fs)[0].cat_file(path)
         except FileNotFoundError as err:
             raise CheckpointError(f"checkpoint {path!r} is missing") from err
         if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:

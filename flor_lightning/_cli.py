@@ -34,6 +34,7 @@ from flor_lightning import _trackers as trackers
 from flor_lightning._errors import CommandProblem, ConfigError, FlorError, GitError
 from flor_lightning._locate import locate
 from flor_lightning._query import filter_rows, logged_names, open_store, query, records, runs, store_path
+from flor_lightning._table import text_table
 
 FORMATS = ("table", "csv", "json", "parquet")
 _SHOWN_HPARAMS = 4
@@ -84,16 +85,9 @@ def _table(df: pd.DataFrame) -> str:
     """An aligned text table: text left-aligned, numbers right-aligned, missing values as ``-``."""
     if df.empty:
         return "(no rows)\n"
-    columns = [str(c) for c in df.columns]
     cells = [[_cell(v) for v in row] for row in df.itertuples(index=False)]
     numeric = [pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c]) for c in df.columns]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-
-    def line(values: list[str]) -> str:
-        parts = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)]
-        return "  ".join(parts).rstrip()
-
-    return "\n".join([line(columns), *(line(row) for row in cells)]) + "\n"
+    return "\n".join(text_table([str(c) for c in df.columns], cells, right=numeric)) + "\n"
 
 
 def _cell(v: Any) -> str:

@@ -40,7 +40,7 @@ from fsspec.implementations.local import LocalFileSystem
 from flor_lightning import _runs
 from flor_lightning import _store as store
 from flor_lightning._errors import CheckpointError, ConfigError
-from flor_lightning._locate import check_writable, open_fs, process_local, protocol
+from flor_lightning._locate import check_writable, fs_for, open_fs, process_local, protocol
 from flor_lightning._query import open_store
 
 _CHUNK = 8 * 1024 * 1024
@@ -79,17 +79,6 @@ class HousekeepingReport:
     @property
     def bytes(self) -> int:
         return sum(f.bytes for f in self.freed) + sum(m.bytes for m in self.moved)
-
-
-def fs_of(path: str, root: str | None) -> tuple[AbstractFileSystem, str]:
-    """The filesystem holding an indexed checkpoint ``path`` and the path on it.
-
-    A path with a protocol (what :func:`push` writes) names its own filesystem; a bare path
-    lies on the filesystem of the run's ``checkpoint_root``.
-    """
-    if "://" in path:
-        return open_fs(path)
-    return (open_fs(root)[0] if root else open_fs(path)[0]), path
 
 
 def busy_runs(conn: sqlite3.Connection, *, host: str | None = None) -> dict[str, str]:
@@ -172,7 +161,7 @@ def _remove_run_files(rows: list[dict[str, Any]], root: str | None, run_id: str,
     count = size = 0
     indexed = set()
     for r in rows:
-        fs, path = fs_of(r["path"], root)
+        fs, path = fs_for(r["path"], root)
         indexed.add(fs.unstrip_protocol(path))
         if fs.exists(path):
             count, size = count + 1, size + int(r["size"])
@@ -284,7 +273,7 @@ def _push_file(
     """Move one checkpoint; what happened: ``moved``, ``there`` (the index already names the destination),
     ``elsewhere`` (it is the destination file under another name) or ``busy`` (a replay started meanwhile)."""
     run_id = run["run_id"]
-    src_fs, src = fs_of(row["path"], run["checkpoint_root"])
+    src_fs, src = fs_for(row["path"], run["checkpoint_root"])
     dst = f"{target}/{run_id}/{posixpath.basename(src)}"
     if src_fs.unstrip_protocol(src) == dst_fs.unstrip_protocol(dst) or same_file(src_fs, src, dst_fs, dst):
         _remove_twin(run, posixpath.basename(src), dst_fs, target)  # left by a push killed before its delete

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,21 @@ def locate(cwd: Path | None = None, env: Mapping[str, str] | None = None) -> Loc
     return Location(root=root, in_git=repo is not None, db_path=db, project=root.name or "project")
 
 
+def relative(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` in posix form, or the absolute path where it lies outside ``root``."""
+    try:
+        return path.resolve().relative_to(root).as_posix()
+    except ValueError:
+        return str(path.resolve())
+
+
+def script(loc: Location, argv: Sequence[str] | None = None) -> str | None:
+    """The running script (``argv[0]``, default ``sys.argv``) as the store records it: relative to the
+    project root, absolute outside it; None when there is no script (an interactive session)."""
+    argv = sys.argv if argv is None else argv
+    return relative(Path(argv[0]), loc.root) if argv and argv[0] else None
+
+
 def checkpoint_root(project: str, override: str | None = None, env: Mapping[str, str] | None = None) -> str:
     """The checkpoint root URL for ``project``: ``override``, else ``$FLOR_HOME/<project>``, else ``~/.flor/<project>``.
 
@@ -69,6 +85,19 @@ def ignore_flor_folder(folder: Path) -> None:
     marker = folder / ".gitignore"
     if not marker.exists():
         marker.write_text("# created by flor_lightning: the log store is not source code\n*\n")
+
+
+def fs_for(path: str, root: str | AbstractFileSystem | None) -> tuple[AbstractFileSystem, str]:
+    """The filesystem holding an indexed checkpoint ``path``, and the path on it.
+
+    A path with a protocol (what ``flor push`` indexes) names its own filesystem; a bare path lies on
+    ``root``'s: the run's checkpoint root (a URL or a filesystem already open), local where None.
+    """
+    if "://" in path:
+        return open_fs(path)
+    if isinstance(root, AbstractFileSystem):
+        return root, path
+    return (open_fs(root)[0] if root else open_fs(path)[0]), path
 
 
 def open_fs(url: str) -> tuple[AbstractFileSystem, str]:

@@ -38,9 +38,10 @@ from flor_lightning import _runs
 from flor_lightning import _store as store
 from flor_lightning._errors import ConfigError, GitError
 from flor_lightning._locate import locate
-from flor_lightning._query import run_info, store_path
+from flor_lightning._query import filter_rows, run_info, store_path
 from flor_lightning._query import runs as runs_table
-from flor_lightning._shadow import SHADOW_BRANCH
+from flor_lightning._shadow import SHADOW_BRANCH, has_commit
+from flor_lightning._table import text_table
 
 # What `where` can name besides the hyperparameters (a clashing hyperparameter is ``hparam.<name>``).
 RUN_FRAME_COLUMNS = ("run_id", "project", "started", "status", "script", "shadow_commit", "head_commit", "branch")
@@ -274,14 +275,11 @@ def select_runs(table: pd.DataFrame, where: str | None, runs: Sequence[str] | No
         _runs.check_listed(runs, dict(zip(table["run_id"], table["started"], strict=True)))
         table = table[table["run_id"].isin(list(runs))]
     if where:
-        try:
-            table = table.query(where)
-        except Exception as err:
-            raise ConfigError(f"cannot evaluate where={where!r}: {err}. Columns: {list(table.columns)}") from err
+        table = filter_rows(table, where, label="where=")
         if table.empty:
             raise ConfigError(
                 f"where={where!r} matches none of the runs that can be replayed (with a code snapshot and "
-                f"checkpoints). Columns: {list(table.columns)}"
+                f"checkpoints). Columns: {', '.join(map(str, table.columns))}"
             )
     if table.empty:
         raise ConfigError(
@@ -312,7 +310,7 @@ def _unfit(row: dict[str, Any], has_checkpoints: bool, status: str) -> str | Non
 
 def _missing_commit(root: Path, commit: str) -> str | None:
     with git.Repo(root) as repo:
-        if not repo.git.rev_parse("-q", "--verify", f"{commit}^{{commit}}", with_exceptions=False):
+        if not has_commit(repo, commit):
             return f"its shadow commit {commit[:10]} is not in this repository (fetch {SHADOW_BRANCH})"
     return None
 
@@ -449,7 +447,6 @@ def format_report(results: list[VersionReplay]) -> str:
         ]
         for r in results
     ]
-    widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
-    text = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *lines]]
+    text = text_table(header, lines)
     text += [f"log of {r.run_id}: {r.log}" for r in results if r.status == "failed" and r.log]
     return "\n".join(text)

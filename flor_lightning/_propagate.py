@@ -144,7 +144,7 @@ def edits_since(repo_root: Path, base: str, *, configs: Iterable[str] = ()) -> E
     """
     try:
         with git.Repo(repo_root, search_parent_directories=True) as repo:
-            if not repo.git.rev_parse("-q", "--verify", f"{base}^{{commit}}", with_exceptions=False):
+            if not shadow.has_commit(repo, base):
                 raise GitError(f"base {base!r} is not a commit of the repository at {repo_root}; pass a commit sha")
             top = Path(str(repo.working_tree_dir))
             tracked, untracked = shadow._listed(repo)

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import socket
-import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -29,7 +28,7 @@ from flor_lightning import _store as store
 from flor_lightning._callback import hyperparameters
 from flor_lightning._checkpoints import CheckpointStore
 from flor_lightning._errors import BadCheckpoint, CheckpointError, FlorError, ReplayError
-from flor_lightning._locate import Location, locate, process_local
+from flor_lightning._locate import Location, locate, process_local, script
 
 if TYPE_CHECKING:
     import sqlite3
@@ -116,16 +115,6 @@ def find_run(conn: sqlite3.Connection, run: str | None, script: str | None) -> d
             "flor.Trainer(...).fit(...), or pass run='<id>' (flor.runs() lists the recorded runs)."
         )
     return rows[0]
-
-
-def _script(loc: Location) -> str | None:
-    if not sys.argv or not sys.argv[0]:
-        return None
-    path = Path(sys.argv[0]).resolve()
-    try:
-        return path.relative_to(loc.root).as_posix()
-    except ValueError:
-        return str(path)
 
 
 def decide_training(
@@ -351,7 +340,7 @@ def _load_run(loc: Location, run: str | None) -> tuple[dict[str, Any], dict[int,
         )
     with closing(store.connect(loc.db_path)) as conn:
         store.check_writable(conn, loc.db_path)  # read-only or damaged: refused before the code snapshot
-        rec = find_run(conn, run, _script(loc))
+        rec = find_run(conn, run, script(loc))
         rows = store.fetch(conn, "SELECT * FROM checkpoints WHERE run_id = ?", [rec["run_id"]])
         timings = store.fetch(conn, "SELECT * FROM epochs WHERE run_id = ? ORDER BY epoch", [rec["run_id"]])
     return rec, {r["epoch"]: r for r in rows}, timings

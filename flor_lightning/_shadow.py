@@ -133,7 +133,7 @@ def read_file(repo_root: Path, commit: str, path: str) -> str | None:
     """
     try:
         with git.Repo(repo_root, search_parent_directories=True) as repo:
-            if not _verify(repo, f"{commit}^{{commit}}"):
+            if not has_commit(repo, commit):
                 raise GitError(
                     f"commit {commit!r} is not in the repository at {repo_root}; expected a commit of the "
                     f"{SHADOW_BRANCH!r} branch. Fetch it (git fetch origin {SHADOW_BRANCH}) or pick a recorded commit."
@@ -145,6 +145,11 @@ def read_file(repo_root: Path, commit: str, path: str) -> str | None:
     except git.exc.GitError as err:
         raise GitError(f"could not read {path!r} at {commit!r} in {repo_root}: {err}. Run 'git status' there.") from err
     return bytes(data).decode("utf-8", errors="replace")
+
+
+def has_commit(repo: git.Repo, commit: str) -> bool:
+    """Whether ``commit`` (a sha or any name git resolves) is a commit of ``repo``."""
+    return _verify(repo, f"{commit}^{{commit}}") is not None
 
 
 def _verify(repo: git.Repo, rev: str) -> str | None:
