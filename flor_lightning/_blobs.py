@@ -46,10 +46,8 @@ Measured costs: benchmarks/results/blob_store.md.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
-import os
 import uuid
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
@@ -65,6 +63,7 @@ from fsspec.implementations.local import LocalFileSystem
 from safetensors import SafetensorError, safe_open
 from torch.autograd.graph import increment_version
 
+from flor_lightning._atomic import atomic
 from flor_lightning._errors import BlobError, CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -484,33 +483,19 @@ class BlobStore:
     def _put(self, name: str, write: Callable[[str], None]) -> int:
         """Write the object ``name`` through ``write(temporary path)``, fsync, rename into place; return its size."""
         final = f"{self.root}/{name}"
-        folder = final.rsplit("/", 1)[0]
-        tmp = f"{final}.tmp-{uuid.uuid4().hex}"
-        self.fs.makedirs(folder, exist_ok=True)
-        try:
+        with atomic(self.fs, final) as tmp:
             write(tmp)
-            self.fs.mv(tmp, final)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                if self.fs.exists(tmp):
-                    self.fs.rm(tmp)
-            raise
-        _fsync_dir(self.fs, folder)
         return int(self.fs.size(final))
 
     def _write_pack(self, tmp: str, tensors: dict[str, torch.Tensor]) -> None:
         if isinstance(self.fs, LocalFileSystem):  # safetensors writes straight from the tensors' memory
             safetensors.torch.save_file(tensors, tmp, metadata=_PACK_METADATA)
-            _fsync_file(tmp)
         else:
             self._write_bytes(tmp, safetensors.torch.save(tensors, metadata=_PACK_METADATA))
 
     def _write_bytes(self, tmp: str, data: bytes) -> None:
         with self.fs.open(tmp, "wb") as f:
             f.write(data)
-            with contextlib.suppress(AttributeError, OSError, io.UnsupportedOperation):  # no local file
-                f.flush()
-                os.fsync(f.fileno())
 
     def _locate(self, where: str) -> tuple[AbstractFileSystem, str]:
         if "://" not in where:
@@ -610,26 +595,6 @@ class BlobStore:
                 if ref.pack in packs:
                     index.setdefault(ref.blob, ref.pack)
         return index
-
-
-def _fsync_file(path: str) -> None:
-    """Make a local file durable and drop it from the page cache (a checkpoint is read again only by a replay)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(fs: AbstractFileSystem, path: str) -> None:
-    if isinstance(fs, LocalFileSystem):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 # ---- gc and push decisions ----------------------------------------------------------------------------------------

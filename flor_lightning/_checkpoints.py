@@ -16,23 +16,20 @@ and a recording then failed with "database is locked" after sqlite's 30 s wait.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import logging
-import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
+from flor_lightning._atomic import atomic
 from flor_lightning._errors import CheckpointError
 from flor_lightning._locate import check_writable, fs_for, open_fs
 
@@ -194,28 +191,17 @@ class CheckpointStore:
         cpu = time.thread_time()
         start = self._clock()
         final = self.path(run_id, epoch)
-        tmp = f"{final}.tmp-{uuid.uuid4().hex}"
         try:
-            self.fs.makedirs(f"{self.root}/{run_id}", exist_ok=True)
-            with self.fs.open(tmp, "wb") as f:
+            with atomic(self.fs, final) as tmp, self.fs.open(tmp, "wb") as f:
                 writer = _HashingWriter(f)
                 torch.save(state, writer)  # type: ignore[arg-type]  # a binary file-like object
-                _fsync(f)
-                _drop_from_page_cache(f)
-            self.fs.mv(tmp, final)
-            _fsync_dir(self.fs, f"{self.root}/{run_id}")
             info = CheckpointInfo(epoch, step, final, writer.sha256.hexdigest(), writer.size, self._clock() - start)
             on_done(info)
             self.written += 1
             self.bytes_written += writer.size
             self.last_write_cpu_seconds = time.thread_time() - cpu
-        except BaseException as err:
+        except BaseException as err:  # atomic() left nothing under the checkpoint's name
             self._error = (epoch, err)
-            try:
-                if self.fs.exists(tmp):
-                    self.fs.rm(tmp)
-            except OSError:
-                log.warning("could not remove the partial checkpoint %s", tmp)
         finally:
             self.writer_cpu_seconds += time.thread_time() - cpu
 
@@ -242,27 +228,3 @@ class CheckpointStore:
         except Exception as err:
             raise CheckpointError(f"checkpoint {path!r} cannot be read as a flor checkpoint: {err}") from err
         return state
-
-
-def _fsync(f: Any) -> None:
-    try:
-        f.flush()
-        os.fsync(f.fileno())
-    except (AttributeError, OSError, io.UnsupportedOperation):
-        pass  # not a local file: the object store makes it durable on close
-
-
-def _drop_from_page_cache(f: Any) -> None:
-    """Tell the kernel a durable local file's pages will not be read soon (no-op elsewhere)."""
-    if hasattr(os, "posix_fadvise"):
-        with contextlib.suppress(AttributeError, OSError, io.UnsupportedOperation):  # not a local file
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-
-
-def _fsync_dir(fs: AbstractFileSystem, path: str) -> None:
-    if getattr(fs, "protocol", None) in ("file", ("file", "local")):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

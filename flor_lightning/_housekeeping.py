@@ -27,7 +27,6 @@ import os
 import posixpath
 import socket
 import sqlite3
-import uuid
 from collections.abc import Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from flor_lightning import _runs
 from flor_lightning import _store as store
+from flor_lightning._atomic import TEMPORARY, atomic
 from flor_lightning._errors import CheckpointError, ConfigError
 from flor_lightning._locate import check_writable, fs_for, open_fs, process_local, protocol
 from flor_lightning._query import open_store
@@ -247,7 +247,7 @@ def _push_run(
     """Move one run's checkpoints under ``target``; whether the index now names every one of them there."""
     run_id = run["run_id"]
     ckpts = store.fetch(conn, "SELECT * FROM checkpoints WHERE run_id = ? ORDER BY epoch", [run_id])
-    for partial in dst_fs.glob(f"{target}/{run_id}/*.tmp-*"):  # copies an interrupted push left unfinished
+    for partial in dst_fs.glob(f"{target}/{run_id}/{TEMPORARY}"):  # copies an interrupted push left unfinished
         dst_fs.rm(partial)
     outcomes = []
     for row in ckpts:
@@ -309,25 +309,22 @@ def _remove_twin(run: dict[str, Any], name: str, dst_fs: AbstractFileSystem, tar
 
 def _copy_verified(src_fs: AbstractFileSystem, src: str, dst_fs: AbstractFileSystem, dst: str, sha256: str) -> None:
     """Copy ``src`` to ``dst`` through a temporary name; raise (leaving ``dst`` absent) if a checksum differs."""
-    tmp = f"{dst}.tmp-{uuid.uuid4().hex}"
-    dst_fs.makedirs(posixpath.dirname(dst), exist_ok=True)
-    source_hash = hashlib.sha256()
     if not src_fs.exists(src):
         raise CheckpointError(
             f"checkpoint {src!r} is missing, so it was not pushed; `flor gc` can drop its index entry, "
             "replay re-trains around it"
         )
-    with src_fs.open(src, "rb") as fin, dst_fs.open(tmp, "wb") as fout:
-        while chunk := fin.read(_CHUNK):
-            source_hash.update(chunk)
-            fout.write(chunk)
-    if source_hash.hexdigest() != sha256:
-        dst_fs.rm(tmp)
-        raise CheckpointError(
-            f"checkpoint {src!r} does not match its recorded sha256, so it was not pushed (it stays where it is); "
-            "`flor gc` can delete it, replay works around it"
-        )
-    dst_fs.mv(tmp, dst)
+    source_hash = hashlib.sha256()
+    with atomic(dst_fs, dst) as tmp:  # a failed check below leaves nothing at the destination
+        with src_fs.open(src, "rb") as fin, dst_fs.open(tmp, "wb") as fout:
+            while chunk := fin.read(_CHUNK):
+                source_hash.update(chunk)
+                fout.write(chunk)
+        if source_hash.hexdigest() != sha256:
+            raise CheckpointError(
+                f"checkpoint {src!r} does not match its recorded sha256, so it was not pushed (it stays where it "
+                "is); `flor gc` can delete it, replay works around it"
+            )
     if _sha256(dst_fs, dst) != sha256:
         dst_fs.rm(dst)
         raise CheckpointError(f"the copy of {src!r} at {dst!r} differs from the original; it was removed, push again")
