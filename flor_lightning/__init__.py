@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from flor_lightning._housekeeping import gc, push
     from flor_lightning._lightning_cli import LightningCLI
     from flor_lightning._multiversion import VersionReplay, format_report, replay_runs
-    from flor_lightning._replay import ReplayReport
+    from flor_lightning._report import ReplayReport
     from flor_lightning._resume import last_checkpoint
     from flor_lightning._tracker_export import export_mlflow, export_tensorboard
     from flor_lightning._trainer import Trainer
@@ -42,7 +42,7 @@ _LAZY = {
     "FlorCallback": "_callback",
     "LightningCLI": "_lightning_cli",  # jsonargparse configures itself on import
     "RecordStats": "_callback",
-    "ReplayReport": "_replay",
+    "ReplayReport": "_report",
     "Trainer": "_trainer",
     "VersionReplay": "_multiversion",
     "export_mlflow": "_tracker_export",

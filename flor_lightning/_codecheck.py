@@ -18,9 +18,10 @@ import inspect
 import sys
 import sysconfig
 import textwrap
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 TRAINING_HOOKS = (
     "forward",
@@ -170,3 +171,33 @@ def changed_training_path(current: Iterable[MethodSource], read_recorded: Callab
         if before != m.tree:
             changed.append(".".join((*m.class_path, m.name)))
     return changed
+
+
+def decide_training(
+    settings: Mapping[str, Any],
+    *,
+    model: object,
+    callbacks: Iterable[object],
+    root: Path,
+    read_recorded: Callable[[Path], str | None] | None,
+) -> tuple[bool, str]:
+    """Whether a replay re-trains, and why: new logging sits on the training path when the training-path
+    methods of ``model`` and the project's own ``callbacks`` differ from the recorded code.
+
+    Args:
+        settings: the Trainer settings recorded with the run.
+        model: the LightningModule to replay.
+        callbacks: the Trainer's callbacks; those defined outside the project at ``root`` do not count.
+        root: the project root.
+        read_recorded: returns the recorded text of a file (None if it did not exist), or is None when
+            the run has no code snapshot to compare with.
+    """
+    if settings.get("val_check_interval", 1.0) not in (1.0, None):
+        return True, "validation ran inside the epoch (val_check_interval), which checkpoints cannot reproduce"
+    if read_recorded is None:
+        return False, "the run has no code snapshot to compare with; restoring (pass train=True to re-train)"
+    users = [model, *(cb for cb in callbacks if defined_in_project(type(cb), root))]
+    changed = changed_training_path(user_methods(users, root), read_recorded)
+    if changed:
+        return True, f"the training path changed since the recording: {', '.join(changed)}"
+    return False, "the training path is unchanged since the recording; only validation and epoch-end hooks run"

@@ -124,7 +124,7 @@ def epoch_values(trainer: pl.Trainer) -> dict[str, Tensor]:
 
 
 class ReplayHooks(Protocol):
-    """What the replay loop asks of the replay it runs (see ``flor_lightning._replay``)."""
+    """What the replay loop asks of the replay it runs (``flor_lightning._segments.SegmentRunner``)."""
 
     def steps(self, trainer: pl.Trainer) -> list[EpochStep]:
         """The steps this process runs (chosen by rank once the processes are up)."""

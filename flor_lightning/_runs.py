@@ -3,7 +3,7 @@
 One place for two rules that the command line, the queries, housekeeping and replay all need:
 a run id the store does not hold is an :class:`~flor_lightning.UnknownRunError` that names the
 latest runs, and a run, replay or replay segment marked ``running`` whose process is gone reads
-``crashed``.
+``crashed``. Replay also chooses here the run it replays (:func:`find_run`, :func:`load_run`).
 """
 
 from __future__ import annotations
@@ -12,10 +12,13 @@ import os
 import socket
 import sqlite3
 from collections.abc import Iterable, Mapping
+from contextlib import closing
 from typing import Any, Literal
 
+from flor_lightning import _locate
 from flor_lightning import _store as store
-from flor_lightning._errors import UnknownRunError
+from flor_lightning._errors import ReplayError, UnknownRunError
+from flor_lightning._locate import Location
 
 Status = Literal["running", "finished", "failed", "crashed"]
 """What a run, replay or segment is: ``running``, ``finished``, ``failed``, or ``crashed`` (marked
@@ -47,6 +50,44 @@ def get_run(conn: sqlite3.Connection, run_id: str) -> dict[str, Any]:
     if not rows:
         check_known(conn, [run_id])
     return rows[0]
+
+
+def find_run(conn: sqlite3.Connection, run: str | None, script: str | None) -> dict[str, Any]:
+    """The run to replay: ``run`` if given, else the latest run of ``script`` that has checkpoints."""
+    if run is not None:
+        return get_run(conn, run)
+    rows = store.fetch(
+        conn,
+        "SELECT * FROM runs WHERE script IS ? AND run_id IN (SELECT run_id FROM checkpoints) "
+        "ORDER BY started DESC LIMIT 1",
+        [script],
+    ) or store.fetch(  # none left (flor gc freed them): the latest run with a finished epoch, re-trained
+        conn,
+        "SELECT * FROM runs WHERE script IS ? AND run_id IN (SELECT run_id FROM epochs) ORDER BY started DESC LIMIT 1",
+        [script],
+    )
+    if not rows:
+        raise ReplayError(
+            f"no recorded run of {script!r} with checkpoints in this project. Record one first with "
+            "flor.Trainer(...).fit(...), or pass run='<id>' (flor.runs() lists the recorded runs)."
+        )
+    return rows[0]
+
+
+def load_run(loc: Location, run: str | None) -> tuple[dict[str, Any], dict[int, dict[str, Any]], list[dict[str, Any]]]:
+    """The run to replay (see :func:`find_run`; of the running script), its checkpoint index by epoch, and
+    its epoch timings. A store that cannot be written is refused here, before replay commits any code."""
+    if not loc.db_path.exists():
+        raise ReplayError(
+            f"nothing to replay: no flor log store at {str(loc.db_path)!r}. Record a run first with "
+            "flor.Trainer(...).fit(...) from this project."
+        )
+    with closing(store.connect(loc.db_path)) as conn:
+        store.check_writable(conn, loc.db_path)
+        rec = find_run(conn, run, _locate.script(loc))
+        rows = store.fetch(conn, "SELECT * FROM checkpoints WHERE run_id = ?", [rec["run_id"]])
+        timings = store.fetch(conn, "SELECT * FROM epochs WHERE run_id = ? ORDER BY epoch", [rec["run_id"]])
+    return rec, {r["epoch"]: r for r in rows}, timings
 
 
 def pid_alive(pid: int | None, host: str | None, this_host: str | None = None) -> bool:

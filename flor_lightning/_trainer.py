@@ -9,7 +9,9 @@ import lightning.pytorch as pl
 
 from flor_lightning._callback import FlorCallback
 from flor_lightning._errors import ConfigError
-from flor_lightning._replay import ReplayReport, run_replay
+from flor_lightning._replay import run_replay
+from flor_lightning._report import ReplayReport
+from flor_lightning._segments import flor_callback
 
 
 class Trainer(pl.Trainer):
@@ -41,7 +43,7 @@ class Trainer(pl.Trainer):
     @property
     def flor(self) -> FlorCallback:
         """The attached FlorCallback."""
-        return next(cb for cb in self.callbacks if isinstance(cb, FlorCallback))  # type: ignore[attr-defined]
+        return flor_callback(self)
 
     def replay(
         self,

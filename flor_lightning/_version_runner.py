@@ -26,12 +26,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from flor_lightning._callback import FlorCallback
 from flor_lightning._codecheck import TRAINING_HOOKS
-from flor_lightning._errors import ReplayError
 from flor_lightning._multiversion import load_probe
 from flor_lightning._replay import run_replay
-from flor_lightning._trainer import Trainer as FlorTrainer
 
 
 @dataclass
@@ -85,7 +82,6 @@ def _replaying_fit(plan: _Plan, original: Callable[..., Any]) -> Callable[..., A
             return None
         if isinstance(train_dataloaders, pl.LightningDataModule):  # fit(model, dm)
             datamodule, train_dataloaders = train_dataloaders, None
-        _attach_flor(self)
         probe = plan.probe() if plan.probe is not None else None
         callbacks = self.callbacks  # type: ignore[attr-defined]
         if probe is not None:
@@ -118,19 +114,6 @@ def _replaying_fit(plan: _Plan, original: Callable[..., Any]) -> Callable[..., A
         return None
 
     return fit
-
-
-def _attach_flor(trainer: pl.Trainer) -> None:
-    """Give a plain Trainer the ``flor`` attribute replay uses; refuse one that never recorded."""
-    if isinstance(trainer, FlorTrainer):
-        return
-    mine = [cb for cb in trainer.callbacks if isinstance(cb, FlorCallback)]  # type: ignore[attr-defined]
-    if not mine:
-        raise ReplayError(
-            "the script's Trainer has no FlorCallback at this code version, so it cannot replay; "
-            "use flor.Trainer or Trainer(callbacks=[flor.FlorCallback()])"
-        )
-    trainer.flor = mine[0]  # type: ignore[attr-defined]
 
 
 def _skipped(name: str, plan: _Plan) -> Callable[..., Any]:

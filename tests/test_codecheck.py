@@ -10,6 +10,7 @@ from helpers import make_venv
 
 from flor_lightning._codecheck import (
     changed_training_path,
+    decide_training,
     defined_in_project,
     is_user_file,
     library_folders,
@@ -170,3 +171,68 @@ def test_a_class_defined_in_the_project_is_the_users_whatever_its_module_is_name
     assert defined_in_project(module.MyCallback, root)
     assert not defined_in_project(library.ModelCheckpoint, root)
     assert not defined_in_project(int, root)
+
+
+# ---- deciding a replay's re-training: the recorded code read through the given reader ------------
+
+CALLBACK = """
+class GradProbe:
+    def on_after_backward(self, trainer, pl_module):
+        return None
+"""
+
+
+def decide(tmp_path: Path, model_now: str, *, callback_now: str = CALLBACK, **kwargs: object) -> tuple[bool, str]:
+    root = tmp_path.resolve()
+    (root / "m_decide.py").write_text(model_now)
+    (root / "cb_decide.py").write_text(callback_now)
+    recorded = {root / "m_decide.py": BEFORE, root / "cb_decide.py": CALLBACK}
+    import lightning.pytorch.callbacks as library
+
+    callbacks = [load_class(root / "cb_decide.py", "cb_decide", "GradProbe"), library.ModelCheckpoint()]
+    return decide_training(
+        kwargs.pop("settings", {"val_check_interval": 1.0}),
+        model=load(root / "m_decide.py", "m_decide"),
+        callbacks=callbacks,
+        root=root,
+        read_recorded=kwargs.pop("read_recorded", recorded.get),
+    )
+
+
+def load_class(path: Path, name: str, cls: str) -> object:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return getattr(module, cls)()
+
+
+def test_a_validation_change_restores(tmp_path):
+    now = BEFORE.replace("return None", "self.log('val_f1', 1.0)\n        return None")
+    assert decide(tmp_path, now) == (
+        False,
+        "the training path is unchanged since the recording; only validation and epoch-end hooks run",
+    )
+
+
+def test_a_training_step_change_re_trains_and_says_which(tmp_path):
+    now = BEFORE.replace("return loss", "self.log('grad_norm', 1.0)\n        return loss")
+    assert decide(tmp_path, now) == (True, "the training path changed since the recording: Model.training_step")
+
+
+def test_a_project_callback_s_training_hook_counts_a_library_callback_s_does_not(tmp_path):
+    probe = CALLBACK.replace("return None", "pl_module.log('g', 1.0)")
+    retrain, reason = decide(tmp_path, BEFORE, callback_now=probe)
+    assert retrain and reason.endswith(": GradProbe.on_after_backward")  # ModelCheckpoint's hooks never count
+
+
+def test_without_a_code_snapshot_it_restores(tmp_path):
+    now = BEFORE.replace("return loss", "self.log('grad_norm', 1.0)\n        return loss")
+    retrain, reason = decide(tmp_path, now, read_recorded=None)
+    assert not retrain and reason.startswith("the run has no code snapshot to compare with")
+
+
+def test_validation_inside_the_epoch_always_re_trains(tmp_path):
+    retrain, reason = decide(tmp_path, BEFORE, settings={"val_check_interval": 0.5}, read_recorded=None)
+    assert retrain and "val_check_interval" in reason

@@ -15,6 +15,7 @@ from helpers import git, make_venv, rows
 from models import VAL_BATCHES, trainer_kwargs
 
 import flor_lightning as flor
+from flor_lightning import _replay
 from flor_lightning._errors import CheckpointError, ReplayError
 
 pytestmark = pytest.mark.integration
@@ -130,6 +131,38 @@ def test_segments_in_one_process_store_the_same_values(recorded):
     assert by_replay[one.replay_id].equals(by_replay[two.replay_id])
     only_second = replay(m, segments=2, segment=1)
     assert only_second.epochs_restored == [2] or only_second.epochs_restored == [1, 2]
+
+
+def replay_with(trainer: L.Trainer, m: ModuleType, **kwargs) -> flor.ReplayReport:
+    """The replay a plain Trainer gets (as the version runner gives a recorded script's ``fit``)."""
+    args = {"run": None, "epochs": None, "segments": 1, "segment": None, "train": None, **kwargs}
+    data = {"datamodule": m.DigitsData(), "train_dataloaders": None, "val_dataloaders": None}
+    return _replay.run_replay(trainer, m.DigitsClassifier(), **data, **args)
+
+
+def test_a_plain_trainer_with_a_florcallback_replays_as_flor_trainer_does(recorded):
+    root, run_id = recorded
+    m = edit(root, *VAL_F1)
+    L.seed_everything(7)
+    mine = flor.FlorCallback()
+    report = replay_with(L.Trainer(**trainer_kwargs(), callbacks=[mine]), m)
+    assert report.run_id == run_id and report.epochs_restored == [0, 1, 2] and report.new_names == ["val_conf"]
+    assert report.rederived > 0 and report.matched == report.rederived
+    assert mine.replay_id is None and not mine.capture.muted  # given back as it was
+
+
+def test_the_replay_s_times_come_from_the_clock_it_is_given(recorded):
+    root, _ = recorded
+    m = edit(root, *VAL_F1)
+    ticks = itertools.count(1_000_000)
+    L.seed_everything(7)
+    report = replay_with(flor.Trainer(**trainer_kwargs()), m, clock=lambda: float(next(ticks)))
+    db = root / ".flor" / "flor.db"
+    [rep] = rows(db, "SELECT started, ended FROM replays")
+    [seg] = rows(db, "SELECT started, ended FROM replay_segments")
+    times = [rep["started"], seg["started"], seg["ended"], rep["ended"]]
+    assert rep["started"] == 1_000_000 and times == sorted(times) and all(t < 1_000_100 for t in times)
+    assert report.seconds == int(report.seconds) and 0 < report.seconds < rep["ended"] - rep["started"]
 
 
 def test_sparse_checkpoints_train_forward_from_the_nearest_earlier_one(project):

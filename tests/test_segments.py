@@ -1,8 +1,8 @@
-"""Replay segments on several ranks (DDP over gloo on the CPU) and dispatched by hand.
+"""Replay segments on several ranks (DDP over gloo on the CPU) and dispatched by hand; their records.
 
-Every test runs real processes: Lightning's ``ddp`` strategy re-launches the script for rank 1,
-``ddp_fork`` forks both ranks from the script's process inside fit, so the replays run as
-scripts in a subprocess, as a user's would.
+The integration tests run real processes: Lightning's ``ddp`` strategy re-launches the script for
+rank 1, ``ddp_fork`` forks both ranks from the script's process inside fit, so the replays run as
+scripts in a subprocess, as a user's would. The others read and write a real sqlite file.
 """
 
 from __future__ import annotations
@@ -21,11 +21,9 @@ from helpers import git, rows
 from models import DigitsClassifier, trainer_kwargs
 
 import flor_lightning as flor
-from flor_lightning import _replay as replay
+from flor_lightning import _segments
 from flor_lightning import _store as store
 from flor_lightning._errors import ReplayError
-
-pytestmark = pytest.mark.integration
 
 SCRIPT = '''
 import json, os, sys
@@ -115,6 +113,7 @@ def replayed(replay_id: str) -> list[tuple]:
 STRATEGIES = pytest.mark.parametrize("strategy", ["ddp", "ddp_fork"])
 
 
+@pytest.mark.integration
 @STRATEGIES
 def test_two_ranks_give_what_one_segment_gives_for_a_validation_metric(script, strategy):
     run(script, "record", "1", "1")
@@ -133,6 +132,7 @@ def test_two_ranks_give_what_one_segment_gives_for_a_validation_metric(script, s
     assert [(r["segment"], r["rank"], r["status"]) for r in seg_rows] == [(0, 0, "finished"), (1, 1, "finished")]
 
 
+@pytest.mark.integration
 @STRATEGIES
 def test_re_training_on_two_ranks_with_unequal_segments_and_batchnorm_is_exact(script, strategy):
     env = {"EPOCHS": "3", "BATCHNORM": "1"}
@@ -145,6 +145,7 @@ def test_re_training_on_two_ranks_with_unequal_segments_and_batchnorm_is_exact(s
     assert replayed(two["replay_id"]) == replayed(one["replay_id"])
 
 
+@pytest.mark.integration
 def test_manual_segments_in_separate_processes_equal_one_replay(script):
     run(script, "record", "1", "1")
     edit(script, *VAL_METRIC)
@@ -167,6 +168,7 @@ def test_manual_segments_in_separate_processes_equal_one_replay(script):
     assert union == replayed(one["replay_id"])
 
 
+@pytest.mark.integration
 @STRATEGIES
 def test_a_failed_rank_fails_the_replay_and_names_its_segment(script, strategy):
     run(script, "record", "1", "1")
@@ -180,6 +182,7 @@ def test_a_failed_rank_fails_the_replay_and_names_its_segment(script, strategy):
     assert replay["status"] == "failed" and segs[1]["status"] == "failed", segs
 
 
+@pytest.mark.integration
 def test_segment_arguments_must_fit_the_world_size(project):
     L.seed_everything(7)
     trainer = flor.Trainer(**trainer_kwargs(devices=2, strategy="ddp"))
@@ -189,6 +192,7 @@ def test_segment_arguments_must_fit_the_world_size(project):
         trainer.replay(DigitsClassifier(), segments=2, segment=0)
 
 
+@pytest.mark.integration
 def test_spawning_strategies_are_refused_with_what_to_use(project):
     trainer = flor.Trainer(**trainer_kwargs(devices=2, strategy="ddp_spawn"))
     with pytest.raises(ReplayError, match="strategy='ddp'"):
@@ -240,7 +244,7 @@ def test_segments_still_running_past_the_start_timeout_are_waited_for(tmp_path):
     _segment_rows(db, {0: "finished", 1: "running", 2: "running"})
     clock = _Clock({5: lambda: _segment_rows(db, {0: "finished", 1: "finished", 2: "finished"})})
 
-    replay.wait_for_segments(str(db), "r", 3, start_timeout=10.0, clock=clock, sleep=clock.sleep)
+    _segments.wait_for_segments(str(db), "r", 3, start_timeout=10.0, clock=clock, sleep=clock.sleep)
 
     assert clock.sleeps == 5 and clock.now > 10.0  # it went on waiting well past the timeout, and returned
 
@@ -251,7 +255,38 @@ def test_a_segment_that_never_started_is_named_with_what_the_others_do(tmp_path)
     clock = _Clock({})
 
     with pytest.raises(ReplayError, match=r"segments \[1\] never started within 10s") as info:
-        replay.wait_for_segments(str(db), "r", 3, start_timeout=10.0, clock=clock, sleep=clock.sleep)
+        _segments.wait_for_segments(str(db), "r", 3, start_timeout=10.0, clock=clock, sleep=clock.sleep)
 
     assert "segments [2] are still running; segments [0] finished" in str(info.value)
     assert "segment=<i>, segments=3" in str(info.value)
+
+
+def test_a_failed_segment_is_named_with_its_rank_and_error(tmp_path):
+    db = tmp_path / "flor.db"
+    _segment_rows(db, {0: "finished", 1: "running", 2: "running"})
+    with closing(store.connect(db)) as c:
+        store.update(c, "replay_segments", {"replay_id": "r", "segment": 2}, {"status": "failed", "error": "E: boom"})
+    clock = _Clock({})
+
+    with pytest.raises(ReplayError, match=r"replay r: segment 2 \(rank 2\): E: boom\. Its values so far are kept"):
+        _segments.wait_for_segments(str(db), "r", 3, start_timeout=10.0, clock=clock, sleep=clock.sleep)
+
+    assert clock.sleeps == 0  # at once, without waiting for segment 1
+
+
+# ---- the replay's FlorCallback is found among the Trainer's callbacks --------------------------------
+
+
+def test_the_florcallback_is_found_on_flor_trainer_and_on_a_plain_trainer(project):
+    mine = flor.FlorCallback()
+    plain = L.Trainer(callbacks=[L.pytorch.callbacks.LearningRateMonitor(), mine], logger=False)
+    flor_trainer = flor.Trainer(logger=False)
+
+    assert _segments.flor_callback(plain) is mine
+    assert _segments.flor_callback(flor_trainer) is flor_trainer.flor
+    assert isinstance(flor_trainer.flor, flor.FlorCallback)
+
+
+def test_a_trainer_without_a_florcallback_cannot_replay(project):
+    with pytest.raises(ReplayError, match=r"no FlorCallback, so it cannot replay; use flor.Trainer or Trainer\("):
+        _segments.flor_callback(L.Trainer(logger=False))
