@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import platform
 import socket
@@ -25,6 +24,7 @@ from typing_extensions import override
 from flor_lightning import _codeversion as codeversion
 from flor_lightning import _lightning
 from flor_lightning import _rng as rng
+from flor_lightning import _schedule as schedule
 from flor_lightning import _store as store
 from flor_lightning import _trackers as trackers
 from flor_lightning._capture import LogCapture
@@ -86,21 +86,6 @@ class RecordStats:
     code_seconds: float = 0.0
     log_writer_cpu_seconds: float = 0.0
     checkpoint_every: int = 1
-
-
-def auto_checkpoint_period(cost_seconds: float, epoch_seconds: float, budget: float) -> int:
-    """The checkpoint period, in epochs, that keeps checkpointing's CPU under ``budget`` of training.
-
-    ``cost_seconds`` is the CPU one checkpoint takes (the snapshot on the training thread plus the
-    background write), ``epoch_seconds`` an epoch's wall time and ``budget`` a fraction of it.
-
-    Example:
-        >>> auto_checkpoint_period(0.2, 2.0, 0.02)  # 0.2 s per checkpoint, 0.04 s allowed per epoch
-        5
-    """
-    if epoch_seconds <= 0 or budget <= 0:
-        return 1
-    return max(1, math.ceil(cost_seconds / (budget * epoch_seconds) - 1e-9))
 
 
 def new_run_id(now: float) -> str:
@@ -408,24 +393,35 @@ class FlorCallback(Callback):
         self._previous_epoch_start = now
         # Epoch 0 too: checkpoint -1 is the initial state, from which replay can re-train epoch 0.
         done = trainer.current_epoch - 1
-        if self._due(done) and not self._checkpointed(done):
+        if self.checkpoint_every == AUTO:
+            self._update_period()
+        if self._due(done):
             self._checkpoint(trainer)
         self._epoch_started = self._clock()
         self._val_seconds = 0.0
 
-    def _due(self, epoch: int) -> bool:
-        """Whether the state at the end of ``epoch`` is to be checkpointed now (the last epoch always is)."""
-        if self.checkpoint_every != AUTO:
-            return (epoch + 1) % self._period == 0
+    def _update_period(self) -> None:
+        """With ``"auto"``: the period from the latest checkpoint's cost (the first write's is waited for)."""
         checkpoints = self._session.checkpoints if self._session else None
-        if checkpoints is not None and checkpoints.last_write_cpu_seconds is None:
+        if checkpoints is None:
+            return
+        if checkpoints.last_write_cpu_seconds is None:
             checkpoints.join()  # the first write's cost sets the period, so it is known before deciding
-        cost = checkpoints.last_write_cpu_seconds if checkpoints else None
-        if cost is not None and self._epoch_seconds > 0:
-            cost += self._last_snapshot_seconds
-            self._period = auto_checkpoint_period(cost, self._epoch_seconds, self.checkpoint_budget)
+        self._period = schedule.next_period(
+            self._period,
+            write_cpu_seconds=checkpoints.last_write_cpu_seconds,
+            snapshot_seconds=self._last_snapshot_seconds,
+            epoch_seconds=self._epoch_seconds,
+            budget=self.checkpoint_budget,
+        )
+
+    def _due(self, epoch: int) -> bool:
+        """Whether the state at the end of ``epoch`` is to be checkpointed now and is not yet."""
         last = max(self._checkpoint_epochs, default=None)
-        return epoch < 0 or last is None or epoch - last >= self._period
+        auto = self.checkpoint_every == AUTO
+        return not self._checkpointed(epoch) and schedule.due(
+            epoch, period=self._period, last_checkpointed=last, auto=auto
+        )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -20,7 +20,7 @@ from models import TEST_BATCHES, TRAIN_BATCHES, VAL_BATCHES, DigitsClassifier, D
 
 import flor_lightning as flor
 from flor_lightning import ConfigError, FlorCallback
-from flor_lightning._callback import RecordStats, auto_checkpoint_period
+from flor_lightning._callback import RecordStats
 from flor_lightning._shadow import SHADOW_BRANCH
 
 EPOCHS = 3
@@ -281,17 +281,6 @@ def test_checkpoint_every_must_be_a_positive_whole_number(every: object) -> None
 def test_checkpoint_budget_must_be_a_fraction(budget: object) -> None:
     with pytest.raises(ConfigError, match="checkpoint_budget"):
         FlorCallback(checkpoint_every="auto", checkpoint_budget=budget)  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize(
-    ("cost", "epoch", "budget", "period"),
-    [(0.2, 2.0, 0.02, 5), (0.2, 2.0, 0.1, 1), (0.21, 2.0, 0.1, 2), (0.0, 2.0, 0.02, 1), (1.0, 0.0, 0.02, 1)],
-)
-def test_auto_checkpoint_period_keeps_cost_under_budget(cost: float, epoch: float, budget: float, period: int) -> None:
-    assert auto_checkpoint_period(cost, epoch, budget) == period
-    if epoch > 0 and cost > 0:  # the period chosen spends at most the budget, one period fewer would not
-        assert cost / period <= budget * epoch + 1e-12
-        assert period == 1 or cost / (period - 1) > budget * epoch
 
 
 @pytest.mark.parametrize("limit", [-1, 1.5, True, "5MB", None])
