@@ -25,10 +25,10 @@ from flor_lightning import _planner as planner
 from flor_lightning import _replay_loggers as replay_loggers
 from flor_lightning import _shadow as shadow
 from flor_lightning import _store as store
-from flor_lightning._callback import hyperparameters
 from flor_lightning._checkpoints import CheckpointStore
 from flor_lightning._errors import BadCheckpoint, CheckpointError, FlorError, ReplayError
 from flor_lightning._locate import Location, locate, process_local, script
+from flor_lightning._metadata import hyperparameters
 
 if TYPE_CHECKING:
     import sqlite3

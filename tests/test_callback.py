@@ -422,7 +422,7 @@ def test_a_checkpoint_store_that_fails_mid_run_does_not_stop_training(project: P
         def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             if trainer.current_epoch == 1:  # checkpoints -1 and 0 are written by now
                 flor_cb = next(cb for cb in trainer.callbacks if isinstance(cb, FlorCallback))
-                flor_cb._session.checkpoints.wait()
+                flor_cb.session.checkpoints.wait()
                 (run_dir,) = [p for p in flor_home.rglob("*") if p.is_dir() and p.parent.parent == flor_home]
                 run_dir.rename(run_dir.with_name("moved"))
                 run_dir.write_text("a file where the run's folder was: every later write fails")
