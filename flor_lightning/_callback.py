@@ -1,52 +1,41 @@
-"""FlorCallback: records a Lightning run (every logged value, checkpoints, code version)."""
+"""FlorCallback: records a Lightning run (every logged value, checkpoints, code version).
+
+Its hooks gather from the Trainer and delegate: the run's records to the run session
+(:mod:`flor_lightning._session`), when to checkpoint to the schedule (:mod:`flor_lightning._schedule`),
+what the run's row says to :mod:`flor_lightning._metadata`, the code snapshot to
+:func:`flor_lightning._codeversion.commit_code`, each ``self.log`` call to :mod:`flor_lightning._capture`.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
-import platform
-import socket
-import sys
-import threading
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
-import lightning
-import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from flor_lightning import _codeversion as codeversion
 from flor_lightning import _lightning
+from flor_lightning import _metadata as metadata
 from flor_lightning import _rng as rng
-from flor_lightning import _store as store
+from flor_lightning import _schedule as schedule
 from flor_lightning import _trackers as trackers
 from flor_lightning._capture import LogCapture
-from flor_lightning._checkpoints import CheckpointInfo, CheckpointStore, snapshot
+from flor_lightning._checkpoints import CheckpointStore, snapshot
 from flor_lightning._errors import CheckpointError, ConfigError, FlorError
-from flor_lightning._locate import (
-    Location,
-    checkpoint_root,
-    ignore_flor_folder,
-    locate,
-    open_fs,
-    process_local,
-    relative,
-    script,
-)
-from flor_lightning._resume import recorded_checkpoints, reopen_run, run_exists
+from flor_lightning._locate import Location, checkpoint_root, locate, open_fs, script
+from flor_lightning._session import RunSession
 from flor_lightning._shadow import DEFAULT_MAX_FILE_BYTES
 
 if TYPE_CHECKING:
-    import sqlite3
-
     import lightning.pytorch as pl
+
+    from flor_lightning._runs import Status
 
 log = logging.getLogger(__name__)
 _P = ParamSpec("_P")
@@ -86,38 +75,6 @@ class RecordStats:
     code_seconds: float = 0.0
     log_writer_cpu_seconds: float = 0.0
     checkpoint_every: int = 1
-
-
-def auto_checkpoint_period(cost_seconds: float, epoch_seconds: float, budget: float) -> int:
-    """The checkpoint period, in epochs, that keeps checkpointing's CPU under ``budget`` of training.
-
-    ``cost_seconds`` is the CPU one checkpoint takes (the snapshot on the training thread plus the
-    background write), ``epoch_seconds`` an epoch's wall time and ``budget`` a fraction of it.
-
-    Example:
-        >>> auto_checkpoint_period(0.2, 2.0, 0.02)  # 0.2 s per checkpoint, 0.04 s allowed per epoch
-        5
-    """
-    if epoch_seconds <= 0 or budget <= 0:
-        return 1
-    return max(1, math.ceil(cost_seconds / (budget * epoch_seconds) - 1e-9))
-
-
-def new_run_id(now: float) -> str:
-    """A sortable, unique run id such as ``20261128-120501-3f9a1c``."""
-    return f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}-{uuid.uuid4().hex[:6]}"
-
-
-@dataclass
-class _Session:
-    """What one fit/validate/test call records into."""
-
-    run_id: str
-    replay_id: str | None
-    conn: sqlite3.Connection
-    writer: store.LogWriter
-    checkpoints: CheckpointStore | None
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class FlorCallback(Callback):
@@ -197,22 +154,20 @@ class FlorCallback(Callback):
         self.replay_id: str | None = None  # set by replay: values then land beside the recording
         self.capture = LogCapture()
         self.location: Location | None = None
-        self._session: _Session | None = None
-        self._epoch_started = 0.0
-        self._val_started = 0.0
-        self._val_seconds = 0.0
-        self._rng_at_validation: dict[str, Any] | None = None
-        self._owns_run_until: str | None = None  # "fit" or "stage" while this callback's run is open
+        self._session: RunSession | None = None
+        self._fit: RunSession | None = None  # the latest fit's, kept after it closes for stats
         self._resume_from: tuple[str, int] | None = None
-        self._checkpoint_epochs: set[int] = set()
+        self._rng_at_validation: dict[str, Any] | None = None
         self._period = 1 if checkpoint_every == AUTO else int(checkpoint_every)
-        self._previous_epoch_start: float | None = None
-        self._epoch_seconds = 0.0
-        self._checkpoints: CheckpointStore | None = None  # the latest run's, kept after it closes for stats
         self._snapshot_seconds = 0.0
         self._last_snapshot_seconds = 0.0
         self._seconds = dict.fromkeys(("state", "rng", "store", "code"), 0.0)  # RecordStats' <key>_seconds
-        self._log_writer: store.LogWriter | None = None  # the latest fit's, kept after it closes for stats
+
+    @property
+    def session(self) -> RunSession | None:
+        """The run session open now (None between runs): its log writer and checkpoint store, for
+        tools and tests that watch a recording."""
+        return self._session
 
     # ---- session life cycle -------------------------------------------------------------
 
@@ -231,130 +186,52 @@ class FlorCallback(Callback):
         if (self._session is None and self.replay_id is not None) or (stage != "fit" and trainer.is_global_zero):
             self._session = self._open(trainer, pl_module, fitting=False)
 
-    def _open(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, fitting: bool) -> _Session:
+    def _open(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, fitting: bool) -> RunSession:
         self.location = loc = locate()
-        self._checkpoint_epochs = set()
-        self._previous_epoch_start = None
         checkpoints = None
-        run_id = self.run_id
         if fitting:
             self._seconds = dict.fromkeys(self._seconds, 0.0)
-            run_id = new_run_id(self._clock())
             checkpoints = CheckpointStore(checkpoint_root(loc.project, self.checkpoint_dir))
-        conn = store.connect(loc.db_path)  # a damaged store or one under a file fails here, before any folder
-        try:
-            if fitting or run_id is None:  # a run is about to be written: read-only or damaged stops it here
-                store.check_writable(conn, loc.db_path)
-            ignore_flor_folder(loc.db_path.parent)
-            if checkpoints is not None:
-                checkpoints.check_writable(f"{checkpoints.root}/{run_id}")  # before anything is written
-        except (FlorError, OSError):
-            conn.close()
-            raise
-        if checkpoints is not None and process_local(checkpoints.fs):
-            log.warning(
-                "flor: checkpoints go to %s, which lives in this process's memory: they vanish when it exits, "
-                "and a replay in another process re-trains instead of restoring. Use a folder or an object "
-                "store (FlorCallback(checkpoint_dir=...) or FLOR_HOME) to keep them",
-                checkpoints.url,
-            )
-        self._owns_run_until = None
-        resumed = (
-            self._resume_from if fitting and self._resume_from and run_exists(conn, self._resume_from[0]) else None
+        session = RunSession.open(
+            loc,
+            run_id=self.run_id,
+            replay_id=self.replay_id,
+            checkpoints=checkpoints,
+            resume_from=self._resume_from,  # fit(ckpt_path=flor.last_checkpoint(run)): continue that run
+            new_run=partial(self._new_run, trainer, pl_module, loc),
+            flush_interval=self.flush_interval,
+            clock=self._clock,
         )
-        if resumed is not None:  # fit(ckpt_path=flor.last_checkpoint(run)): continue that run's records
-            run_id, epoch = resumed
-            reopen_run(conn, run_id, epoch)
-            root = store.fetch(conn, "SELECT checkpoint_root FROM runs WHERE run_id = ?", [run_id])[0]
-            checkpoints = CheckpointStore(root["checkpoint_root"])
-            self._checkpoint_epochs = recorded_checkpoints(conn, run_id)
-            self._owns_run_until = "fit"
-        elif fitting or run_id is None:  # a fit, or validate/test with no fit before it
-            run_id = run_id or new_run_id(self._clock())
-            try:
-                self._insert_run(conn, run_id, trainer, pl_module, loc, checkpoints.url if checkpoints else None)
-            except BaseException:
-                conn.close()
-                raise
-            self._owns_run_until = "fit" if fitting else "stage"
-        self.run_id = run_id
-        writer = store.LogWriter(lambda: store.connect(loc.db_path), interval=self.flush_interval)
-        if checkpoints is not None:
-            self._checkpoints, self._snapshot_seconds, self._log_writer = checkpoints, 0.0, writer
-        self.capture.start(writer, run_id, self.replay_id)
-        return _Session(run_id, self.replay_id, conn, writer, checkpoints)
+        self.run_id = session.run_id
+        if session.checkpoints is not None:
+            self._fit, self._snapshot_seconds = session, 0.0
+        self.capture.start(session.writer, session.run_id, self.replay_id)
+        return session
 
-    def _insert_run(
-        self,
-        conn: sqlite3.Connection,
-        run_id: str,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        loc: Location,
-        ckpt_url: str | None,
-    ) -> None:
-        rel_script = script(loc)
+    def _new_run(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loc: Location, run_id: str, ckpt_url: str | None
+    ) -> dict[str, Any]:
+        """The row of a new run, its code committed first."""
+        message = f"flor run {run_id}: {script(loc)}"
         exclude = codeversion.run_exclusions(loc, trainer, ckpt_url)
-        message = f"flor run {run_id}: {rel_script}"
         version = self._timed(
             "code", codeversion.commit_code, loc, message, exclude=exclude, max_file_bytes=self.max_file_bytes
         )
-        self._timed(
-            "store",
-            store.insert,
-            conn,
-            "runs",
-            {
-                "run_id": run_id,
-                "project": loc.project,
-                "script": rel_script,
-                "argv": list(sys.argv[1:]),
-                "cwd": relative(Path.cwd(), loc.root),
-                "started": self._clock(),
-                "status": "running",
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "hparams": hyperparameters(pl_module, trainer),
-                "settings": trainer_settings(trainer),
-                "versions": {
-                    "torch": torch.__version__,
-                    "lightning": lightning.__version__,
-                    "python": platform.python_version(),
-                },
-                "shadow_commit": version.shadow_commit if version else None,
-                "head_commit": version.head_commit if version else None,
-                "branch": version.branch if version else None,
-                "checkpoint_root": ckpt_url,
-                "left_out": dict(version.left_out) if version else None,
-            },
+        return metadata.run_row(
+            run_id, loc=loc, trainer=trainer, pl_module=pl_module, version=version, checkpoint_root=ckpt_url
         )
 
-    def _close(self, status: str | None) -> None:
+    def _close(self, status: Status | None) -> None:
         session, self._session = self._session, None
         self.capture.stop()
-        if session is None:
-            return
-        errors: list[BaseException] = []
-        if session.checkpoints is not None:
-            try:
-                session.checkpoints.wait()
-            except CheckpointError as err:  # the last checkpoint failed; the run itself is complete
-                log.warning("flor: %s; the run's earlier checkpoints are intact", err)
-        try:
-            session.writer.close()
-        except FlorError as err:
-            errors.append(err)
-        self._owns_run_until = None
-        if status is not None and session.replay_id is None:
-            store.update(session.conn, "runs", {"run_id": session.run_id}, {"status": status, "ended": self._clock()})
-        session.conn.close()
-        if errors:
-            raise errors[0]
+        if session is not None:
+            self._seconds["store"] += session.store_seconds
+            session.close(status)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.capture.detach()
-        self._close("finished" if self._owns_run_until is not None else None)
+        self._close("finished" if self._session is not None and self._session.owns_run else None)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -402,55 +279,58 @@ class FlorCallback(Callback):
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.capture.batches_ended()
-        now = self._clock()
-        if self._previous_epoch_start is not None:
-            self._epoch_seconds = now - self._previous_epoch_start
-        self._previous_epoch_start = now
-        # Epoch 0 too: checkpoint -1 is the initial state, from which replay can re-train epoch 0.
-        done = trainer.current_epoch - 1
-        if self._due(done) and not self._checkpointed(done):
-            self._checkpoint(trainer)
-        self._epoch_started = self._clock()
-        self._val_seconds = 0.0
+        session = self._session
+        if session is None or session.checkpoints is None:
+            return
+        session.epoch_starting()
+        done = trainer.current_epoch - 1  # epoch 0 too: checkpoint -1 is the initial state, replay re-trains from it
+        if self.checkpoint_every == AUTO:
+            self._update_period(session.checkpoints, session.epoch_seconds)
+        if self._due(session, done):
+            self._checkpoint(trainer, session)
+        session.epoch_started()
 
-    def _due(self, epoch: int) -> bool:
-        """Whether the state at the end of ``epoch`` is to be checkpointed now (the last epoch always is)."""
-        if self.checkpoint_every != AUTO:
-            return (epoch + 1) % self._period == 0
-        checkpoints = self._session.checkpoints if self._session else None
-        if checkpoints is not None and checkpoints.last_write_cpu_seconds is None:
+    def _update_period(self, checkpoints: CheckpointStore, epoch_seconds: float) -> None:
+        """The ``"auto"`` period from the latest checkpoint's cost."""
+        if checkpoints.last_write_cpu_seconds is None:
             checkpoints.join()  # the first write's cost sets the period, so it is known before deciding
-        cost = checkpoints.last_write_cpu_seconds if checkpoints else None
-        if cost is not None and self._epoch_seconds > 0:
-            cost += self._last_snapshot_seconds
-            self._period = auto_checkpoint_period(cost, self._epoch_seconds, self.checkpoint_budget)
-        last = max(self._checkpoint_epochs, default=None)
-        return epoch < 0 or last is None or epoch - last >= self._period
+        self._period = schedule.next_period(
+            self._period,
+            write_cpu_seconds=checkpoints.last_write_cpu_seconds,
+            snapshot_seconds=self._last_snapshot_seconds,
+            epoch_seconds=epoch_seconds,
+            budget=self.checkpoint_budget,
+        )
+
+    def _due(self, session: RunSession, epoch: int) -> bool:
+        """Whether the state at the end of ``epoch`` is to be checkpointed now, and is not yet."""
+        last, auto = max(session.checkpointed, default=None), self.checkpoint_every == AUTO
+        return epoch not in session.checkpointed and schedule.due(
+            epoch, period=self._period, last_checkpointed=last, auto=auto
+        )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._session is None and trainer.is_global_zero:
             self._session = self._open(trainer, pl_module, fitting=True)
         session = self._session
-        if session is None or session.checkpoints is None:
-            return
-        row = store.fetch(session.conn, "SELECT settings FROM runs WHERE run_id = ?", [session.run_id])[0]
-        settings = {**json.loads(row["settings"]), **data_sizes(trainer)}
-        loggers = trackers.identities(trainer.loggers)  # what finds each logger's run again (replay writes there)
-        store.update(session.conn, "runs", {"run_id": session.run_id}, {"settings": settings, "loggers": loggers})
+        if session is not None and session.checkpoints is not None:
+            # the loggers' identities find each logger's run again (replay writes there)
+            session.add_settings(metadata.data_sizes(trainer), trackers.identities(trainer.loggers))
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch > 0 and not self._checkpointed(trainer.current_epoch - 1):
-            self._checkpoint(trainer)
+        session = self._session
+        if session is not None and trainer.current_epoch > 0 and trainer.current_epoch - 1 not in session.checkpointed:
+            self._checkpoint(trainer, session)
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.capture.batches_ended()
-        if not trainer.sanity_checking:
-            self._val_started = self._clock()
-            if self._session is not None and self._session.checkpoints is not None:
-                self._rng_at_validation = self._timed("rng", rng.capture)
+        session = self._session
+        if not trainer.sanity_checking and session is not None and session.checkpoints is not None:
+            session.validation_started()
+            self._rng_at_validation = self._timed("rng", rng.capture)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -459,8 +339,9 @@ class FlorCallback(Callback):
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.capture.epoch_ended(trainer, "validate")
-        if not trainer.sanity_checking:
-            self._val_seconds += self._clock() - self._val_started
+        session = self._session
+        if not trainer.sanity_checking and session is not None and session.checkpoints is not None:
+            session.validation_ended()
 
     @override
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -476,27 +357,11 @@ class FlorCallback(Callback):
         self.capture.epoch_ended(trainer, "train")
         session = self._session
         if session is not None and session.checkpoints is not None:
-            self._timed(
-                "store",
-                store.insert,
-                session.conn,
-                "epochs",
-                {
-                    "run_id": session.run_id,
-                    "epoch": trainer.current_epoch,
-                    "started": self._epoch_started,
-                    "ended": self._clock(),
-                    "val_seconds": self._val_seconds,
-                },
-            )
+            session.write_epoch(trainer.current_epoch)
 
-    def _checkpointed(self, epoch: int) -> bool:
-        return epoch in self._checkpoint_epochs
-
-    def _checkpoint(self, trainer: pl.Trainer) -> None:
+    def _checkpoint(self, trainer: pl.Trainer, session: RunSession) -> None:
         """Snapshot the state of the epoch just completed and write it in the background."""
-        session = self._session
-        if session is None or session.checkpoints is None:
+        if session.checkpoints is None:
             return
         state = self._timed("state", _lightning.dump_state, trainer)
         epoch, step = trainer.current_epoch - 1, trainer.global_step
@@ -506,31 +371,13 @@ class FlorCallback(Callback):
             "rng": self._timed("rng", rng.capture),
             "rng_at_validation": self._rng_at_validation,
         }
-        self._checkpoint_epochs.add(epoch)
-
-        def index(info: CheckpointInfo) -> None:
-            with session.lock:
-                store.insert(
-                    session.conn,
-                    "checkpoints",
-                    {
-                        "run_id": session.run_id,
-                        "epoch": info.epoch,
-                        "step": info.step,
-                        "path": info.path,
-                        "sha256": info.sha256,
-                        "size": info.size,
-                        "write_seconds": info.write_seconds,
-                        "created": self._clock(),
-                    },
-                )
-
+        session.checkpointed.add(epoch)
         try:
             start = time.perf_counter()
             copy = snapshot(state)
             self._last_snapshot_seconds = time.perf_counter() - start
             self._snapshot_seconds += self._last_snapshot_seconds
-            session.checkpoints.save(copy, session.run_id, epoch, step, index)
+            session.save_checkpoint(copy, epoch, step)
         except CheckpointError as err:
             # Training goes on: a full or read-only checkpoint store must not cost the user the run.
             # The failed file never reached its final name nor the index, so the store stays
@@ -548,7 +395,9 @@ class FlorCallback(Callback):
     @property
     def stats(self) -> RecordStats:
         """What recording the latest fit cost so far; still readable once the fit has ended."""
-        c, s, w = self._checkpoints, self._seconds, self._log_writer
+        c = self._fit.checkpoints if self._fit else None
+        w = self._fit.writer if self._fit else None
+        s, live = self._seconds, self._session.store_seconds if self._session else 0.0
         return RecordStats(
             checkpoints_written=c.written if c else 0,
             checkpoint_bytes=c.bytes_written if c else 0,
@@ -557,50 +406,8 @@ class FlorCallback(Callback):
             snapshot_seconds=self._snapshot_seconds,
             state_seconds=s["state"],
             rng_seconds=s["rng"],
-            store_seconds=s["store"],
+            store_seconds=s["store"] + live,
             code_seconds=s["code"],
             log_writer_cpu_seconds=w.cpu_seconds if w else 0.0,
             checkpoint_every=self._period,
         )
-
-
-def hyperparameters(
-    pl_module: pl.LightningModule, trainer: pl.Trainer | None, datamodule: Any = None
-) -> dict[str, Any]:
-    """The module's saved hyperparameters merged with the datamodule's (the trainer's, or ``datamodule``;
-    prefixed on a clash)."""
-    out: dict[str, Any] = dict(pl_module.hparams)
-    dm = getattr(trainer, "datamodule", None) or datamodule
-    for key, value in (dict(dm.hparams) if getattr(dm, "hparams", None) is not None else {}).items():
-        out[f"datamodule.{key}" if key in out else key] = value
-    return out
-
-
-def data_sizes(trainer: pl.Trainer) -> dict[str, Any]:
-    """Batches per epoch, known once the fit loop has set up its data, and torch's thread count
-    (which a multi-process strategy may have changed by then)."""
-    val = trainer.num_val_batches
-    return {
-        "torch_threads": torch.get_num_threads(),  # float reductions differ across thread counts
-        "num_training_batches": trainer.num_training_batches,
-        "num_val_batches": list(val) if isinstance(val, list) else val,
-    }
-
-
-def trainer_settings(trainer: pl.Trainer) -> dict[str, Any]:
-    """Trainer settings that decide whether a replay can reproduce the run."""
-    return {
-        "max_epochs": trainer.max_epochs,
-        "seed": os.environ.get("PL_GLOBAL_SEED"),
-        "deterministic": torch.are_deterministic_algorithms_enabled(),
-        "precision": str(trainer.precision),
-        "accumulate_grad_batches": trainer.accumulate_grad_batches,
-        "world_size": trainer.world_size,
-        "num_nodes": trainer.num_nodes,
-        "num_devices": trainer.num_devices,
-        "limit_train_batches": trainer.limit_train_batches,
-        "limit_val_batches": trainer.limit_val_batches,
-        "check_val_every_n_epoch": trainer.check_val_every_n_epoch,
-        "val_check_interval": trainer.val_check_interval,
-        "gradient_clip_val": trainer.gradient_clip_val,
-    }

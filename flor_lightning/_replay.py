@@ -28,10 +28,10 @@ from flor_lightning import _lightning, _runs
 from flor_lightning import _planner as planner
 from flor_lightning import _shadow as shadow
 from flor_lightning import _store as store
-from flor_lightning._callback import hyperparameters
 from flor_lightning._checkpoints import CheckpointStore
 from flor_lightning._errors import ReplayError
 from flor_lightning._locate import Location, locate, process_local
+from flor_lightning._metadata import hyperparameters
 from flor_lightning._report import ReplayReport, cause, store_report
 from flor_lightning._segments import REPLAY_ID_ENV, SegmentRunner, flor_callback, wait_for_segments
 

@@ -1,14 +1,13 @@
-"""Resuming a crashed or stopped run from its last complete checkpoint, in the same run's records."""
+"""Resuming a crashed or stopped run from its last complete checkpoint, in the same run's records.
+
+This is the read: where that checkpoint is. The run session (:mod:`flor_lightning._session`) reopens the run.
+"""
 
 from __future__ import annotations
 
-import os
-import socket
-import sqlite3
 from pathlib import Path
 
 from flor_lightning import _runs
-from flor_lightning import _store as store
 from flor_lightning._errors import CheckpointError
 from flor_lightning._locate import open_fs
 from flor_lightning._query import open_store
@@ -49,29 +48,3 @@ def last_checkpoint(run: str | None = None, *, db: str | Path | None = None) -> 
         return open_fs(root)[0].unstrip_protocol(path) if "://" in root else path
     finally:
         conn.close()
-
-
-def run_exists(conn: sqlite3.Connection, run_id: str) -> bool:
-    """Whether this log store recorded ``run_id`` (a checkpoint may come from another project)."""
-    return conn.execute("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).fetchone() is not None
-
-
-def reopen_run(conn: sqlite3.Connection, run_id: str, epoch: int) -> None:
-    """Mark ``run_id`` running in this process again and drop what it recorded after ``epoch``.
-
-    The values, timings and checkpoints of later epochs belong to the trajectory being replaced;
-    the resumed run logs them again.
-    """
-    with store.immediate(conn):
-        conn.execute("DELETE FROM logs WHERE run_id = ? AND replay_id IS NULL AND epoch > ?", [run_id, epoch])
-        conn.execute("DELETE FROM epochs WHERE run_id = ? AND epoch > ?", [run_id, epoch])
-        conn.execute("DELETE FROM checkpoints WHERE run_id = ? AND epoch > ?", [run_id, epoch])
-        conn.execute(
-            "UPDATE runs SET status = 'running', ended = NULL, pid = ?, host = ? WHERE run_id = ?",
-            [os.getpid(), socket.gethostname(), run_id],
-        )
-
-
-def recorded_checkpoints(conn: sqlite3.Connection, run_id: str) -> set[int]:
-    """Epochs of ``run_id`` that already have a checkpoint."""
-    return {int(r[0]) for r in conn.execute("SELECT epoch FROM checkpoints WHERE run_id = ?", [run_id])}

@@ -20,7 +20,7 @@ from models import TEST_BATCHES, TRAIN_BATCHES, VAL_BATCHES, DigitsClassifier, D
 
 import flor_lightning as flor
 from flor_lightning import ConfigError, FlorCallback
-from flor_lightning._callback import RecordStats, auto_checkpoint_period
+from flor_lightning._callback import RecordStats
 from flor_lightning._shadow import SHADOW_BRANCH
 
 EPOCHS = 3
@@ -283,17 +283,6 @@ def test_checkpoint_budget_must_be_a_fraction(budget: object) -> None:
         FlorCallback(checkpoint_every="auto", checkpoint_budget=budget)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(
-    ("cost", "epoch", "budget", "period"),
-    [(0.2, 2.0, 0.02, 5), (0.2, 2.0, 0.1, 1), (0.21, 2.0, 0.1, 2), (0.0, 2.0, 0.02, 1), (1.0, 0.0, 0.02, 1)],
-)
-def test_auto_checkpoint_period_keeps_cost_under_budget(cost: float, epoch: float, budget: float, period: int) -> None:
-    assert auto_checkpoint_period(cost, epoch, budget) == period
-    if epoch > 0 and cost > 0:  # the period chosen spends at most the budget, one period fewer would not
-        assert cost / period <= budget * epoch + 1e-12
-        assert period == 1 or cost / (period - 1) > budget * epoch
-
-
 @pytest.mark.parametrize("limit", [-1, 1.5, True, "5MB", None])
 def test_max_file_bytes_is_checked_when_given(limit: object) -> None:
     with pytest.raises(ConfigError, match=r"max_file_bytes must be a whole number of bytes >= 0, got"):
@@ -433,7 +422,7 @@ def test_a_checkpoint_store_that_fails_mid_run_does_not_stop_training(project: P
         def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             if trainer.current_epoch == 1:  # checkpoints -1 and 0 are written by now
                 flor_cb = next(cb for cb in trainer.callbacks if isinstance(cb, FlorCallback))
-                flor_cb._session.checkpoints.wait()
+                flor_cb.session.checkpoints.wait()
                 (run_dir,) = [p for p in flor_home.rglob("*") if p.is_dir() and p.parent.parent == flor_home]
                 run_dir.rename(run_dir.with_name("moved"))
                 run_dir.write_text("a file where the run's folder was: every later write fails")

@@ -56,7 +56,7 @@ class BacklogProbe(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
         flor_cb = next(cb for cb in trainer.callbacks if isinstance(cb, FlorCallback))  # type: ignore[attr-defined]
-        self.samples.append((trainer.current_epoch, flor_cb._session.writer.backlog))
+        self.samples.append((trainer.current_epoch, flor_cb.session.writer.backlog))
 
 
 def test_long_run_keeps_the_backlog_bounded_and_stores_every_value(
