@@ -19,7 +19,7 @@ from typing import Any
 import _harness
 import lightning.pytorch as pl
 import torch
-from _harness import clock, median, spread, table, target, verdict
+from _harness import clock, median, spread, table, target
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from torch.nn import functional as F
@@ -294,67 +294,47 @@ def _skipped(results: list[dict[str, Any]], variant: str) -> str | None:
 
 
 def report(cfg: LogConfig, results: list[dict[str, Any]]) -> list[str]:
-    """The markdown of the section: flor's added cost per call, then the peers beside flor."""
+    """The markdown of the section: flor's added cost per call, and the peers beside flor."""
     ran = [r for r in results if "skipped" not in r]
     plain, flor_ = [r for r in ran if r["variant"] == "plain"], [r for r in ran if r["variant"] == "flor"]
-    calls, cost = plain[0]["log_calls"], per_value(results)
-    wall = [_us(f["loop_seconds"] - p["loop_seconds"], calls) for p, f in zip(plain, flor_, strict=True)]
-    plain_us = [_us(r["loop_seconds"], calls) for r in plain]
-    noise = f"{max(plain_us) - min(plain_us):.2f}" if len(plain) > 1 else "n/a, 1 repeat"
+    calls, cost = {r["variant"]: r["log_calls"] for r in ran}, per_value(results)
+    wall = [_us(f["loop_seconds"] - p["loop_seconds"], calls["plain"]) for p, f in zip(plain, flor_, strict=True)]
+    plain_us = [_us(r["loop_seconds"], calls["plain"]) for r in plain]
+    noise = f"{max(plain_us) - min(plain_us):.2f} µs/call" if len(plain) > 1 else "n/a, 1 repeat"
     fits = []
     for v, rs in (("plain", plain), ("flor", flor_)):
-        stored = ", ".join(str(r["rows_stored"]) for r in rs) if v == "flor" else "-"
-        own = spread([_us(r["inner_seconds"], calls) for r in rs], "{:.1f}")
-        fits.append([v, spread([r["loop_seconds"] for r in rs]), own, spread([r["fit_seconds"] for r in rs]), stored])
-    added = [
-        ["training thread, inside the call (flor's `log` wrapper)", spread(cost["flor"], "{:.2f}")],
-        ["log-writer thread CPU per value stored (background flushes)", spread(cost["writer"], "{:.2f}")],
-        ["total CPU per value, both threads", spread(cost["flor_total"], "{:.2f}")],
-        [f"A/B train-loop wall, paired by repeat (plain's own spread: {noise} µs/call)", spread(wall, "{:.2f}")],
-    ]
-    in_call, total, ab = median(cost["flor"]), median(cost["flor_total"]), median(wall)
-    lines = [
-        f"### Cost per `self.log` call: {cfg.values} scalars/step x {cfg.steps} steps = {calls} calls per fit, "
-        f"{cfg.repeats} interleaved repeats",
-        "",
-        *table("variant | train loop s | Lightning's own self.log, µs/call | whole fit s | values flor stored", fits),
-        "",
-        *table("added by flor, µs per self.log call | median [min-max]", added),
-        "",
-        f"- target: time flor adds to each self.log call ≤ {TARGET_US:.0f} µs — {in_call:.2f} µs "
-        f"→ {verdict(in_call <= TARGET_US)}",
-        f"- stricter, counting the background log writer too: {total:.2f} µs → {verdict(total <= TARGET_US)}",
-        f"- cross-check, A/B wall: {ab:.2f} µs → {verdict(ab <= TARGET_US)} "
-        f"(resolution limited by plain's run-to-run spread: {noise} µs/call)",
-    ]
-    if any(r["rows_stored"] != r["log_calls"] for r in flor_):
-        lines.append("- **WARNING**: flor stored a different number of values than self.log calls made")
-    return [*lines, "", *peer_report(cfg, results, cost)]
-
-
-def peer_report(cfg: LogConfig, results: list[dict[str, Any]], cost: dict[str, list[float]]) -> list[str]:
-    """The peers side by side with flor: µs per logged value and the ratio to flor's."""
-    calls = {r["variant"]: r["log_calls"] for r in results if "skipped" not in r}
+        own, stored = [_us(r["inner_seconds"], calls[v]) for r in rs], [str(r["rows_stored"]) for r in rs]
+        fits.append([v, spread([r["loop_seconds"] for r in rs]), spread(own, "{:.1f}"),
+                     spread([r["fit_seconds"] for r in rs]), ", ".join(stored) if v == "flor" else "-"])  # fmt: skip
     n = calls.get("flor", "-")
     rows = [
-        ["flor", "its self.log wrapper on the training thread", n, spread(cost["flor"], "{:.2f}"), "-"],
-        ["flor", "+ its background log writer's CPU", n, spread(cost["flor_total"], "{:.2f}"), "1"],
-    ]
+        ["flor", "training thread, inside the call (flor's `log` wrapper)", n, spread(cost["flor"], "{:.2f}"), "-"],
+        ["flor", "log-writer thread CPU per value stored (background)", n, spread(cost["writer"], "{:.2f}"), "-"],
+        ["flor", "total CPU per value, both threads", n, spread(cost["flor_total"], "{:.2f}"), "1"],
+        ["flor", f"cross-check: A/B train-loop wall, paired by repeat (plain's spread {noise})", n,
+         spread(wall, "{:.2f}"), "-"],
+    ]  # fmt: skip
     for v, what in TIMED.items():
         if (skipped := _skipped(results, v)) or not cost[v]:
             rows.append([v, f"SKIPPED: {skipped or 'not run'}", "-", "-", "-"])
         else:
             rows.append([v, what, calls[v], spread(cost[v], "{:.1f}"), _ratio(cost, v)])
-    header = "variant | what is timed | values per fit | µs per value, median [min-max] | ratio to flor (both threads)"
-    return [
-        f"### Cost per logged value: flor vs the loggers users pick instead ({cfg.values} scalars per step, "
-        f"interleaved; mlflow runs {cfg.slow_steps} steps, the others {cfg.steps})",
+    lines = [
+        f"### Cost per `self.log` call: {cfg.values} scalars/step x {cfg.steps} steps (mlflow: {cfg.slow_steps}), "
+        f"{cfg.repeats} interleaved repeats; flor vs the loggers users pick instead",
         "",
-        *table(header, rows),
+        *table("variant | train loop s | Lightning's own self.log, µs/call | whole fit s | values flor stored", fits),
+        "",
+        *table(
+            "variant | what is timed | values per fit | µs per value, median [min-max] | ratio to flor's total", rows
+        ),
         "",
         "- Lightning's own `self.log` (hundreds of µs here) is paid by every variant that uses it and is not counted; "
         "mlflow and flordb replace `self.log` by their own call in the same training step.",
     ]
+    if any(r["rows_stored"] != r["log_calls"] for r in flor_):
+        lines.append("- **WARNING**: flor stored a different number of values than self.log calls made")
+    return lines
 
 
 def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import _harness
-from _harness import median, spread, table, target, verdict
+from _harness import median, spread, table, target
 
 import flor_lightning as flor
 
@@ -116,23 +116,6 @@ def time_query(db: str, what: str) -> dict[str, Any]:
     }
 
 
-def profile_full(db: str) -> dict[str, Any]:
-    """In a forked child: cProfile one full pivot; the functions taking the most cumulative time."""
-    import cProfile
-    import pstats
-
-    prof = cProfile.Profile()
-    start = time.perf_counter()
-    prof.enable()
-    flor.query(db=db)
-    prof.disable()
-    total = time.perf_counter() - start
-    stats: dict[Any, Any] = pstats.Stats(prof).stats  # type: ignore[attr-defined]
-    named = ((ct, f"{Path(f).parent.name}/{Path(f).name}:{fn}") for (f, _, fn), (_, _, _, ct, _) in stats.items())
-    rows = sorted(named, reverse=True)
-    return {"total": total, "top": [(name, ct) for ct, name in rows if ct >= 0.04 * total][:14]}
-
-
 QUERIES = {
     "full": "flor.query() — full pivot",
     "one_metric": 'flor.query("val_loss") — one metric, every run',
@@ -156,9 +139,7 @@ def run(cfg: W4Config, base: Path, *, quiet_wait: float) -> dict[str, Any]:
             results.append(res)
             print(f"  W4 round {r + 1}/{cfg.repeats} {what:10s} {res['seconds']:.3f} s, "
                   f"+{res['mem_mib']:.0f} MiB, other load {res['other_load']:.2f} CPUs", flush=True)  # fmt: skip
-    profile = _harness.run_forked(profile_full, str(db)) if cfg.repeats > 1 else None
     return {
-        "profile": profile,
         "config": asdict(cfg),
         "values": cfg.values,
         "build_seconds": build_seconds,
@@ -205,19 +186,9 @@ def report(raw: dict[str, Any]) -> list[str]:
         f"built through store.LogWriter in {raw['build_seconds']:.1f} s; {cfg.repeats} interleaved repeats",
         "",
         *table(header, rows),
+        "",
+        "- where the full pivot's time goes (cProfile): results/ANALYSIS.md",
     ]
-    if profile := raw.get("profile"):
-        lines += [
-            "",
-            f"Where the full pivot's time goes (cProfile, one more run: {profile['total']:.2f} s under the "
-            "profiler; cumulative, so nested entries overlap; functions over 4% of the total):",
-            "",
-            *table("function | cumulative s | share",
-                   [[f"`{name}`", f"{ct:.3f}", f"{ct / profile['total']:.0%}"] for name, ct in profile["top"]]),
-        ]  # fmt: skip
-    full = median([r["seconds"] for r in raw["results"] if r["what"] == "full"])
-    lines += ["", f"- target: full pivot of {raw['values']:,} values ≤ {TARGET_SECONDS:.0f} s — {full:.3f} s "
-              f"→ {verdict(full <= TARGET_SECONDS)}"]  # fmt: skip
     return lines
 
 

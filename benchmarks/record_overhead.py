@@ -10,9 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
-import json
 import os
-import random
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -25,7 +23,7 @@ import lightning
 import lightning.pytorch as pl
 import log_cost
 import torch
-from _harness import clock, median, spread, table, target, verdict
+from _harness import clock, median, spread, table, target
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from log_cost import EpochTimer, quiet_lightning
@@ -125,13 +123,6 @@ STEPS = {  # FlorCallback.stats fields timed on the training thread, and their l
     "snapshot_seconds": "snapshot copy (clone tensors)",
     "store_seconds": "sqlite insert (run/epoch row)",
     "code_seconds": "git snapshot",
-}
-FIT_LABELS = {
-    "hook setup": "setup",
-    "hook on_train_start": "on_train_start",
-    "git snapshot": "  git snapshot (shadow branch), inside the hook that opens the run",
-    "hook on_train_end": "on_train_end (snapshot of the last epoch)",
-    "hook teardown": "teardown (wait for the last write, close the log writer)",
 }
 
 
@@ -290,44 +281,27 @@ def run_w1(
 # ---- report ------------------------------------------------------------------------------
 
 
-def _measured(res: dict[str, Any]) -> list[float]:
-    return list(res["periods"][1:])
-
-
-def _bootstrap(xs: list[float], base: list[float], n: int = 2000) -> tuple[float, float]:
-    """90% bootstrap interval of (median(xs) - median(base)) / median(base), resampling epochs."""
-    rng = random.Random(0)
-    draws = sorted(
-        (median(rng.choices(xs, k=len(xs))) - (b := median(rng.choices(base, k=len(base))))) / b for _ in range(n)
-    )
-    return draws[int(0.05 * n)], draws[int(0.95 * n) - 1]
-
-
 def _overheads(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    variants = list(dict.fromkeys(r["variant"] for r in results))
-    by = {v: [r for r in results if r["variant"] == v] for v in variants}
+    """Per variant: its measured epochs (1..E-1, pooled), overhead against its base, and per-fit figures."""
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by.setdefault(r["variant"], []).append(r)
     out: dict[str, dict[str, Any]] = {}
     for v, rs in by.items():
-        base_fits = by[base_of(v, by)]
-        plain_epochs = [p for r in base_fits for p in _measured(r)]
-        plain_fit = median([r["fit_seconds"] for r in base_fits])
-        epochs = [p for r in rs for p in _measured(r)]
-        rounds = [(median(_measured(r)) - median(_measured(p))) / median(_measured(p))
-                  for r, p in zip(rs, base_fits, strict=True)]  # fmt: skip
-        out[v] = {
-            "epochs": epochs,
-            "warmup": [r["periods"][0] for r in rs],
-            "overhead": (median(epochs) - median(plain_epochs)) / median(plain_epochs),
-            "ci": _bootstrap(epochs, plain_epochs),
-            "rounds": rounds,
-            "fits": [r["fit_seconds"] for r in rs],
-            "fit_overhead": (median([r["fit_seconds"] for r in rs]) - plain_fit) / plain_fit,
-            "rss": [r["peak_rss_mib"] for r in rs],
-            "cpu": [r["cpu_seconds"] for r in rs],
-            "disk": [r["disk_mb"] for r in rs],
-            "other": [r["other_load"] for r in rs],
-        }
+        base = by[base_of(v, by)]
+        epochs, plain = ([p for r in fits for p in r["periods"][1:]] for fits in (rs, base))
+        rounds = [median(r["periods"][1:]) / median(b["periods"][1:]) - 1 for r, b in zip(rs, base, strict=True)]
+        out[v] = {"epochs": epochs, "overhead": median(epochs) / median(plain) - 1, "rounds": rounds}
+        out[v] |= {k: [r[field] for r in rs] for k, field in FIT_FIGURES.items()}
     return out
+
+
+FIT_FIGURES = {"fits": "fit_seconds", "rss": "peak_rss_mib", "cpu": "cpu_seconds", "disk": "disk_mb",
+               "other": "other_load"}  # fmt: skip
+MAIN_HEADER = (
+    "variant | epoch s, median [min-max] | overhead vs plain (flor_auto: vs plain_long), per-round [min-max] "
+    "| fit s, median [min-max] | peak RSS MiB (Δ plain) | CPU s/fit (Δ its base) | written MB/fit | other load, CPUs"
+)
 
 
 def _pct(x: float) -> str:
@@ -335,76 +309,41 @@ def _pct(x: float) -> str:
 
 
 def _main_row(v: str, o: dict[str, Any], ov: dict[str, dict[str, Any]]) -> list[Any]:
-    overhead = rounds = fit_overhead = "-"
-    if v != "plain":
-        overhead = f"{_pct(o['overhead'])} [{_pct(o['ci'][0])}, {_pct(o['ci'][1])}]"
-        rounds = f"{_pct(min(o['rounds']))}-{_pct(max(o['rounds']))}"
-        fit_overhead = _pct(o["fit_overhead"])
-    plain_rss, cpu = median(ov["plain"]["rss"]), median(o["cpu"])
-    cpu_delta = f"{cpu - median(ov['plain']['cpu']):+.1f}"
-    if v in LONG:  # AUTO_EPOCHS times the epochs: whole fits compare with plain_long's only
-        base = base_of(v, ov)
-        fit_overhead = f"{fit_overhead} vs {base}" if base == "plain_long" else f"n/a ({AUTO_EPOCHS}x epochs)"
-        cpu_delta = f"{cpu - median(ov[base]['cpu']):+.1f} vs {base}" if base == "plain_long" else fit_overhead
-    return [v, spread(o["epochs"]), overhead, rounds, f"{median(o['warmup']):.2f}", spread(o["fits"], "{:.2f}"),
-            fit_overhead, f"{median(o['rss']):.0f} ({median(o['rss']) - plain_rss:+.0f})", f"{cpu:.1f} ({cpu_delta})",
-            f"{median(o['disk']):.0f}", f"{median(o['other']):.2f} ({max(o['other']):.2f})"]  # fmt: skip
-
-
-MAIN_HEADER = (
-    "variant | epoch s, median [min-max] | overhead vs plain (flor_auto: vs plain_long) [90% CI] "
-    "| per-round overhead [min-max] | epoch 0 s | fit s, median [min-max] | fit overhead | peak RSS MiB (Δ plain) "
-    "| CPU s/fit (Δ plain) | written MB/fit | other load, CPUs (max)"
-)
-
-
-def _per_epoch(fits: list[dict[str, Any]]) -> dict[str, list[float]]:
-    """Seconds flor spent on the training thread in each measured epoch: by hook, then by inner step."""
-    seen = {w for r in fits for w, by_epoch in r["flor"]["seconds"].items() if any(int(e) > 0 for e in by_epoch)}
-    hooks = [f"hook {h}" for h in EPOCH_HOOKS if f"hook {h}" in seen]
-    names = {
-        **{h: f"  {h}" for h in hooks},
-        **{w: f"  inside a hook: {w}" for w in sorted(seen) if not w.startswith("hook ")},
-    }
-    out: dict[str, list[float]] = {
-        "training thread in flor hooks (total)": [],
-        **{label: [] for label in names.values()},
-    }
-    for r in fits:
-        for e in (str(e) for e in range(1, len(r["periods"]))):
-            seconds = {name: r["flor"]["seconds"].get(name, {}).get(e, 0.0) for name in names}
-            out["training thread in flor hooks (total)"].append(sum(seconds[h] for h in hooks))
-            for name, label in names.items():
-                out[label].append(seconds[name])
-    return out
+    overhead = "-" if v == "plain" else f"{_pct(o['overhead'])} [{_pct(min(o['rounds']))}-{_pct(max(o['rounds']))}]"
+    rss, cpu, base = median(o["rss"]), median(o["cpu"]), ov[base_of(v, ov)]
+    return [v, spread(o["epochs"]), overhead, spread(o["fits"], "{:.2f}"),
+            f"{rss:.0f} ({rss - median(ov['plain']['rss']):+.0f})", f"{cpu:.1f} ({cpu - median(base['cpu']):+.1f})",
+            f"{median(o['disk']):.0f}", spread(o["other"], "{:.2f}")]  # fmt: skip
 
 
 def _flor_breakdown(results: list[dict[str, Any]], variant: str, plain_epoch: float) -> list[str]:
     """Where flor's time goes: training-thread time per measured epoch, once per fit, in the background."""
     fits = [r for r in results if r["variant"] == variant]
-    rows = [
-        [what, spread(xs, "{:.4f}"), f"{median(xs) / plain_epoch * 100:.2f}%"] for what, xs in _per_epoch(fits).items()
-    ]
+    seen = {w for r in fits for w, by in r["flor"]["seconds"].items() if any(int(e) > 0 for e in by)}
+    hooks = [f"hook {h}" for h in EPOCH_HOOKS if f"hook {h}" in seen]
+    inner = sorted(w for w in seen if not w.startswith("hook "))
+
+    def per_epoch(names: list[str]) -> list[float]:
+        return [sum(r["flor"]["seconds"].get(n, {}).get(str(e), 0.0) for n in names)
+                for r in fits for e in range(1, len(r["periods"]))]  # fmt: skip
+
+    parts = [("training thread in flor hooks (total)", hooks), *((f"  {h}", [h]) for h in hooks)]
+    parts += [(f"  inside a hook: {w}", [w]) for w in inner]
+    rows = [[label, spread(xs := per_epoch(names), "{:.4f}"), f"{median(xs) / plain_epoch * 100:.2f}%"]
+            for label, names in parts]  # fmt: skip
     full = [c for r in fits for c in r["flor"]["checkpoints"] if c[0] >= 0]  # epoch -1: initial state
     size = median([c[2] for c in full]) if full else float("nan")
     cpu = [r["flor"]["writer_cpu_seconds"] * size / sum(c[2] for c in r["flor"]["checkpoints"]) for r in fits
            if r["flor"]["checkpoints"]]  # fmt: skip
     rows.append([f"background checkpoint-writer CPU per {size / 1e6:.0f} MB checkpoint (writer_cpu_seconds, pro rata)",
                  spread(cpu), f"{median(cpu) / plain_epoch * 100:.1f}% of one core"])  # fmt: skip
-    wall = spread([c[1] for c in full])
-    rows.append(["background write wall per checkpoint (serialize + sha256 + fsync + rename)", wall, "-"])
-    once = [
-        [label, spread([sum(r["flor"]["seconds"].get(w, {}).values()) for r in fits])]
-        for w, label in FIT_LABELS.items()
-    ]
+    rows.append(["background write wall per checkpoint", spread([c[1] for c in full]), "-"])
+    once = [[h, spread([sum(r["flor"]["seconds"].get(h, {}).values()) for r in fits])] for h in FIT_TIMED]
     waited, written = [r["flor"]["blocked_seconds"] for r in fits], [len(r["flor"]["checkpoints"]) for r in fits]
     return [
-        *table(
-            f"{variant}, per measured epoch (epochs 1..E-1, all fits) | seconds, median [min-max] | % of plain epoch",
-            rows,
-        ),
+        *table(f"{variant}, per measured epoch (epochs 1..E-1) | seconds, median [min-max] | % of plain epoch", rows),
         "",
-        *table(f"{variant}, once per fit | seconds, median [min-max]", once),
+        *table(f"{variant}, once per fit (git snapshot: inside the hook that opens the run) | seconds", once),
         "",
         f"- FlorCallback.stats per fit: training thread blocked on an earlier write {spread(waited)} s; checkpoints "
         f"written (initial state included) {spread(written, '{:.0f}')}; final checkpoint period "
@@ -412,103 +351,56 @@ def _flor_breakdown(results: list[dict[str, Any]], variant: str, plain_epoch: fl
     ]
 
 
-def _contamination(results: list[dict[str, Any]]) -> list[str]:
-    busy = [r["other_load"] for r in results if r["other_load"] > OTHER_LOAD_LIMIT]
-    redone = sum(r.get("redone", 0) for r in results)
-    lines = [f"- {redone} fits were redone because other work kept the CPUs busy during them"] if redone else []
-    if busy:
-        lines.append(
-            f"- **WARNING**: {len(busy)} of {len(results)} fits ran while other work kept more than {OTHER_LOAD_LIMIT} "
-            f"CPUs busy (up to {max(busy):.2f} of {os.cpu_count()}); their times are inflated by that, not by the "
-            "variant. Rerun on a quiet machine before trusting the overheads."
-        )
-    return lines
-
-
-def _target_lines(ov: dict[str, dict[str, Any]]) -> list[str]:
-    if not {"flor", "modelckpt", "modelckpt_async"} <= ov.keys():
-        return ["- targets: not judged (they need the variants flor, modelckpt and modelckpt_async)"]
-    flor_ovh, mc_ovh = ov["flor"]["overhead"], ov["modelckpt"]["overhead"]
-
-    def ratio(peer: str, why: str) -> str:
-        peer_ovh = ov.get(peer, {}).get("overhead", float("nan"))
-        return f"{flor_ovh / peer_ovh:.2f}" if peer_ovh > 0 else f"n/a ({why})"
-
-    lo, hi = ov["flor"]["ci"]
-    lines = [
-        f"- flor overhead / ModelCheckpoint overhead = {ratio('modelckpt', 'ModelCheckpoint overhead ≤ 0')}; "
-        f"flor / (ModelCheckpoint + AsyncCheckpointIO) = {ratio('modelckpt_async', 'its overhead ≤ 0')}; "
-        f"flor / MLflow autolog = {ratio('mlflow', 'not run, or its overhead ≤ 0')}",
-        f"- target: flor epoch overhead ≤ {TARGET_OVERHEAD:.0%} of plain — {_pct(flor_ovh)} "
-        f"→ {verdict(flor_ovh <= TARGET_OVERHEAD)}",
-        f"- target: flor overhead ≤ ½ of ModelCheckpoint's — {_pct(flor_ovh)} vs ½ x {_pct(mc_ovh)} "
-        f"→ {verdict(flor_ovh <= TARGET_VS_MODELCKPT * mc_ovh)}",
-    ]
-    if lo <= TARGET_OVERHEAD <= hi:
-        lines.append(f"- note: flor's 90% interval [{_pct(lo)}, {_pct(hi)}] contains the {TARGET_OVERHEAD:.0%} line; "
-                     "this run cannot settle the first target either way")  # fmt: skip
-    return lines
-
-
-def _round_ratios(ov: dict[str, dict[str, Any]], peer: str, flor: str = "flor") -> list[float]:
-    """``flor``'s overhead over ``peer``'s, round by round (rounds where the peer's overhead is positive)."""
-    return [f / p for f, p in zip(ov[flor]["rounds"], ov[peer]["rounds"], strict=True) if p > 0]
+FIT_TIMED = [f"hook {h}" for h in FIT_HOOKS] + [STEPS["code_seconds"]]
 
 
 def _quiet_rounds(fits: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
-    """The fits of the rounds in which no fit was disturbed by other work, and the number of rounds.
-
-    A round's variants are compared with its own plain fit; a round where other processes kept more
-    than ``OTHER_LOAD_LIMIT`` CPUs busy during any fit measures them, not the variants.
-    """
+    """The fits of the rounds in which no fit was disturbed by other work (more than ``OTHER_LOAD_LIMIT``
+    CPUs busy with anything else), and the number of rounds: a round's variants compare with its own plain."""
     noisy = {r["repeat"] for r in fits if r["other_load"] > OTHER_LOAD_LIMIT}
     return [r for r in fits if r["repeat"] not in noisy], len({r["repeat"] for r in fits})
-
-
-def _vs_modelckpt(ov: dict[str, dict[str, Any]], overhead: float) -> bool:
-    return (
-        ov.get("modelckpt", {}).get("overhead", 0) > 0 and overhead <= TARGET_VS_MODELCKPT * ov["modelckpt"]["overhead"]
-    )
 
 
 def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows this benchmark adds to RESULTS.md: W1's targets and comparisons (judged on quiet rounds only)."""
     skipped = {r["variant"]: r["skipped"] for r in results if "skipped" in r}
-    fits = [r for r in results if "skipped" not in r]
-    quiet, n_rounds = _quiet_rounds(fits)
+    quiet, n_rounds = _quiet_rounds(fits := [r for r in results if "skipped" not in r])
     ov = _overheads(quiet or fits)
     if not {"plain", "flor"} <= ov.keys():
         return []
-    n_quiet = len({r["repeat"] for r in quiet})
-    judged = f" ({n_quiet} of {n_rounds} rounds quiet)" if quiet else " (UNJUDGED: other work disturbed every round)"
+    judged = f" ({len({r['repeat'] for r in quiet})} of {n_rounds} rounds quiet)" if quiet else " (UNJUDGED: every "
+    judged += "" if quiet else "round disturbed by other work)"
+
+    def ratios(variant: str) -> list[float]:  # its overhead over ModelCheckpoint's, round by round
+        return [f / p for f, p in zip(ov[variant]["rounds"], ov["modelckpt"]["rounds"], strict=True) if p > 0]
+
+    def vs_modelckpt(variant: str) -> bool | None:
+        mc = ov.get("modelckpt", {}).get("overhead", 0)
+        return (mc > 0 and ov[variant]["overhead"] <= TARGET_VS_MODELCKPT * mc) if quiet else None
 
     def overhead_row(id: str, variant: str, comparison: str) -> dict[str, Any]:
-        o = ov[variant]
+        o, ok = ov[variant], ov[variant]["overhead"] <= TARGET_OVERHEAD if quiet else None
         measured = f"{_pct(o['overhead'])} [{_pct(min(o['rounds']))}-{_pct(max(o['rounds']))}]"
-        ok = o["overhead"] <= TARGET_OVERHEAD if quiet else None
         return target(id, comparison + judged, measured, f"≤ {TARGET_OVERHEAD:.0%}", ok)
 
     rows = [overhead_row("w1_overhead", "flor", "W1 record overhead per epoch, flor vs plain Lightning")]
     for v, name in PEER_NAMES.items():
-        ratio = _round_ratios(ov, v) if v in ov else []  # median and range over rounds, each against its own plain
-        measured = spread(ratio, "{:.2f}") + " " if ratio else "n/a (its overhead ≤ 0) "
-        measured = (
-            f"{measured}(its overhead {_pct(ov[v]['overhead'])})"
-            if v in ov
-            else f"SKIPPED: {skipped.get(v, 'not run')}"
-        )
-        judge = (f"≤ {TARGET_VS_MODELCKPT}", _vs_modelckpt(ov, ov["flor"]["overhead"]) if quiet else None)
-        rows.append(
-            target(f"w1_vs_{v}", f"W1 flor's overhead ÷ {name}'s", measured, *(judge if v == "modelckpt" else ()))
-        )
+        if v not in ov:
+            measured = f"SKIPPED: {skipped.get(v, 'not run')}"
+        else:  # flor's overhead over the peer's, round by round
+            ratio = [f / p for f, p in zip(ov["flor"]["rounds"], ov[v]["rounds"], strict=True) if p > 0]
+            measured = spread(ratio, "{:.2f}") if ratio else "n/a (its overhead ≤ 0)"
+            measured += f" (its overhead {_pct(ov[v]['overhead'])})"
+        judge = (f"≤ {TARGET_VS_MODELCKPT}", vs_modelckpt("flor")) if v == "modelckpt" else ()
+        rows.append(target(f"w1_vs_{v}", f"W1 flor's overhead ÷ {name}'s", measured, *judge))
     if "flor_auto" in ov:
         comparison = f'W1 the same with FlorCallback(checkpoint_every="auto") (2% budget), {AUTO_EPOCHS}x the epochs, '
         rows.append(overhead_row("w1_auto_overhead", "flor_auto", comparison + "vs plain fits as long"))
-        ratio = _round_ratios(ov, "modelckpt", "flor_auto") if "modelckpt" in ov else []
+        ratio = ratios("flor_auto") if "modelckpt" in ov else []
         measured = spread(ratio, "{:.2f}") if ratio else "n/a (ModelCheckpoint's overhead ≤ 0 or not run)"
-        ok = _vs_modelckpt(ov, ov["flor_auto"]["overhead"]) if quiet else None
         comparison = 'W1 flor (checkpoint_every="auto") overhead ÷ ModelCheckpoint\'s'
-        rows.append(target("w1_auto_vs_modelckpt", comparison, measured, f"≤ {TARGET_VS_MODELCKPT}", ok))
+        rows.append(target("w1_auto_vs_modelckpt", comparison, measured, f"≤ {TARGET_VS_MODELCKPT}",
+                           vs_modelckpt("flor_auto")))  # fmt: skip
     rss = ", ".join(f"{v} {median(o['rss']) - median(ov['plain']['rss']):+.0f}" for v, o in ov.items() if v != "plain")
     return [*rows, target("w1_rss", "W1 peak RSS over plain (MiB)", rss)]
 
@@ -516,23 +408,8 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def report(cfg: W1Config, results: list[dict[str, Any]]) -> list[str]:
     skipped = [f"- {r['variant']} SKIPPED: {r['skipped']}" for r in results if "skipped" in r]
     results = [r for r in results if "skipped" not in r]
-    ov = _overheads(results)
-    first = results[0]
-    quiet, n_rounds = _quiet_rounds(results)
-    judged = (
-        f"- targets judged on the {len({r['repeat'] for r in quiet})} of {n_rounds} rounds in which no fit was "
-        f"disturbed by other work (other load ≤ {OTHER_LOAD_LIMIT} CPUs)"
-        if quiet
-        else "- targets UNJUDGED: other work disturbed every round; the lines below use every fit"
-    )
-    auto = []
-    if "flor_auto" in ov and "plain_long" in ov:
-        auto = [f"- flor_auto fits run {AUTO_EPOCHS}x the epochs (so that the measured epochs span its checkpoint "
-                "period), and so do plain_long's: flor_auto's overheads are against plain_long (plain_long's own, "
-                "against plain, shows how the later epochs of a long fit differ)"]  # fmt: skip
-    elif "flor_auto" in ov:
-        auto = [f"- flor_auto fits run {AUTO_EPOCHS}x the epochs; without plain_long its overheads are against "
-                "plain's shorter fits"]  # fmt: skip
+    ov, first = _overheads(results), results[0]
+    busy = [r["other_load"] for r in results if r["other_load"] > OTHER_LOAD_LIMIT]
     lines = [
         "## Recording overhead: flor_lightning vs plain Lightning",
         "",
@@ -544,22 +421,20 @@ def report(cfg: W1Config, results: list[dict[str, Any]]) -> list[str]:
         f"{cfg.epochs} epochs x {cfg.repeats} interleaved repeats per variant",
         "",
         "Epoch = period between successive epoch starts; epochs 1..E-1 pooled (epoch 0 is warm-up). "
-        "Overhead = (variant median - plain median) / plain median; its 90% CI bootstraps the epochs. "
-        "Each fit runs in its own forked child; peak RSS is that child's VmHWM (reset at fork), "
-        "CPU s = all its threads. Other load = CPUs kept busy meanwhile by anything else "
-        "(other processes, hypervisor steal), from /proc/stat.",
+        "Overhead = variant median / plain median - 1 (flor_auto and plain_long run "
+        f"{AUTO_EPOCHS}x the epochs, to span flor_auto's period: flor_auto is against plain_long); per round, each "
+        "against its round's plain. Each fit runs in its own forked child; peak RSS is its VmHWM, CPU s all its "
+        "threads. Other load = CPUs kept busy meanwhile by anything else (from /proc/stat).",
         "",
         *table(MAIN_HEADER, [_main_row(v, o, ov) for v, o in ov.items()]),
         "",
         *skipped,
-        *_contamination(results),
-        judged,
-        *auto,
-        *_target_lines(_overheads(quiet) if quiet else ov),
+        f"- {sum(r.get('redone', 0) for r in results)} fits redone because other work kept the CPUs busy; "
+        f"{len(busy)} of {len(results)} fits ran with more than {OTHER_LOAD_LIMIT} CPUs busy with other work "
+        "(the targets are judged on the rounds with none)",
     ]
-    plain_epoch = median(ov["plain"]["epochs"])
     for variant in (v for v in ov if v.startswith("flor")):
-        lines += ["", *_flor_breakdown(results, variant, plain_epoch)]
+        lines += ["", *_flor_breakdown(results, variant, median(ov["plain"]["epochs"]))]
     return lines
 
 
@@ -575,33 +450,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds to wait before each fit for other work to stop (0: never; smoke: 0)")  # fmt: skip
     parser.add_argument("--retries", type=int, default=4,
                         help="fits that may be redone in all when other work disturbed them (smoke: 0)")  # fmt: skip
-    parser.add_argument("--render", type=Path, help="print the report of an earlier run's raw .json, run nothing")
     parser.add_argument("--out", type=Path, help="markdown output (default: benchmarks/results/record_overhead.md; "
                         "none in --smoke mode); raw results go beside it as .json")  # fmt: skip
     args = parser.parse_args(argv)
     if args.variants[0] != "plain":
         parser.error("--variants must start with plain: every overhead is measured against it")
-    out = args.out or (None if args.smoke else HERE / "results" / "record_overhead.md")
-    if args.render:
-        raw = json.loads(args.render.read_text())
-    else:
-        cfg = SMOKE if args.smoke else W1Config()
-        cfg = W1Config(**{**asdict(cfg), "repeats": args.repeats or cfg.repeats, "epochs": args.epochs or cfg.epochs})
-        log_cfg = log_cost.SMOKE if args.smoke else log_cost.LogConfig()
-        wait = 0.0 if args.smoke else args.quiet_wait
-        started = time.perf_counter()
-        w1 = run_w1(cfg, tuple(args.variants), quiet_wait=wait, retries=0 if args.smoke else args.retries)
-        raw = {"config": asdict(cfg), "log_config": asdict(log_cfg), "w1": w1}
-        raw["log_cost"] = [] if args.no_log_cost else log_cost.run(log_cfg, quiet_wait=wait)
-        raw["wall_seconds"] = time.perf_counter() - started
-        if out is not None:  # raw results first: the report can be rendered again with --render
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=str))
-    log_lines = log_cost.report(log_cost.LogConfig(**raw["log_config"]), raw["log_cost"]) if raw["log_cost"] else []
-    lines = [*report(W1Config(**raw["config"]), raw["w1"]), *(["", *log_lines] if log_lines else [])]
-    text = "\n".join([*lines, "", f"(benchmark wall time {raw['wall_seconds']:.0f} s)"]) + "\n"
-    raw["targets"] = targets(raw["w1"]) + (log_cost.targets(raw["log_cost"]) if raw["log_cost"] else [])
-    _harness.write_results(out, text, raw)
+    cfg = SMOKE if args.smoke else W1Config()
+    cfg = W1Config(**{**asdict(cfg), "repeats": args.repeats or cfg.repeats, "epochs": args.epochs or cfg.epochs})
+    log_cfg = log_cost.SMOKE if args.smoke else log_cost.LogConfig()
+    wait = 0.0 if args.smoke else args.quiet_wait
+    started = time.perf_counter()
+    w1 = run_w1(cfg, tuple(args.variants), quiet_wait=wait, retries=0 if args.smoke else args.retries)
+    logs = [] if args.no_log_cost else log_cost.run(log_cfg, quiet_wait=wait)
+    lines = [*report(cfg, w1), *(["", *log_cost.report(log_cfg, logs)] if logs else [])]
+    text = "\n".join([*lines, "", f"(benchmark wall time {time.perf_counter() - started:.0f} s)"]) + "\n"
+    raw = {"config": asdict(cfg), "log_config": asdict(log_cfg), "w1": w1, "log_cost": logs}
+    raw["targets"] = targets(w1) + (log_cost.targets(logs) if logs else [])
+    _harness.write_results(args.out or (None if args.smoke else HERE / "results" / "record_overhead.md"), text, raw)
     return 0
 
 

@@ -2,7 +2,7 @@
 How it measures: benchmarks/README.md. The parent process imports neither torch nor Lightning.
 
 Usage: ``python benchmarks/replay_speedup.py [--smoke] [--repeats N] [--no-train-replay]
-[--no-single-thread] [--omp-spin] [--keep] [--out PATH]``
+[--no-single-thread] [--out PATH]``
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import _harness
-from _harness import clock, median, spread, table, target, verdict
+from _harness import clock, median, spread, table, target
 
 from flor_lightning._planner import split_segments  # not public: the split a replay makes
 
@@ -119,7 +119,7 @@ SCALING = (  # 1 segment, 2 segments
 class Sandbox:
     """A temporary git repository holding the training script, with its own checkpoint home."""
 
-    def __init__(self, base: Path, group: str, cfg: W2Config, *, spin: bool) -> None:
+    def __init__(self, base: Path, group: str, cfg: W2Config) -> None:
         (gitconfig := base / "gitconfig").touch()
         drop = ("FLOR_DB", "OMP_NUM_THREADS", "OMP_WAIT_POLICY")
         self.env = (
@@ -131,10 +131,10 @@ class Sandbox:
                 "GIT_CONFIG_GLOBAL": str(gitconfig),
                 "GIT_CONFIG_NOSYSTEM": "1",
                 "PYTHONWARNINGS": "ignore",
+                "OMP_WAIT_POLICY": "PASSIVE",  # idle OpenMP threads sleep: a waiting rank leaves its core
             }
         )
         self.env |= {"OMP_NUM_THREADS": "1"} if group == "1t" else {}
-        self.env |= {} if spin else {"OMP_WAIT_POLICY": "PASSIVE"}
         files = {SCRIPT: script_text("none"), ".gitignore": "lightning_logs/\n"}
         self.root = _harness.git_sandbox(files, base / f"repo-{group}", env=self.env)
 
@@ -142,8 +142,7 @@ class Sandbox:
         """Run the script with ``edit`` applied; its result, stamps and the parent's view of it.
 
         Raises:
-            RunFailed: the script failed, or did not end within ``timeout`` (then the native
-                stacks of its processes are taken with py-spy before they are killed).
+            RunFailed: the script failed, or did not end within ``timeout`` (then it is killed).
         """
         (self.root / SCRIPT).write_text(script_text(edit))
         busy, ours = _harness.busy_seconds(), _harness.cpu_seconds(own=False)
@@ -154,16 +153,15 @@ class Sandbox:
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            stacks = py_spy_dumps(proc.pid)
             os.killpg(proc.pid, signal.SIGKILL)
             stdout, stderr = proc.communicate()
             reap_orphans()
-            raise RunFailed(f"no result after {timeout:.0f} s; killed", stdout + stderr, stacks) from None
+            raise RunFailed(f"no result after {timeout:.0f} s; killed", stdout + stderr) from None
         wall = clock() - start
         reap_orphans()
         foreign = (_harness.busy_seconds() - busy) - (_harness.cpu_seconds(own=False) - ours)
         if proc.returncode != 0 or "W2_RESULT " not in stdout:
-            raise RunFailed(f"exit code {proc.returncode}", stdout + stderr, "")
+            raise RunFailed(f"exit code {proc.returncode}", stdout + stderr)
         result = _tagged(stdout, "W2_RESULT ")[0]
         result |= {"launch": launch, "exited": launch + wall, "wall": wall, "clocks": _tagged(stdout, "W2_CLOCK ")}
         result["others_cpu_share"] = max(0.0, foreign) / (wall * (os.cpu_count() or 1))
@@ -171,24 +169,9 @@ class Sandbox:
 
 
 class RunFailed(Exception):
-    def __init__(self, reason: str, output: str, stacks: str) -> None:
+    def __init__(self, reason: str, output: str) -> None:
         super().__init__(reason)
-        self.reason, self.output, self.stacks = reason, output, stacks
-
-
-def py_spy_dumps(session: int) -> str:
-    """Native and Python stacks of every process in ``session`` (py-spy beside this Python, if any)."""
-    spy = Path(sys.executable).parent / "py-spy"
-    if not spy.exists():
-        return "(py-spy not installed: no stacks)"
-    dumps = []
-    for stat in sorted(Path("/proc").glob("[0-9]*/stat")):
-        with contextlib.suppress(OSError, IndexError):
-            if int(stat.read_text().rsplit(")", 1)[1].split()[3]) == session:  # after the name: state ppid pgrp session
-                cmd = [str(spy), "dump", "--native", "--pid", stat.parent.name]
-                done = subprocess.run(cmd, capture_output=True, text=True)
-                dumps.append(done.stdout + done.stderr)
-    return "\n".join(dumps)
+        self.reason, self.output = reason, output
 
 
 def become_subreaper() -> None:
@@ -278,14 +261,14 @@ def ideal(num: Numbers, rec: dict[str, Any], v: Variant, phase: str = "call") ->
 
 
 def run_rounds(
-    cfg: W2Config, variants: Sequence[Variant], base: Path, *, spin: bool, quiet_wait: float
+    cfg: W2Config, variants: Sequence[Variant], base: Path, *, quiet_wait: float
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
     """Record once per group, then run every variant ``cfg.repeats`` times, interleaved.
 
     Before each run, wait up to 15 s (``quiet_wait`` s in all) for other processes to leave the
-    CPUs. A failed or hung run is kept as a failure (with its output and stacks) and the rest goes on.
+    CPUs. A failed or hung run is kept as a failure (with its output) and the rest goes on.
     """
-    boxes = {g: Sandbox(base, g, cfg, spin=spin) for g in dict.fromkeys(v.group for v in variants)}
+    boxes = {g: Sandbox(base, g, cfg) for g in dict.fromkeys(v.group for v in variants)}
     recs: dict[str, Any] = {}
     results: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
@@ -299,8 +282,7 @@ def run_rounds(
         try:
             res = boxes[v.group].run(v.edit, v.mode, v.devices, v.strategy, timeout=timeout)
         except RunFailed as err:
-            failures.append({"variant": v.name, "round": r, "reason": err.reason, "output": err.output[-4000:],
-                             "stacks": err.stacks})  # fmt: skip
+            failures.append({"variant": v.name, "round": r, "reason": err.reason, "output": err.output[-4000:]})
             print(f"  round {r + 1}/{cfg.repeats} {v.name:17s} FAILED: {err.reason}", flush=True)
             return None
         row = {"variant": v.name, "round": r, "phases": phases(res), "report": res.get("report")}
@@ -314,7 +296,7 @@ def run_rounds(
     for g, box in boxes.items():
         res = run(RECORDINGS[g], 0)
         if res is None:
-            raise RuntimeError(f"recording {g} failed:\n{failures[-1]['output']}\n{failures[-1]['stacks']}")
+            raise RuntimeError(f"recording {g} failed:\n{failures[-1]['output']}")
         recs[g] = recording(box, res)
     # a run that takes 3x the recording's wall time (imports included) is taken to hang
     timeout = max(60.0, 3 * max(r["phases"]["wall"] for r in results))
@@ -401,47 +383,28 @@ def run_tables(num: Numbers, recs: dict[str, dict[str, Any]], shown: Sequence[Va
     return [*recorded, "", *runs, "", *table(" | ".join(["phase, median s", *names]), phase_rows)]
 
 
-def speedup_tables(num: Numbers, recs: dict[str, Any], shown: Sequence[Variant], *, judge: bool = True) -> list[str]:
-    """Measured speedups beside the ideal ones, and 2 segments against 1; with ``judge``, against the targets."""
+def speedup_tables(num: Numbers, recs: dict[str, Any], shown: Sequence[Variant]) -> list[str]:
+    """Measured speedups beside the ideal ones (call, wall, training loop), and 2 segments against 1."""
     rows: list[list[Any]] = []
-    for v in (v for v in shown if v.mode == "replay"):
-        base = BASELINE[v.group]
-        if v.name not in num or base not in num:
-            rows.append(
-                [
-                    v.name,
-                    *["-"] * 8,
-                    f"{len(num.rows.get(v.name, []))} (baseline {base}: {len(num.rows.get(base, []))})",
-                ]
-            )
-            continue
+    for v in (v for v in shown if v.mode == "replay" and v.name in num and BASELINE[v.group] in num):
         got = {p: num.speedup(v.name, v.group, p) for p in ("call", "wall", "loop")}
-        part = {p: got[p] / ideal(num, recs[v.group], v, p) for p in got}
-        judged = {p: f"{part[p]:.0%}" + (f" → {verdict(part[p] >= TARGET_FRACTION)}" if judge else "") for p in part}
-        best, least = ideal(num, recs[v.group], v), ideal_seconds(recs[v.group], v.devices, v.edit == "train")
-        cells = [judged["call"], f"{got['wall']:.2f}x", judged["wall"], f"{got['loop']:.2f}x", f"{part['loop']:.0%}"]
-        rows.append([v.name, f"{best:.2f}x", f"{got['call']:.2f}x", *cells, f"{least:.2f}", len(num.rows[v.name])])
-    want = TARGET_SCALING * 2
-    scaling = []
-    for one, two in (p for p in SCALING if p[0] in num and p[1] in num):
-        ratios = [num.m(one, p) / num.m(two, p) for p in ("wall", "call", "loop")]
-        scaling.append(
-            [f"{one} / {two}", *(f"{x:.2f}x" + (f" → {verdict(x >= want)}" if judge else "") for x in ratios)]
-        )
-    fraction = f"fraction of ideal (target ≥ {TARGET_FRACTION:.0%})" if judge else "fraction of ideal"
+        cells = [f"{got[p]:.2f}x = {got[p] / ideal(num, recs[v.group], v, p):.0%}" for p in got]
+        least = ideal_seconds(recs[v.group], v.devices, v.edit == "train")
+        rows.append([v.name, f"{ideal(num, recs[v.group], v):.2f}x", *cells, f"{least:.2f}", len(num.rows[v.name])])
+    scaling = [
+        [f"{one} / {two}", *(f"{num.m(one, p) / num.m(two, p):.2f}x" for p in ("wall", "call", "loop"))]
+        for one, two in SCALING
+        if one in num and two in num
+    ]
     return [
         *table(
-            f"variant | ideal speedup of the call: baseline call / ideal replay s | measured, call | {fraction} "
-            f"| measured, wall | {fraction} | measured, training loop | fraction of ideal "
-            "| ideal replay s (load+val, slowest segment) | runs",
+            "variant | ideal speedup of the call: baseline call / ideal replay s | measured speedup = fraction of "
+            f"ideal (target ≥ {TARGET_FRACTION:.0%}): call | wall | training loop | ideal replay s (load+val, "
+            "slowest segment) | runs",
             rows,
         ),
         "",
-        *table(
-            f"1 segment / 2 segments on 2 ranks{f' (target ≥ {want:.1f}x)' if judge else ''} | subprocess wall | call "
-            "| training loop (all ranks)",
-            scaling,
-        ),
+        *table(f"1 segment / 2 segments (target ≥ {TARGET_SCALING * 2:.1f}x) | subprocess wall | call | loop", scaling),
     ]
 
 
@@ -451,70 +414,38 @@ def fixed_cost_lines(num: Numbers, shown: Sequence[Variant]) -> list[str]:
     def pooled(phase: str, keep: Any) -> list[float]:
         return [x for v in shown if keep(v) for x in num.xs(v.name, phase)]
 
-    single, exits = pooled("startup", lambda v: v.devices == 1), pooled("exit", lambda v: v.devices == 1)
-    ddp = pooled("before_loop", lambda v: v.strategy == "ddp" and v.devices > 1)
-    fork = pooled("before_loop", lambda v: v.strategy == "ddp_fork")
-    setup = pooled("before_loop", lambda v: v.devices == 1 and v.mode == "replay")
-    lines = [
-        f"- fixed cost of every process: start + imports {spread(single, '{:.2f}')} s, exit "
-        f"{spread(exits, '{:.2f}')} s (torch and Lightning; the same for retraining and replay)"
-    ]
-    if ddp and setup:
-        lines.append(
-            "- DDP start-up inside the replay call (rank 1 starts and imports everything, process group, DDP wrap): "
-            f"{median(ddp) - median(setup):.2f} s more than the 1-device replay's setup ({median(setup):.2f} s); "
-            "a 2-segment replay saves time only where half the replay's work exceeds it"
-        )
-    if fork and setup:
-        lines.append(
-            "- ddp_fork start-up inside the replay call (both ranks forked, process group, DDP wrap): "
-            f"{median(fork) - median(setup):.2f} s more than the 1-device replay's setup"
-        )
+    start, setup = pooled("startup", lambda v: v.devices == 1), pooled("before_loop", lambda v: v.devices == 1)
+    lines = [f"- every process: start + imports {spread(start, '{:.2f}')} s (torch and Lightning, retrain and replay)"]
+    for strategy in ("ddp", "ddp_fork"):
+        if (ranks := pooled("before_loop", lambda v, s=strategy: v.strategy == s and v.devices > 1)) and setup:
+            lines.append(f"- {strategy} start-up inside the replay call (ranks, process group, DDP wrap): "
+                         f"{median(ranks) - median(setup):.2f} s more than a 1-device replay's setup")  # fmt: skip
     return lines
 
 
 def failure_lines(failures: list[dict[str, Any]], repeats: int) -> list[str]:
-    """Every failed or hung run, with each process's main-thread stack: never left out of the numbers silently."""
+    """Every failed or hung run with the end of its output: never left out of the numbers silently."""
     if not failures:
         return [f"- failed or hung runs: none (every variant ran {repeats} times)"]
     lines = [f"### Failed or hung runs: {len(failures)} (left out of the medians above)"]
     for f in failures:
-        stacks, keep = [], False
-        for line in f["stacks"].splitlines():  # py-spy: "Process ..." headers, then "Thread ..." and its frames
-            keep = "MainThread" in line if line.startswith("Thread ") else keep
-            stacks += [line] if keep or line.startswith("Process ") else []
-        text = "\n".join(stacks) or f["output"][-1500:]
-        lines += [
-            "",
-            f"- {f['variant']}, round {f['round'] + 1}: {f['reason']}",
-            "",
-            "```",
-            *text.strip().splitlines(),
-            "```",
-        ]
+        lines += ["", f"- {f['variant']}, round {f['round'] + 1}: {f['reason']}", "", "```", f["output"][-1500:], "```"]
     return lines
 
 
-def flordb_replay_note() -> str:
-    """Why FlorDB's replay is not a variant of its own here (printed, never silently left out)."""
-    if why := _harness.missing("flordb"):
-        return f"not run: {why}"
-    return (
-        "not run as its own variant: it keeps no checkpoints inside a run, so its time to a new validation metric "
-        "is at least retrain's (ANALYSIS.md)"
-    )
+FLORDB_NOTE = (
+    "not run as its own variant: it keeps no checkpoints inside a run, so its time to a new validation metric "
+    "is at least retrain's (ANALYSIS.md)"
+)
 
 
-def report(cfg: W2Config, recs: dict[str, Any], num: Numbers, failures: list[dict[str, Any]], load: tuple[float, float],
-           *, spin: bool) -> str:  # fmt: skip
+def report(cfg: W2Config, recs: dict[str, Any], num: Numbers, failures: list[dict[str, Any]]) -> str:
     shown = [RECORDINGS[g] for g in recs] + [v for v in VARIANTS if v.name in num]
     params = cfg.in_dim * cfg.hidden + cfg.hidden * cfg.hidden + cfg.hidden * cfg.classes + 2 * cfg.hidden + cfg.classes
-    quiet = Numbers([r for r in num.results if r["phases"]["others"] < QUIET])
     lines = [
         "## Replay speedup: time to a hindsight metric, flor replay vs retraining",
         "",
-        f"{_harness.machine()}. Load average (1 min) before/after: {load[0]:.2f} / {load[1]:.2f}. "
-        + ("OMP_WAIT_POLICY unset (spinning OpenMP threads)." if spin else "OMP_WAIT_POLICY=PASSIVE."),
+        f"{_harness.machine()}. OMP_WAIT_POLICY=PASSIVE.",
         "",
         f"### W2: MLP {cfg.in_dim}-{cfg.hidden}-{cfg.hidden}-{cfg.classes} ({params / 1e6:.2f}M params, Adam), "
         f"batch {cfg.batch}, {cfg.train_batches}+{cfg.val_batches} batches/epoch, {cfg.epochs} epochs; "
@@ -526,23 +457,10 @@ def report(cfg: W2Config, recs: dict[str, Any], num: Numbers, failures: list[dic
         "",
         *speedup_tables(num, recs, shown),
         "",
-        f"Quiet runs only (other processes under {QUIET:.0%} of the CPUs; informational, the targets above use "
-        "every run):",
-        "",
-        *speedup_tables(quiet, recs, shown, judge=False),
-        "",
         *fixed_cost_lines(num, shown),
-        "",
         *failure_lines(failures, cfg.repeats),
-        "",
-        f"- FlorDB's replay: {flordb_replay_note()}",
+        f"- FlorDB's replay: {_harness.missing('flordb') or FLORDB_NOTE}",
     ]
-    if load[0] > 0.5:
-        lines += [
-            "",
-            f"- warning: the 1-minute load average was {load[0]:.2f} at the start: other processes competed for the "
-            "CPUs (see their CPU share per variant); timings are inflated and noisier",
-        ]
     return "\n".join(lines) + "\n"
 
 
@@ -558,7 +476,7 @@ def targets(recs: dict[str, Any], num: Numbers) -> list[dict[str, Any]]:
             ok = part >= TARGET_FRACTION
             rows.append(target(f"w2_{v.name}_ideal", comparison + f"{num.ratio('retrain', v.name, 'wall')})", measured,
                                f"≥ {TARGET_FRACTION:.0%} of ideal", ok))  # fmt: skip
-    rows.append(target("w2_flordb", "W2 FlorDB's replay (flordb.replay)", flordb_replay_note()))
+    rows.append(target("w2_flordb", "W2 FlorDB's replay (flordb.replay)", _harness.missing("flordb") or FLORDB_NOTE))
     for one, two in (p for p in SCALING if p[0] in num and p[1] in num):
         comparison = f"W2 {two} vs {one}: call (training loop alone: {num.ratio(one, two, 'loop')})"
         ok = num.m(one, "call") / num.m(two, "call") >= TARGET_SCALING * 2
@@ -574,10 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, help="runs per variant (default 3)")
     parser.add_argument("--no-train-replay", action="store_true", help="skip the re-training replays")
     parser.add_argument("--no-single-thread", action="store_true", help="skip the OMP_NUM_THREADS=1 recording")
-    parser.add_argument("--omp-spin", action="store_true", help="leave OMP_WAIT_POLICY unset (see the docstring)")
     parser.add_argument("--quiet-wait", type=float, default=60.0, help="before each run, wait up to 15 s for "
                         "other processes to leave the CPUs; at most this many seconds in all (0: never)")  # fmt: skip
-    parser.add_argument("--keep", action="store_true", help="keep the temporary repositories (their path is printed)")
     parser.add_argument("--out", type=Path, help="markdown output (default benchmarks/results/replay_speedup.md; "
                         "none with --smoke); raw results beside it as .json")  # fmt: skip
     args = parser.parse_args(argv)
@@ -589,16 +505,13 @@ def main(argv: list[str] | None = None) -> int:
     ]
     base = Path(tempfile.mkdtemp(prefix="flor-replay-bench-"))
     become_subreaper()
-    started, load_before = clock(), os.getloadavg()[0]
+    started = clock()
     try:
-        recs, results, failures = run_rounds(cfg, variants, base, spin=args.omp_spin, quiet_wait=args.quiet_wait)
+        recs, results, failures = run_rounds(cfg, variants, base, quiet_wait=args.quiet_wait)
     finally:
-        if args.keep:
-            print(f"kept {base}")
-        else:
-            shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)
     num = Numbers(results)
-    text = report(cfg, recs, num, failures, (load_before, os.getloadavg()[0]), spin=args.omp_spin)
+    text = report(cfg, recs, num, failures)
     text += f"\n(benchmark wall time {clock() - started:.0f} s)\n"
     raw: dict[str, Any] = {"config": asdict(cfg), "recordings": recs, "runs": results, "failures": failures}
     raw |= {"targets": targets(recs, num), "wall_seconds": clock() - started}

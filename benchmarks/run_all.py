@@ -58,12 +58,6 @@ def run_bench(bench: Bench, out_dir: Path, *, smoke: bool) -> dict[str, Any]:
     return {"bench": bench, "seconds": seconds, "targets": json.loads(raw_path.read_text()).get("targets", [])}
 
 
-def collect(bench: Bench, out_dir: Path, seconds: float) -> dict[str, Any]:
-    """One benchmark's targets from the .json an earlier run left in ``out_dir``."""
-    raw = json.loads((out_dir / f"{bench.name}.json").read_text())
-    return {"bench": bench, "seconds": seconds, "targets": raw.get("targets", [])}
-
-
 def where_the_time_goes(path: Path = ANALYSIS) -> dict[str, str]:
     """The hand-written line of each target id in ``path`` (its lines ``- <id>: <text>``)."""
     lines = path.read_text().splitlines() if path.exists() else []
@@ -122,34 +116,27 @@ def main(argv: list[str] | None = None) -> int:
         help="run only these benchmarks (their "
         "detailed files are rewritten; RESULTS.md and the README keep the last full run)",
     )
-    parser.add_argument("--collect", action="store_true", help="run nothing: rebuild RESULTS.md (and the README "
-                        "table) from the .json files of the last run in --out-dir")  # fmt: skip
     args = parser.parse_args(argv)
     out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="flor-bench-smoke-")) if args.smoke else HERE / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
     benches = [b for b in BENCHES if not args.only or b.name in args.only]
-    if args.collect:
-        meta = json.loads((out_dir / "run_all.json").read_text())
-        runs = [collect(b, out_dir, meta["seconds"].get(b.name, float("nan"))) for b in benches]
-    else:
-        start, busy0, cpu0 = time.perf_counter(), busy_seconds(), cpu_seconds(own=False)
-        runs = [run_bench(b, out_dir, smoke=args.smoke) for b in benches]
-        wall = time.perf_counter() - start
-        meta = {
-            "date": time.strftime("%Y-%m-%d %H:%M"),
-            "smoke": args.smoke,
-            "wall": wall,
-            "other_load": max(0.0, (busy_seconds() - busy0) - (cpu_seconds(own=False) - cpu0)) / wall,
-            "seconds": {r["bench"].name: r["seconds"] for r in runs},
-        }
+    start, busy0, cpu0 = time.perf_counter(), busy_seconds(), cpu_seconds(own=False)
+    runs = [run_bench(b, out_dir, smoke=args.smoke) for b in benches]
+    wall = time.perf_counter() - start
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "smoke": args.smoke,
+        "wall": wall,
+        "other_load": max(0.0, (busy_seconds() - busy0) - (cpu_seconds(own=False) - cpu0)) / wall,
+        "seconds": {r["bench"].name: r["seconds"] for r in runs},
+    }
     text = results_text(runs, meta, "")
     print("\n" + text, end="", flush=True)
     whole = not args.only or out_dir != HERE / "results"
     if not whole:  # a partial run leaves the summary of the last full run whole (its detailed files are new)
         print(f"\n--only: {out_dir / 'RESULTS.md'} and the README keep the last full run; rerun without --only")
         return 0
-    if not args.collect:
-        (out_dir / "run_all.json").write_text(json.dumps(meta, indent=1))
+    (out_dir / "run_all.json").write_text(json.dumps(meta, indent=1))
     (out_dir / "RESULTS.md").write_text(text)
     if not meta["smoke"] and not args.only and out_dir == HERE / "results":
         readme_text = results_text(runs, meta, "benchmarks/results/")

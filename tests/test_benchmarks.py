@@ -39,7 +39,6 @@ def test_run_all_smoke_prints_every_table_and_one_row_per_target(tmp_path: Path)
         "## Recording overhead: flor_lightning vs plain Lightning",
         "| variant | epoch s, median [min-max] | overhead vs plain",
         "### Cost per `self.log` call",
-        "### Cost per logged value: flor vs the loggers users pick instead",
         "## Replay speedup: time to a hindsight metric, flor replay vs retraining",
         "| variant | ideal speedup",
         "## Query speed: reading a log store back as a pivot",
