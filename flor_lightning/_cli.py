@@ -18,7 +18,8 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor
 from contextlib import closing
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -365,14 +366,16 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from flor_lightning import _multiversion as multiversion  # imports torch and Lightning: only for this command
 
     _check_runs(args.db, args.run)
-    with contextlib.redirect_stdout(sys.stderr):  # progress lines: stdout carries only the report
+    with contextlib.redirect_stdout(sys.stderr), _workers(args.workers, args.parallel) as (parallel, executor):
+        # progress lines go to stderr: stdout carries only the report
         results = multiversion.replay_runs(
             args.where,
             runs=args.run,
             segments=args.segments,
             probe=args.probe,
             propagate=args.propagate,
-            parallel=args.parallel,
+            parallel=parallel,
+            executor=executor,
             train=args.train,
             db=args.db,
         )
@@ -382,6 +385,37 @@ def cmd_replay(args: argparse.Namespace) -> int:
     else:
         emit(_records_frame(results), args.format, args.out)
     return 0 if results and all(r.status == "replayed" for r in results) else 1
+
+
+@contextlib.contextmanager
+def _workers(workers: str | None, parallel: int) -> Iterator[tuple[int, Executor | None]]:
+    """``flor replay --workers``: a count is that many local processes (as ``--parallel``); a dask
+    scheduler's address (``tcp://host:8786``) or the JSON file ``dask scheduler --scheduler-file``
+    writes is that cluster, through ``Client.get_executor()``."""
+    if workers is None:
+        yield parallel, None
+        return
+    if parallel != 1:
+        raise ConfigError("give --workers or --parallel, not both: --workers N is N local processes")
+    if workers.isdigit():
+        yield int(workers), None
+        return
+    if "://" not in workers and not Path(workers).is_file():
+        raise ConfigError(
+            f"--workers {workers!r} is not a count, a dask scheduler address (tcp://host:8786) or an existing "
+            "scheduler file (dask scheduler --scheduler-file FILE)"
+        )
+    try:
+        from distributed import Client
+    except ImportError as err:
+        raise ConfigError(f"--workers {workers} needs dask's distributed package: pip install distributed") from err
+    address = {"address": workers} if "://" in workers else {"scheduler_file": workers}
+    try:
+        client = Client(**address, timeout=30)  # type: ignore[no-untyped-call]
+    except OSError as err:
+        raise ConfigError(f"cannot reach the dask scheduler {workers}: {err}") from err
+    with client:
+        yield 1, client.get_executor()  # type: ignore[no-untyped-call]
 
 
 # ---- parser ------------------------------------------------------------------------------------
@@ -430,6 +464,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--probe", help="a Callback applied to every version: path/to/file.py:ClassName")
     p.add_argument("--no-propagate", dest="propagate", action="store_false", help="do not merge new self.log lines")
     p.add_argument("--parallel", type=int, default=1, help="runs replayed at once (default: 1)")
+    p.add_argument(
+        "--workers",
+        metavar="N|ADDRESS|FILE",
+        help="N local processes, or a dask cluster: its scheduler's address (tcp://host:8786) or scheduler file",
+    )
     p.add_argument(
         "--train", action=argparse.BooleanOptionalAction, default=None, help="force re-training or restoring"
     )

@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, Executor, ThreadPoolExecutor, as_completed
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +40,7 @@ from flor_lightning._errors import ConfigError, GitError
 from flor_lightning._locate import locate
 from flor_lightning._query import filter_rows, run_info, store_path
 from flor_lightning._query import runs as runs_table
+from flor_lightning._segments import REPLAY_ID_ENV
 from flor_lightning._shadow import SHADOW_BRANCH, has_commit
 from flor_lightning._table import text_table
 
@@ -85,7 +86,15 @@ class VersionReplay:
 
 
 @dataclass(frozen=True)
-class _Job:
+class VersionTask:
+    """One version's replay, self-contained and picklable: what :func:`replay_version` needs to run it
+    on any machine that sees the repository at ``root``, the log store ``db`` and the checkpoints.
+
+    ``replay_id`` is chosen before the task is sent, so a task run again (a retry after its worker
+    died) replays under the same id: a try that finished is not run again, and what an unfinished
+    try stored is deleted before the next one runs. ``log`` gets the output of every try.
+    """
+
     run: dict[str, Any]
     root: Path
     db: Path
@@ -95,7 +104,8 @@ class _Job:
     train: bool | None
     share: tuple[str, ...]
     timeout: float | None
-    echo: Callable[[str], None]
+    replay_id: str
+    log: Path
 
 
 def replay_runs(
@@ -106,6 +116,7 @@ def replay_runs(
     probe: str | type[Callback] | None = None,
     propagate: bool = True,
     parallel: int = 1,
+    executor: Executor | None = None,
     train: bool | None = None,
     db: str | Path | None = None,
     base: str | None = None,
@@ -127,6 +138,10 @@ def replay_runs(
         propagate: merge the edits made since ``base`` into each version; a version where they
             conflict is skipped with the files named.
         parallel: replay up to this many runs at once, each in its own process.
+        executor: a :class:`concurrent.futures.Executor` to run each version's replay on (one
+            :class:`VersionTask` each, given to :func:`replay_version`), e.g. a dask cluster's
+            ``Client.get_executor()``; its workers must see the repository, the log store and the
+            checkpoints at the same paths. Default: ``parallel`` local processes.
         train: re-train (True), restore only (False) or decide per version (None).
         db: the log store (default: this project's).
         base: the commit today's edits started from (default: the shadow commit of the latest
@@ -147,7 +162,7 @@ def replay_runs(
         >>> import flor_lightning as flor
         >>> print(flor.format_report(flor.replay_runs("lr < 0.01", parallel=2)))  # doctest: +SKIP
     """
-    _check_arguments(segments, parallel, train, share)
+    _check_arguments(segments, parallel, train, share, executor)
     if timeout is not None and not timeout > 0:
         raise ConfigError(f"timeout must be a number of seconds > 0 (or None), got {timeout!r}")
     probe_spec = probe_reference(probe) if probe is not None else None
@@ -172,7 +187,7 @@ def replay_runs(
     chosen = select_runs(table, where, runs)
     edits: dict[tuple[str, tuple[str, ...]], merging.Edits] = {}
     results: dict[str, VersionReplay] = {}
-    jobs = []
+    tasks = []
     for run_id in chosen:
         row = rows[run_id]
         problem = problems[run_id] or _missing_commit(loc.root, row["shadow_commit"])
@@ -184,17 +199,67 @@ def replay_runs(
         if propagate and (start, configs) not in edits:
             edits[start, configs] = merging.edits_since(loc.root, start, configs=configs)
         todo = edits[start, configs] if propagate else None
-        jobs.append(_Job(row, loc.root, db_path, todo, probe_spec, segments, train, tuple(share), timeout, echo))
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
-        for result in pool.map(_replay_version, jobs):
-            results[result.run_id] = result
+        replay_id = f"{run_id}.r{uuid.uuid4().hex[:6]}"
+        log = db_path.parent / "replay-logs" / f"{run_id}.{time.strftime('%Y%m%d-%H%M%S')}-{replay_id[-6:]}.log"
+        tasks.append(
+            VersionTask(
+                row, loc.root, db_path, todo, probe_spec, segments, train, tuple(share), timeout, replay_id, log
+            )
+        )
+    if executor is None:
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
+            for result in pool.map(lambda task: _echoed(task, echo), tasks):
+                results[result.run_id] = result
+    else:
+        results.update((r.run_id, r) for r in _on_executor(executor, tasks, echo))
     return [results[r] for r in chosen]
 
 
-def _check_arguments(segments: int, parallel: int, train: bool | None, share: Sequence[str]) -> None:
+def _echoed(task: VersionTask, echo: Callable[[str], None]) -> VersionReplay:
+    echo(f"flor: run {task.run['run_id']}: replaying from version {task.run['shadow_commit'][:10]} ...")
+    result = replay_version(task)
+    echo(_ended(result))
+    return result
+
+
+def _ended(result: VersionReplay) -> str:
+    return (
+        f"flor: run {result.run_id}: {result.status} ({result.merge}) in {result.seconds:.1f}s {result.reason}".rstrip()
+    )
+
+
+def _on_executor(executor: Executor, tasks: list[VersionTask], echo: Callable[[str], None]) -> Iterator[VersionReplay]:
+    """Each task's result from ``executor``, as they come; a task that raised or whose worker died
+    (a dask ``KilledWorker``, a ``BrokenProcessPool``) is a failed replay naming the error and its log."""
+    futures = {}
+    for task in tasks:
+        futures[executor.submit(replay_version, task)] = task
+        version = task.run["shadow_commit"][:10]
+        echo(f"flor: run {task.run['run_id']}: sent to {type(executor).__name__} (version {version})")
+    for future in as_completed(futures):
+        task = futures[future]
+        try:
+            result = future.result()
+        except (Exception, CancelledError) as err:
+            why = f"its task failed on the executor: {type(err).__name__}: {err}".strip()
+            result = VersionReplay(
+                task.run["run_id"], "failed", "-", why, log=str(task.log) if task.log.exists() else None
+            )
+        echo(_ended(result))
+        yield result
+
+
+def _check_arguments(
+    segments: int, parallel: int, train: bool | None, share: Sequence[str], executor: Executor | None
+) -> None:
     planner.validate_segment_args(segments, None)
     if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
         raise ConfigError(f"parallel must be a whole number >= 1 (replays at once), got {parallel!r}")
+    if executor is not None and (parallel != 1 or not isinstance(executor, Executor)):
+        raise ConfigError(
+            f"executor must be a concurrent.futures.Executor (e.g. dask's Client.get_executor()), got {executor!r}, "
+            "and it sets how many replays run at once: leave parallel at 1"
+        )
     if train not in (None, True, False):
         raise ConfigError(f"train must be None (decide per version), True or False, got {train!r}")
     for path in share:
@@ -316,10 +381,17 @@ def _missing_commit(root: Path, commit: str) -> str | None:
 
 
 @contextmanager
-def checkout(root: Path, commit: str, name: str) -> Iterator[Path]:
-    """A temporary detached ``git worktree`` of ``commit``, removed (and pruned) afterwards."""
-    tmp = Path(tempfile.mkdtemp(prefix="flor-version-"))
+def checkout(root: Path, commit: str, name: str, key: str | None = None) -> Iterator[Path]:
+    """A temporary detached ``git worktree`` of ``commit``, removed (and pruned) afterwards.
+
+    With ``key`` its folder is named by it, and one left by an earlier holder of the key (a try of
+    the same task whose worker was killed, so it could not remove it) is removed first.
+    """
+    tmp = Path(tempfile.gettempdir()) / f"flor-version-{key}" if key else Path(tempfile.mkdtemp(prefix="flor-version-"))
     path = tmp / name
+    if key and tmp.exists():
+        _remove_worktree(root, path)
+    tmp.mkdir(parents=True, exist_ok=True)
     try:
         try:
             with _GIT_LOCK, git.Repo(root) as repo:
@@ -328,27 +400,34 @@ def checkout(root: Path, commit: str, name: str) -> Iterator[Path]:
             raise GitError(f"could not check out {commit[:10]} in a temporary worktree: {err}") from err
         yield path
     finally:
-        with _GIT_LOCK, git.Repo(root) as repo:
-            repo.git.worktree("remove", "--force", str(path), with_exceptions=False)
-            repo.git.worktree("prune", with_exceptions=False)
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_worktree(root, path)
 
 
-def _replay_version(job: _Job) -> VersionReplay:
-    run_id, started = job.run["run_id"], time.monotonic()
-    job.echo(f"flor: run {run_id}: replaying from version {job.run['shadow_commit'][:10]} ...")
+def _remove_worktree(root: Path, path: Path) -> None:
+    with _GIT_LOCK, git.Repo(root) as repo:
+        repo.git.worktree("remove", "--force", str(path), with_exceptions=False)
+        shutil.rmtree(path.parent, ignore_errors=True)
+        repo.git.worktree("prune", with_exceptions=False)
+
+
+def replay_version(task: VersionTask) -> VersionReplay:
+    """Replay one version (the function an executor runs): check it out, bring the edits in, run it.
+
+    Any failure is returned as a ``failed`` :class:`VersionReplay`, never raised, so one version's
+    trouble does not stop the others.
+    """
+    started = time.monotonic()
     try:
-        result = _in_worktree(job)
-    except Exception as err:  # one version's trouble must not stop the others
-        result = VersionReplay(run_id, "failed", "-", f"{type(err).__name__}: {err}")
+        result = _in_worktree(task)
+    except Exception as err:
+        result = VersionReplay(task.run["run_id"], "failed", "-", f"{type(err).__name__}: {err}")
     result.seconds = time.monotonic() - started
-    job.echo(f"flor: run {run_id}: {result.status} ({result.merge}) in {result.seconds:.1f}s {result.reason}".rstrip())
     return result
 
 
-def _in_worktree(job: _Job) -> VersionReplay:
+def _in_worktree(job: VersionTask) -> VersionReplay:
     run, run_id = job.run, job.run["run_id"]
-    with checkout(job.root, run["shadow_commit"], job.root.name) as tree:
+    with checkout(job.root, run["shadow_commit"], job.root.name, key=job.replay_id) as tree:
         merge = "probe only" if job.probe else "-"
         reason = ""
         if job.edits is not None:
@@ -375,23 +454,26 @@ def _link(source: Path, target: Path) -> None:
     target.symlink_to(source, target_is_directory=source.is_dir())
 
 
-def _run(job: _Job, tree: Path, merge: str, reason: str) -> VersionReplay:
-    run_id = job.run["run_id"]
-    logs = job.db.parent / "replay-logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    log = logs / f"{run_id}.{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}.log"
+def _run(job: VersionTask, tree: Path, merge: str, reason: str) -> VersionReplay:
+    run_id, log = job.run["run_id"], job.log
+    earlier = _claim(job.db, job.replay_id)
+    if earlier is not None:
+        note = "; ".join(filter(None, [reason, "replayed by an earlier try of this task, not run again"]))
+        return _replayed(run_id, merge, note, earlier, log)
+    log.parent.mkdir(parents=True, exist_ok=True)
     report_file = log.with_suffix(".json")
     cmd = [sys.executable, "-m", "flor_lightning._version_runner", "--run", run_id, "--segments", str(job.segments)]
     cmd += ["--report", str(report_file), "--train", {None: "auto", True: "true", False: "false"}[job.train]]
+    cmd += ["--parent", str(os.getpid())]
     cmd += ["--probe", job.probe] if job.probe else []
     cmd += ["--", str(tree / job.run["script"]), *json.loads(job.run["argv"] or "[]")]
-    env = {**os.environ, "FLOR_DB": str(job.db)}
+    env = {**os.environ, "FLOR_DB": str(job.db), REPLAY_ID_ENV: job.replay_id}
     cwd = _working_dir(tree, job.run.get("cwd"))
     # as `python <script>` from a shell: a seed set in this process (seed_everything) must not leak in
-    for var in ("FLOR_REPLAY_ID", "PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
+    for var in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
         env.pop(var, None)
     try:
-        with log.open("w") as out:
+        with log.open("a") as out:  # a retried task's tries follow one another in its log
             done = subprocess.run(
                 cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, check=False, timeout=job.timeout
             )
@@ -401,6 +483,10 @@ def _run(job: _Job, tree: Path, merge: str, reason: str) -> VersionReplay:
         return VersionReplay(run_id, "failed", merge, _last_error(log, done.returncode), log=str(log))
     report = json.loads(report_file.read_text())
     report_file.unlink()
+    return _replayed(run_id, merge, reason, report, log)
+
+
+def _replayed(run_id: str, merge: str, reason: str, report: dict[str, Any], log: Path) -> VersionReplay:
     return VersionReplay(
         run_id,
         "replayed",
@@ -414,6 +500,23 @@ def _run(job: _Job, tree: Path, merge: str, reason: str) -> VersionReplay:
         new_names=report["new_names"],
         log=str(log),
     )
+
+
+# the tables holding a replay's records, by replay_id
+_REPLAY_TABLES = ("logs", "replay_epochs", "replay_bad_checkpoints", "replay_segments", "replays")
+
+
+def _claim(db: Path, replay_id: str) -> dict[str, Any] | None:
+    """Make a task's try the only one holding ``replay_id``: the report of an earlier try that
+    finished (nothing is run again), or None once what an unfinished earlier try stored is gone."""
+    with closing(store.connect(db)) as conn, store.immediate(conn):
+        rows = store.fetch(conn, "SELECT status, report FROM replays WHERE replay_id = ?", [replay_id])
+        if rows and rows[0]["status"] == "finished" and rows[0]["report"]:
+            report: dict[str, Any] = json.loads(rows[0]["report"])
+            return report
+        for table in _REPLAY_TABLES:
+            conn.execute(f"DELETE FROM {table} WHERE replay_id = ?", [replay_id])
+    return None
 
 
 def _working_dir(tree: Path, recorded: str | None) -> Path:

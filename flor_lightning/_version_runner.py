@@ -3,21 +3,26 @@
 Started by :func:`flor_lightning.replay_runs` in a checkout of the run's code version::
 
     python -m flor_lightning._version_runner --run ID [--segments N] [--train auto|true|false]
-        [--probe /abs/file.py:Class] [--report out.json] -- script.py [recorded arguments...]
+        [--probe /abs/file.py:Class] [--report out.json] [--parent PID] -- script.py [recorded arguments...]
 
 The script runs as ``python script.py ...`` would (``__main__``, ``sys.argv``, its folder first
 on ``sys.path``). Only in this process, ``lightning.pytorch.Trainer.fit`` is replaced: its
 first call replays run ``ID`` (``flor.Trainer`` or a plain Trainer with a ``FlorCallback``,
 LightningCLI scripts included), with the probe callback added; later ``fit`` calls and
 ``validate``/``test``/``predict`` are skipped, since they would record again. The replay
-report is written as JSON to ``--report``.
+report is written as JSON to ``--report``. With ``--parent``, the process is killed when that
+process (the executor's worker that started it) dies, on Linux: a retry of the task on another
+worker replays under the same replay id, and nothing may write beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import os
 import runpy
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -52,6 +57,7 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--train", choices=["auto", "true", "false"], default="auto")
     parser.add_argument("--probe")
     parser.add_argument("--report", type=Path)
+    parser.add_argument("--parent", type=int)
     args = parser.parse_args(argv[:cut])
     script = argv[cut + 1 :]
     if not script:
@@ -124,9 +130,19 @@ def _skipped(name: str, plan: _Plan) -> Callable[..., Any]:
     return skip
 
 
+def die_with(parent: int) -> None:
+    """Have Linux kill this process when ``parent`` dies (``PR_SET_PDEATHSIG``); exit now if it already did."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        raise SystemExit(f"flor: error: the process {parent} that started this replay is gone; not replaying")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Replay run ``--run`` by running the script; 0 when it replayed, 3 when the script never called fit."""
     args, script = parse(sys.argv[1:] if argv is None else argv)
+    if args.parent is not None:
+        die_with(args.parent)
     path = Path(script[0]).resolve()
     sys.argv = [str(path), *script[1:]]
     sys.path[0] = str(path.parent)  # as `python script.py` has it; the probe's imports resolve there too

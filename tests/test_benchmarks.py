@@ -123,3 +123,23 @@ def test_the_hand_written_analysis_is_read_from_the_results_folder(monkeypatch: 
     notes = run_all.where_the_time_goes()  # benchmarks/results/ANALYSIS.md, which no benchmark writes
     assert {"w1_overhead", "w2_replay-1_ideal", "w4_full"} <= notes.keys()
     assert all(text.strip() for text in notes.values())
+
+
+@pytest.mark.integration
+def test_many_runs_smoke_replays_on_each_executor_and_prints_one_row_each(tmp_path: Path) -> None:
+    out = tmp_path / "many_runs.md"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "many_runs.py"), "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    text = out.read_text()
+    assert "## Many-run replay: 2 past runs" in text
+    for variant in ("parallel=1", "parallel=2", "dask"):
+        assert f"| {variant} | " in text and "SKIPPED" not in text
+    raw = json.loads(out.with_suffix(".json").read_text())["results"]
+    assert sorted(r["variant"] for r in raw) == ["dask", "parallel=1", "parallel=2"]
+    assert all(r["runs"] == 2 for r in raw)

@@ -306,6 +306,31 @@ def test_replay_command_reports_and_sets_the_exit_code(
     assert code == 1 and "unknown run" in err  # nothing replayed
 
 
+def test_replay_command_runs_versions_on_a_dask_scheduler_named_by_workers(
+    recorded: tuple[Path, str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from distributed import LocalCluster
+
+    run_b = recorded[2]
+    # one worker thread in this process: the scheduler is reached by its address, as a remote one would be
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        code, out, err = flor_in_process(
+            capsys, "replay", "--run", run_b, "--workers", cluster.scheduler_address, "--format", "json"
+        )
+    [row] = json.loads(out)
+    assert code == 0 and row["status"] == "replayed" and row["mismatched"] == 0, err
+    assert "sent to ClientExecutor" in err
+
+
+def test_replay_workers_that_name_nothing_are_refused(
+    recorded: tuple[Path, str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = flor_in_process(capsys, "replay", "--workers", "the-cluster")
+    assert code != 0 and "is not a count, a dask scheduler address" in err
+    code, _, err = flor_in_process(capsys, "replay", "--workers", "2", "--parallel", "2")
+    assert code != 0 and "not both" in err
+
+
 class _ClosedPipe(io.StringIO):
     def write(self, s: str) -> int:
         raise BrokenPipeError(32, "Broken pipe")

@@ -249,6 +249,97 @@ def test_a_replay_past_its_timeout_is_killed_and_reported(recorded, project_env)
     assert len(_worktrees(root)) == 1
 
 
+KILL_ONCE = """
+import os
+import signal
+from pathlib import Path
+from lightning.pytorch.callbacks import Callback
+
+
+class KillOnce(Callback):
+    \"\"\"Logs a norm; the first replay to reach epoch 1 (the marker file says which) kills the worker running it.\"\"\"
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        pl_module.log("probe_norm", sum(p.detach().norm() for p in pl_module.parameters()))
+        marker = Path({marker!r})
+        if trainer.current_epoch == 1 and ({always} or not marker.exists()):
+            marker.touch()
+            os.kill(os.getppid(), signal.SIGKILL)  # the parent: the executor's worker process
+"""
+
+
+def _kill_probe(tmp_path: Path, *, always: bool) -> str:
+    probe = tmp_path / "kill_once.py"
+    probe.write_text(KILL_ONCE.format(marker=str(tmp_path / "killed"), always=always))
+    return f"{probe}:KillOnce"
+
+
+def _duplicates(db: Path, replay_id: str) -> int:
+    key = "run_id, replay_id, stage, level, epoch, step, batch_idx, name"
+    sql = f"SELECT count(*) AS n FROM (SELECT {key} FROM logs WHERE replay_id = ? GROUP BY {key} HAVING count(*) > 1)"
+    return int(rows(db, sql, (replay_id,))[0]["n"])
+
+
+@pytest.mark.integration
+def test_versions_replay_on_a_dask_cluster_and_a_killed_worker_is_retried_recording_nothing_twice(
+    recorded, project_env, tmp_path
+):
+    from distributed import Client, LocalCluster
+
+    root, (_, v2, v3) = project_env, recorded["runs"]
+    db = root / ".flor" / "flor.db"
+    lines: list[str] = []
+    probe = _kill_probe(tmp_path, always=False)
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        results = flor.replay_runs(
+            runs=[v2, v3], probe=probe, propagate=False, executor=client.get_executor(), echo=lines.append
+        )
+
+    assert (tmp_path / "killed").exists()  # one worker was killed mid-replay and its task ran again
+    assert [r.run_id for r in results] == [v2, v3]
+    for r in results:
+        assert (r.status, r.merge, r.new_names) == ("replayed", "probe only", ["probe_norm"]), r
+        assert r.matched > 0 and r.mismatched == 0
+        assert _duplicates(db, r.replay_id) == 0
+        [norms] = rows(db, "SELECT count(*) AS n FROM logs WHERE replay_id = ? AND name = 'probe_norm'", (r.replay_id,))
+        assert norms["n"] == len(r.epochs_restored) == 2  # one per validation epoch
+        assert rows(db, "SELECT status FROM replays WHERE replay_id = ?", (r.replay_id,)) == [{"status": "finished"}]
+    retried = [r for r in results if Path(r.log).read_text().count("replaying run") == 2]
+    assert len(retried) == 1  # the killed try's output, then the retry's, in one log
+    assert sum("sent to ClientExecutor" in line for line in lines) == 2
+    assert len(_worktrees(root)) == 1
+
+    # a task run again after it finished (its worker died before answering) replays nothing
+    before = rows(db, "SELECT count(*) AS n FROM logs")
+    [row] = rows(db, "SELECT * FROM runs WHERE run_id = ?", (v2,))
+    task = multiversion.VersionTask(
+        row, root, db, None, None, 1, None, (), None, results[0].replay_id, tmp_path / "again.log"
+    )
+    again = multiversion.replay_version(task)
+    assert (again.status, again.replay_id, again.matched) == ("replayed", results[0].replay_id, results[0].matched)
+    assert "not run again" in again.reason
+    assert rows(db, "SELECT count(*) AS n FROM logs") == before
+
+
+@pytest.mark.integration
+def test_a_task_whose_worker_dies_is_reported_failed_with_its_log(recorded, project_env, tmp_path):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    v2 = recorded["runs"][1]
+    probe = _kill_probe(tmp_path, always=True)
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        [result] = flor.replay_runs(runs=[v2], probe=probe, propagate=False, executor=pool, echo=lambda _: None)
+
+    assert result.status == "failed"
+    assert "BrokenProcessPool" in result.reason
+    assert result.log is not None and "replaying run" in Path(result.log).read_text()
+    assert f"log of {v2}" in flor.format_report([result])
+
+
 SCALED = """
 import lightning as L
 import torch
@@ -339,6 +430,8 @@ def test_a_where_that_matches_nothing_names_the_columns():
 def test_bad_arguments_are_refused_before_anything_runs(project):
     with pytest.raises(ConfigError, match="parallel must be"):
         flor.replay_runs(parallel=0)
+    with pytest.raises(ConfigError, match=r"executor must be a concurrent\.futures\.Executor"):
+        flor.replay_runs(executor="tcp://127.0.0.1:8786")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="train must be"):
         flor.replay_runs(train="yes")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="probe must be"):
