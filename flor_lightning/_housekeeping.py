@@ -264,6 +264,48 @@ def _remove_run_files(rows: list[dict[str, Any]], root: str | None, run_id: str,
     return count, size
 
 
+# ---- disk use ---------------------------------------------------------------------------------------
+
+
+def run_disk_use(conn: sqlite3.Connection, run_id: str) -> dict[str, int]:
+    """What ``run_id``'s checkpoints take: ``written``, the bytes they added to the store (blobs another
+    checkpoint had stored already cost nothing); ``needed``, their manifests plus every pack they reference
+    (shared ones included), what replaying the run reads."""
+    rows = store.fetch(
+        conn,
+        "SELECT c.path, c.size, c.packs, r.checkpoint_root FROM checkpoints c JOIN runs r USING (run_id) "
+        "WHERE run_id = ?",
+        [run_id],
+    )
+    needed: dict[str, int] = {}
+    for r in rows:
+        fs, path = fs_for(r["path"], r["checkpoint_root"])
+        files = [
+            (fs, path),
+            *(pack_location(r["path"], r["checkpoint_root"], p) for p in json.loads(r["packs"] or "[]")),
+        ]
+        for fs, where in files:
+            key = file_key(fs, where)
+            if key not in needed and fs.exists(where):
+                needed[key] = int(fs.size(where))
+    return {"written": sum(int(r["size"]) for r in rows), "needed": sum(needed.values())}
+
+
+def project_disk_use(conn: sqlite3.Connection) -> dict[str, int]:
+    """Per project, the bytes of every file under its runs' checkpoint roots (manifests and packs, each once)."""
+    seen: dict[str, tuple[str, int]] = {}
+    for r in store.fetch(conn, "SELECT DISTINCT project, checkpoint_root FROM runs WHERE checkpoint_root IS NOT NULL"):
+        fs, base = open_fs(r["checkpoint_root"])
+        if not fs.exists(base):  # pushed away, or kept in the memory of a process that ended
+            continue
+        for path, info in fs.find(base, detail=True).items():
+            seen.setdefault(file_key(fs, path), (r["project"], int(info.get("size") or 0)))
+    totals: dict[str, int] = {}
+    for project, size in seen.values():
+        totals[project] = totals.get(project, 0) + size
+    return totals
+
+
 def push(url: str, *, runs: Sequence[str] | None = None, db: str | Path | None = None) -> HousekeepingReport:
     """Move checkpoints to ``url`` (any fsspec URL), file by file, keeping the index right.
 

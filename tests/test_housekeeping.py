@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 from helpers import git, rows, sha256
 from test_cli import MODEL_SOURCE, VAL_CONF, edit_model, flor_cmd, record, replay
 
@@ -22,7 +23,7 @@ import flor_lightning as flor
 from flor_lightning import _cli as cli
 from flor_lightning import _housekeeping as housekeeping
 from flor_lightning import _store as store
-from flor_lightning._checkpoints import CheckpointStore
+from flor_lightning._checkpoints import CheckpointStore, snapshot, write_old
 from flor_lightning._errors import CheckpointError, ConfigError
 from flor_lightning._housekeeping import busy_runs, select_for_gc
 
@@ -554,3 +555,60 @@ def test_gc_killed_with_sigkill_between_files_loses_nothing(three_runs: tuple[Pa
     assert report.bytes == sum(before.values()) - sum(after.values()) - first_file  # what the kill left, no more
     assert not run_dir(ids[0]).exists() and not run_dir(ids[1]).exists()
     assert set(after) == {Path(c["path"]) for c in index(db, ids[2])} | packs_of(db, ids[2])
+
+
+# ---- runs recorded before manifests ------------------------------------------------------------------
+
+
+def make_old(db: Path, run_id: str) -> None:
+    """Turn ``run_id``'s checkpoints into what the recorder wrote before manifests and blobs: one torch.save
+    ``.ckpt`` file each, its sha256 and size in the index, no format and no packs (as before migration 0009)."""
+    conn = store.connect(db)
+    try:
+        for c in index(db, run_id):
+            manifest = Path(c["path"])
+            state = CheckpointStore(str(manifest)).load(c["path"], c["sha256"])
+            path = manifest.with_suffix(".ckpt")
+            digest, size = write_old(LocalFileSystem(), str(path), snapshot(state))
+            values = {"path": str(path), "sha256": digest, "size": size, "format": None, "packs": None}
+            store.update(conn, "checkpoints", {"run_id": run_id, "epoch": c["epoch"]}, values)
+            manifest.unlink()
+        referenced = housekeeping.referenced_packs(conn)
+    finally:
+        conn.close()
+    for pack in (run_dir(run_id).parent / "packs").iterdir():
+        if os.path.realpath(pack) not in referenced:
+            pack.unlink()
+
+
+def test_a_run_recorded_before_manifests_replays_pushes_and_is_collected(
+    three_runs: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    root, ids = three_runs
+    db = root / ".flor" / "flor.db"
+    make_old(db, ids[0])
+    old = index(db, ids[0])
+    assert [Path(c["path"]).name for c in old] == [
+        f"{n}.ckpt" for n in ("initial", *(f"epoch={e:05d}" for e in range(3)))
+    ]
+    assert all(c["format"] is None and sha256(Path(c["path"])) == c["sha256"] for c in old)
+    for r in ids:
+        assert_all_readable(db, r)  # the new runs lost no pack they share with the converted one
+
+    edit_model(root, *VAL_CONF)
+    report = replay(root, ids[0], lr=0.01)
+    assert report.epochs_restored == [0, 1, 2] and report.bad_checkpoints == []
+    assert report.new_names == ["val_conf"] and report.mismatched == 0 and report.matched > 0
+
+    remote = tmp_path / "archive"
+    pushed = flor.push(str(remote), runs=[ids[0]])
+    assert [(m.epoch, m.bytes) for m in pushed.moved] == [(c["epoch"], c["size"]) for c in old]
+    assert all(sha256(remote / "proj" / ids[0] / Path(c["path"]).name) == c["sha256"] for c in old)
+    assert not list(run_dir(ids[0]).glob("*.ckpt"))
+    assert replay(root, ids[0], lr=0.01).epochs_restored == [0, 1, 2]
+
+    freed = flor.gc(keep_last=2)
+    assert [(f.run_id, f.files, f.bytes) for f in freed.freed] == [(ids[0], 4, sum(c["size"] for c in old))]
+    assert not (remote / "proj" / ids[0]).exists() and index(db, ids[0]) == []
+    for r in ids[1:]:
+        assert_all_readable(db, r)
