@@ -56,8 +56,6 @@ from flor_lightning._locate import check_writable, fs_for, open_fs
 
 log = logging.getLogger(__name__)
 
-OLD_SUFFIX = ".ckpt"  # one torch.save file per checkpoint: runs recorded before manifests and blobs
-
 
 @dataclass(frozen=True)
 class CheckpointInfo:
