@@ -8,8 +8,9 @@ takes three checkpoints of one run, each written by both writers:
 * c2: after one more optimizer step, every tensor changed;
 * c3: after freezing all but the last layer and one more step, only the head (and its Adam state) changed.
 
-``today``: ``flor_lightning._checkpoints.snapshot`` on the training thread (a clone of every tensor), then
-``CheckpointStore``'s writer thread (``torch.save`` into a file that hashes with SHA-256 what passes, fsync, rename).
+``today``: the writer before issue 17 (``flor_lightning._checkpoints.snapshot`` on the training thread, a clone of
+every tensor, then ``write_old`` on a writer thread: ``torch.save`` into a file that hashes with SHA-256 what
+passes, fsync, rename; the recorder now writes blobs, this format is only read).
 ``blobs``: ``ChangeTracker.snapshot`` (copies changed tensors only) and ``BlobStore.write`` on a writer thread
 (xxh3-128, one safetensors pack, fsync, rename, then the manifest). Writer CPU is ``time.thread_time`` on the writer
 thread; the snapshot's are the training thread's CPU and wall seconds (on a busy machine the wall time is mostly
@@ -113,12 +114,10 @@ class Round:
 
     def write_today(self, epoch: int) -> dict[str, float]:
         snap, wall, cpu = timed(lambda: today.snapshot(state(self.net, self.opt, epoch)))
-        done: list[Any] = []
-        self.today.save(snap, "run", epoch, 0, done.append)
-        self.today.wait()
-        self.paths.setdefault("today", done[0].path)
-        writer = self.today.last_write_cpu_seconds or float("nan")
-        return {"snapshot_cpu_s": cpu, "snapshot_s": wall, "writer_cpu_s": writer, "mb": done[0].size / 1e6}
+        path = f"{self.today.root}/run/epoch={epoch:05d}.ckpt"
+        (_, size), writer = on_thread(lambda: today.write_old(self.today.fs, path, snap))
+        self.paths.setdefault("today", path)
+        return {"snapshot_cpu_s": cpu, "snapshot_s": wall, "writer_cpu_s": writer, "mb": size / 1e6}
 
     def write_blobs(self, epoch: int) -> dict[str, float]:
         snap, wall, cpu = timed(lambda: self.tracker.snapshot(state(self.net, self.opt, epoch)))

@@ -46,7 +46,9 @@ Measured costs: benchmarks/results/blob_store.md.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import uuid
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -77,10 +79,10 @@ _PACK_METADATA = {"format": "flor-pack/1", "hash": HASH}
 TensorPath = tuple[Any, ...]  # keys and indexes from the state's root to a tensor
 Identity = tuple[Any, ...]
 
-_LEAVES = (int, float, bool, str, type(None), bytes)
+LEAVES = (int, float, bool, str, type(None), bytes)
 # Subclasses of the leaf types (numpy.float64, IntEnum, str mixins) pickle as their own class, which
-# weights_only=True refuses to load: they are stored as the plain base type instead (as in checkpoints.py).
-_BASES: tuple[tuple[type, Callable[[Any], Any]], ...] = (
+# weights_only=True refuses to load: they are stored as the plain base type instead.
+BASES: tuple[tuple[type, Callable[[Any], Any]], ...] = (
     (float, float),
     (int, int),
     (str, str.__str__),  # not str(): a subclass may override __str__ (enum members do)
@@ -263,26 +265,29 @@ def _copy(t: torch.Tensor, pending: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def _skeleton(obj: Any, path: TensorPath, found: list[tuple[TensorPath, torch.Tensor]]) -> Any:
-    """``obj`` as plain containers, each packable tensor replaced by None and listed in ``found``.
-
-    Any object ``torch.load(weights_only=True)`` could not read back is replaced by its ``repr``.
-    """
+def plain(obj: Any, path: TensorPath, tensor: Callable[[torch.Tensor, TensorPath], Any]) -> Any:
+    """``obj`` as plain containers that ``torch.load(weights_only=True)`` reads back, each tensor replaced by
+    ``tensor(it detached, its path)``; any other object it could not read back is replaced by its ``repr``."""
     if isinstance(obj, torch.Tensor):
-        return _tensor_leaf(obj.detach(), path, found)
-    if type(obj) in _LEAVES:
+        return tensor(obj.detach(), path)
+    if type(obj) in LEAVES:
         return obj
-    for base, plain in _BASES:
+    for base, to_plain in BASES:
         if isinstance(obj, base):
-            return plain(obj)
+            return to_plain(obj)
     if isinstance(obj, np.generic):  # numpy scalars that are no float/int subclass (float32, int64, bool_)
-        return _skeleton(obj.item(), path, found)
+        return plain(obj.item(), path, tensor)
     if isinstance(obj, Mapping):
-        return {k: _skeleton(v, (*path, k), found) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        items = [_skeleton(v, (*path, i), found) for i, v in enumerate(obj)]
+        return {k: plain(v, (*path, k), tensor) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):  # torch.Size too: a tuple of ints
+        items = [plain(v, (*path, i), tensor) for i, v in enumerate(obj)]
         return items if isinstance(obj, list) else tuple(items)
     return repr(obj)
+
+
+def _skeleton(obj: Any, path: TensorPath, found: list[tuple[TensorPath, torch.Tensor]]) -> Any:
+    """``obj`` as plain containers, each packable tensor replaced by None and listed in ``found``."""
+    return plain(obj, path, lambda t, p: _tensor_leaf(t, p, found))
 
 
 def _tensor_leaf(t: torch.Tensor, path: TensorPath, found: list[tuple[TensorPath, torch.Tensor]]) -> Any:
@@ -425,6 +430,8 @@ class Written:
         new_blobs: blob hash -> pack for the blobs written now: add them to the caller's index.
         bytes: bytes written (pack and manifest).
         hashed: tensors hashed by this write (the others were reused from the previous snapshot).
+        sha256: the SHA-256 of the manifest's bytes (a few KB: what an index records to check it by).
+        packs: every pack the checkpoint references (new or earlier), names relative to the root.
     """
 
     manifest: str
@@ -432,6 +439,8 @@ class Written:
     new_blobs: dict[str, str]
     bytes: int
     hashed: int
+    sha256: str = ""
+    packs: frozenset[str] = frozenset()
 
 
 def _hash(slot: _Slot) -> bool:
@@ -478,7 +487,9 @@ class BlobStore:
             slot.copy = None
         data = _manifest_bytes(snap)
         size += self._put(manifest, lambda tmp: self._write_bytes(tmp, data))
-        return Written(manifest, pack, dict.fromkeys(fresh, pack) if pack else {}, size, hashed)
+        packs = frozenset(str(slot.pack) for _, slot in snap.tensors)
+        new = dict.fromkeys(fresh, pack) if pack else {}
+        return Written(manifest, pack, new, size, hashed, hashlib.sha256(data).hexdigest(), packs)
 
     def _put(self, name: str, write: Callable[[str], None]) -> int:
         """Write the object ``name`` through ``write(temporary path)``, fsync, rename into place; return its size."""
@@ -509,20 +520,25 @@ class BlobStore:
     def _default_resolve(self, name: str) -> str:
         return f"{self.root}/{name}"
 
-    def read_manifest(self, name: str, *, resolve: Resolve | None = None) -> Manifest:
-        """Read the manifest ``name`` (from this root, or where ``resolve(name)`` says it lies now).
+    def read_manifest(self, name: str, *, resolve: Resolve | None = None, sha256: str | None = None) -> Manifest:
+        """Read the manifest ``name`` (from this root, or where ``resolve(name)`` says it lies now); with
+        ``sha256``, check its bytes against it first.
 
         Raises:
-            CheckpointError: it is missing or is not a flor manifest.
+            CheckpointError: it is missing, its bytes differ from ``sha256``, or it is not a flor manifest.
         """
         fs, path = self._locate((resolve or self._default_resolve)(name))
         try:
             data = fs.cat_file(path)
         except FileNotFoundError as err:
             raise CheckpointError(f"checkpoint {name!r} is missing (looked at {path!r})") from err
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            raise CheckpointError(
+                f"checkpoint {name!r} is corrupt: its manifest's sha256 differs from the one recorded"
+            )
         return _parse_manifest(name, data)
 
-    def load(self, name: str, *, resolve: Resolve | None = None) -> dict[str, Any]:
+    def load(self, name: str, *, resolve: Resolve | None = None, sha256: str | None = None) -> dict[str, Any]:
         """The training state of checkpoint ``name``, every blob verified against its hash.
 
         ``resolve`` maps an object's name (the manifest's, a pack's) to the path or URL where it lies now, for a
@@ -530,11 +546,11 @@ class BlobStore:
         (local packs: mmap-ed, copy-on-write), one per path even where several paths hold the same blob.
 
         Raises:
-            CheckpointError: the manifest is missing or damaged.
+            CheckpointError: the manifest is missing or damaged (or differs from ``sha256``, where given).
             BlobError: a blob is missing or its bytes do not match its hash.
         """
         resolve = resolve or self._default_resolve
-        manifest = self.read_manifest(name, resolve=resolve)
+        manifest = self.read_manifest(name, resolve=resolve, sha256=sha256)
         by_pack: dict[str, list[BlobRef]] = {}
         for ref in manifest.tensors:
             by_pack.setdefault(ref.pack, []).append(ref)
@@ -580,6 +596,20 @@ class BlobStore:
     def _names(self, pattern: str) -> list[str]:
         prefix = f"{self.root}/"
         return sorted(str(p).removeprefix(prefix) for p in self.fs.glob(pattern))
+
+    def pack_index(self) -> dict[str, str]:
+        """A :class:`BlobIndex` read from the packs' headers (a few KB each, no tensor read): every blob held."""
+        index: dict[str, str] = {}
+        for pack in self.packs():
+            try:
+                with self.fs.open(f"{self.root}/{pack}", "rb") as f:
+                    (length,) = np.frombuffer(f.read(8), dtype="<u8")
+                    header = json.loads(f.read(int(length)))
+            except (OSError, ValueError) as err:
+                log.warning("skipping pack %s while indexing blobs: %s", pack, err)
+                continue
+            index.update(dict.fromkeys((k for k in header if k != "__metadata__"), pack))
+        return index
 
     def rebuild_index(self) -> dict[str, str]:
         """A :class:`BlobIndex` read from the manifests on disk: each blob they reference whose pack exists."""

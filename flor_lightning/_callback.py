@@ -25,8 +25,9 @@ from flor_lightning import _metadata as metadata
 from flor_lightning import _rng as rng
 from flor_lightning import _schedule as schedule
 from flor_lightning import _trackers as trackers
+from flor_lightning._blobs import MANIFEST_SUFFIX
 from flor_lightning._capture import LogCapture
-from flor_lightning._checkpoints import CheckpointStore, snapshot
+from flor_lightning._checkpoints import CheckpointStore
 from flor_lightning._errors import CheckpointError, ConfigError, FlorError
 from flor_lightning._locate import Location, checkpoint_root, locate, open_fs, script
 from flor_lightning._session import RunSession
@@ -180,6 +181,7 @@ class FlorCallback(Callback):
                 "(flor.Trainer attaches its own, so do not pass another to it)."
             )
         self.capture.attach(pl_module)
+        _lightning.read_manifests(trainer, _load_manifest, MANIFEST_SUFFIX)  # fit(ckpt_path=flor.last_checkpoint())
         self._resume_from = None
         # A recorded fit opens its run in on_train_start, once Lightning has restored any ckpt_path
         # (so a resumed run is known); the sanity check before it is never recorded anyway.
@@ -315,6 +317,8 @@ class FlorCallback(Callback):
             self._session = self._open(trainer, pl_module, fitting=True)
         session = self._session
         if session is not None and session.checkpoints is not None:
+            # fused optimizer steps and BatchNorm statistics bump no version counter: the store watches them
+            session.checkpoints.watch(pl_module, trainer.optimizers)
             # the loggers' identities find each logger's run again (replay writes there)
             session.add_settings(metadata.data_sizes(trainer), trackers.identities(trainer.loggers))
 
@@ -322,7 +326,7 @@ class FlorCallback(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         session = self._session
         if session is not None and trainer.current_epoch > 0 and trainer.current_epoch - 1 not in session.checkpointed:
-            self._checkpoint(trainer, session)
+            self._checkpoint(trainer, session, verify=True)
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -359,8 +363,12 @@ class FlorCallback(Callback):
         if session is not None and session.checkpoints is not None:
             session.write_epoch(trainer.current_epoch)
 
-    def _checkpoint(self, trainer: pl.Trainer, session: RunSession) -> None:
-        """Snapshot the state of the epoch just completed and write it in the background."""
+    def _checkpoint(self, trainer: pl.Trainer, session: RunSession, *, verify: bool = False) -> None:
+        """Snapshot the state of the epoch just completed and write it in the background.
+
+        Only the tensors that changed since the previous checkpoint are copied; with ``verify`` (the run's
+        last checkpoint) the others are hashed too, catching writes no version counter saw.
+        """
         if session.checkpoints is None:
             return
         state = self._timed("state", _lightning.dump_state, trainer)
@@ -374,7 +382,7 @@ class FlorCallback(Callback):
         session.checkpointed.add(epoch)
         try:
             start = time.perf_counter()
-            copy = snapshot(state)
+            copy = session.checkpoints.snapshot(state, verify=verify)
             self._last_snapshot_seconds = time.perf_counter() - start
             self._snapshot_seconds += self._last_snapshot_seconds
             session.save_checkpoint(copy, epoch, step)
@@ -411,3 +419,8 @@ class FlorCallback(Callback):
             log_writer_cpu_seconds=w.cpu_seconds if w else 0.0,
             checkpoint_every=self._period,
         )
+
+
+def _load_manifest(path: str) -> dict[str, Any]:
+    """A checkpoint flor wrote, for Lightning's ``fit(ckpt_path=...)``: each blob verified against its hash."""
+    return CheckpointStore(path).load(path, None)

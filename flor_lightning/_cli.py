@@ -137,6 +137,10 @@ def cmd_runs(args: argparse.Namespace) -> int:
     taken = {*hparams.columns, *base.columns}
     finals = finals.rename(columns={c: f"final.{c}" for c in finals.columns if c in taken})
     wide = pd.concat([base, hparams], axis=1).merge(finals, left_on="run_id", right_index=True, how="left")
+    with closing(open_store(args.db, readonly=True)) as conn:
+        written = dict(conn.execute("SELECT run_id, SUM(size) FROM checkpoints GROUP BY run_id").fetchall())
+        projects = housekeeping.project_disk_use(conn)
+    wide["checkpoint_bytes"] = [int(written.get(r) or 0) for r in wide["run_id"]]  # what each run added
     if args.where:
         wide = _where(wide, args.where)
     if args.format != "table":
@@ -148,7 +152,13 @@ def cmd_runs(args: argparse.Namespace) -> int:
     shown["hparams"] = _pairs(wide, varying[:_SHOWN_HPARAMS])
     metric_cols = sorted(finals.columns, key=lambda c: (not c.startswith(("val", "final.val")), c))
     shown["final metrics"] = _pairs(wide, metric_cols[:_SHOWN_METRICS])
+    shown["checkpoints"] = [_human(b) for b in wide["checkpoint_bytes"]]
     emit(shown, "table", args.out)
+    if not args.out:
+        for project, size in sorted(projects.items()):
+            sys.stdout.write(
+                f"project {project}: {_human(size)} of checkpoints on disk (blobs shared by runs counted once)\n"
+            )
     return 0
 
 
@@ -203,6 +213,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         )
         replays = store.fetch(conn, "SELECT * FROM replays WHERE run_id = ? ORDER BY started", [args.run])
         statuses = _runs.replay_statuses(conn, args.run)  # a killed replay's row could not say so itself
+        disk = housekeeping.run_disk_use(conn, args.run)
     for r in replays:
         r["status"] = statuses[r["replay_id"]]
     info = {
@@ -218,7 +229,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             "count": len(ckpts),
             "epochs": planner.describe([c["epoch"] for c in ckpts if c["epoch"] >= 0]) or "-",
             "initial state": any(c["epoch"] < 0 for c in ckpts),
-            "bytes": sum(c["size"] for c in ckpts),
+            "bytes": disk["written"],
+            "bytes needed": disk["needed"],
             "where": sorted({c["path"].rsplit("/", 1)[0] for c in ckpts}),
         },
         "replays": [

@@ -14,6 +14,19 @@ chosen so that killing them at any moment loses no checkpoint the index names:
   recorded checksum; running ``push`` again finishes the move (and removes the unfinished
   temporary copy or the local file a kill left behind).
 
+Checkpoints are manifests plus packs of tensor blobs shared by every run under one checkpoint root
+(:mod:`flor_lightning._checkpoints`); the index lists the packs each manifest references, so both decide by
+reference from the index alone:
+
+- ``gc`` deletes a pack only when no checkpoint still indexed (of any run, kept or busy) references it. Packs
+  no row references at all (a writer killed between its pack and its manifest, a gc killed before its files)
+  are swept too, but only under a root where no run is recording (a write in flight has no row yet).
+- ``push`` copies the packs a manifest references to the destination (``<url>/<project>/packs``) before the
+  manifest itself, and deletes a local pack only once no checkpoint still indexed locally references it, so
+  every checkpoint stays loadable wherever the index says it is, local or pushed, at any moment.
+
+Runs recorded before manifests (one ``.ckpt`` file per checkpoint) are collected and pushed file by file as before.
+
 Both decide "in use" and change the index in one ``BEGIN IMMEDIATE`` transaction, so a replay
 cannot register in between and then find its checkpoints gone. ``push`` never deletes a file
 that is the destination under another spelling (a symlinked folder, ``..``, a relative path:
@@ -23,11 +36,12 @@ compared by device and inode), and refuses a destination no other process can re
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import posixpath
 import socket
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +53,8 @@ from fsspec.implementations.local import LocalFileSystem
 from flor_lightning import _runs
 from flor_lightning import _store as store
 from flor_lightning._atomic import TEMPORARY, atomic
+from flor_lightning._blobs import PACKS
+from flor_lightning._checkpoints import split
 from flor_lightning._errors import CheckpointError, ConfigError
 from flor_lightning._locate import check_writable, fs_for, open_fs, process_local, protocol
 from flor_lightning._query import open_store
@@ -140,31 +156,100 @@ def gc(*, keep_last: int, dry_run: bool = False, db: str | Path | None = None) -
     # no replay can register between the check and the index delete
     with closing(open_store(db)) as conn, store.immediate(conn):
         runs = store.fetch(conn, "SELECT run_id, project, started, checkpoint_root FROM runs")
-        collect, report.kept = select_for_gc(runs, keep_last, busy_runs(conn))
+        busy = busy_runs(conn)
+        collect, report.kept = select_for_gc(runs, keep_last, busy)
         roots = {r["run_id"]: r["checkpoint_root"] for r in runs}
         files = {
-            run_id: store.fetch(conn, "SELECT path, size FROM checkpoints WHERE run_id = ?", [run_id])
+            run_id: store.fetch(conn, "SELECT path, size, packs FROM checkpoints WHERE run_id = ?", [run_id])
             for run_id in collect
         }
         if not dry_run:
             conn.executemany("DELETE FROM checkpoints WHERE run_id = ?", [[r] for r in collect])
+        # what every checkpoint that stays references (in a dry run, the collected ones are still indexed)
+        referenced = referenced_packs(conn, exclude=set(collect))
     project = {r["run_id"]: r["project"] for r in runs}
+    gone = set(referenced)  # packs kept or already freed (a dry run deletes nothing, so counts each once)
     for run_id in collect:
         count, size = _remove_run_files(files[run_id], roots[run_id], run_id, dry_run=dry_run)
+        packs = _remove_packs(files[run_id], roots[run_id], gone, dry_run=dry_run)
+        if count or packs[0]:
+            report.freed.append(Freed(run_id, project[run_id], count + packs[0], size + packs[1]))
+    recording = {run_id for run_id, why in busy.items() if why == "still recording"}
+    idle_roots = {(r["checkpoint_root"], r["project"]) for r in runs if r["checkpoint_root"]}
+    idle_roots -= {(roots[r], project[r]) for r in recording if r in roots}
+    for root, proj in sorted(idle_roots):
+        count, size = _sweep_packs(root, gone, dry_run=dry_run)
         if count:
-            report.freed.append(Freed(run_id, project[run_id], count, size))
+            report.freed.append(Freed(UNREFERENCED, proj, count, size))
     return report
 
 
+UNREFERENCED = "(unreferenced packs)"
+"""The ``run_id`` of :class:`Freed` for the packs no checkpoint referenced (a killed write's, a killed gc's)."""
+
+
+def pack_location(path: str, root: str | None, pack: str) -> tuple[AbstractFileSystem, str]:
+    """Where a checkpoint's pack lies: beside its manifest's run folder, ``<root>/packs/<id>``."""
+    fs, where = fs_for(path, root)
+    return fs, f"{split(where)[0]}/{pack}"
+
+
+def file_key(fs: AbstractFileSystem, path: str) -> str:
+    """One spelling per file: a local path resolved (symlinks, ``..``), elsewhere the URL."""
+    return os.path.realpath(path) if isinstance(fs, LocalFileSystem) else str(fs.unstrip_protocol(path))
+
+
+def referenced_packs(conn: sqlite3.Connection, *, exclude: Collection[str] = ()) -> set[str]:
+    """Every pack an indexed checkpoint references (runs in ``exclude`` left out), as :func:`file_key` s."""
+    found: set[str] = set()
+    sql = "SELECT c.run_id, c.path, c.packs, r.checkpoint_root FROM checkpoints c JOIN runs r USING (run_id)"
+    for r in store.fetch(conn, sql + " WHERE c.packs IS NOT NULL"):
+        if r["run_id"] not in exclude:
+            found.update(file_key(*pack_location(r["path"], r["checkpoint_root"], p)) for p in json.loads(r["packs"]))
+    return found
+
+
+def _remove_packs(rows: list[dict[str, Any]], root: str | None, skip: set[str], *, dry_run: bool) -> tuple[int, int]:
+    """Delete the packs the collected checkpoints ``rows`` reference, but those in ``skip`` (referenced by a
+    checkpoint that stays, or freed already); each one deleted joins ``skip``."""
+    count = size = 0
+    for r in rows:
+        for pack in json.loads(r["packs"] or "[]"):
+            fs, path = pack_location(r["path"], root, pack)
+            key = file_key(fs, path)
+            if key in skip:
+                continue
+            skip.add(key)
+            if fs.exists(path):
+                count, size = count + 1, size + int(fs.size(path))
+                if not dry_run:
+                    fs.rm(path)
+    return count, size
+
+
+def _sweep_packs(root: str, skip: set[str], *, dry_run: bool) -> tuple[int, int]:
+    """Delete the packs under ``root`` but those in ``skip`` (referenced, or freed already); no run records there."""
+    fs, base = open_fs(root)
+    count = size = 0
+    for path in fs.glob(f"{base}/{PACKS}/*.safetensors"):
+        if (key := file_key(fs, path)) not in skip:
+            skip.add(key)
+            count, size = count + 1, size + int(fs.size(path))
+            if not dry_run:
+                fs.rm(path)
+    return count, size
+
+
 def _remove_run_files(rows: list[dict[str, Any]], root: str | None, run_id: str, *, dry_run: bool) -> tuple[int, int]:
-    """Delete the indexed files of a run, then whatever is left in its folder (orphans of a killed gc)."""
+    """Delete the indexed files of a run (manifests, or old .ckpt files), then whatever is left in its folder
+    (orphans of a killed gc)."""
     count = size = 0
     indexed = set()
     for r in rows:
         fs, path = fs_for(r["path"], root)
         indexed.add(fs.unstrip_protocol(path))
         if fs.exists(path):
-            count, size = count + 1, size + int(r["size"])
+            count, size = count + 1, size + int(fs.size(path))
             if not dry_run:
                 fs.rm(path)
     if root:
@@ -177,6 +262,48 @@ def _remove_run_files(rows: list[dict[str, Any]], root: str | None, run_id: str,
             if not dry_run:
                 fs.rm(folder, recursive=True)
     return count, size
+
+
+# ---- disk use ---------------------------------------------------------------------------------------
+
+
+def run_disk_use(conn: sqlite3.Connection, run_id: str) -> dict[str, int]:
+    """What ``run_id``'s checkpoints take: ``written``, the bytes they added to the store (blobs another
+    checkpoint had stored already cost nothing); ``needed``, their manifests plus every pack they reference
+    (shared ones included), what replaying the run reads."""
+    rows = store.fetch(
+        conn,
+        "SELECT c.path, c.size, c.packs, r.checkpoint_root FROM checkpoints c JOIN runs r USING (run_id) "
+        "WHERE run_id = ?",
+        [run_id],
+    )
+    needed: dict[str, int] = {}
+    for r in rows:
+        fs, path = fs_for(r["path"], r["checkpoint_root"])
+        files = [
+            (fs, path),
+            *(pack_location(r["path"], r["checkpoint_root"], p) for p in json.loads(r["packs"] or "[]")),
+        ]
+        for fs, where in files:
+            key = file_key(fs, where)
+            if key not in needed and fs.exists(where):
+                needed[key] = int(fs.size(where))
+    return {"written": sum(int(r["size"]) for r in rows), "needed": sum(needed.values())}
+
+
+def project_disk_use(conn: sqlite3.Connection) -> dict[str, int]:
+    """Per project, the bytes of every file under its runs' checkpoint roots (manifests and packs, each once)."""
+    seen: dict[str, tuple[str, int]] = {}
+    for r in store.fetch(conn, "SELECT DISTINCT project, checkpoint_root FROM runs WHERE checkpoint_root IS NOT NULL"):
+        fs, base = open_fs(r["checkpoint_root"])
+        if not fs.exists(base):  # pushed away, or kept in the memory of a process that ended
+            continue
+        for path, info in fs.find(base, detail=True).items():
+            seen.setdefault(file_key(fs, path), (r["project"], int(info.get("size") or 0)))
+    totals: dict[str, int] = {}
+    for project, size in seen.values():
+        totals[project] = totals.get(project, 0) + size
+    return totals
 
 
 def push(url: str, *, runs: Sequence[str] | None = None, db: str | Path | None = None) -> HousekeepingReport:
@@ -247,13 +374,15 @@ def _push_run(
     """Move one run's checkpoints under ``target``; whether the index now names every one of them there."""
     run_id = run["run_id"]
     ckpts = store.fetch(conn, "SELECT * FROM checkpoints WHERE run_id = ? ORDER BY epoch", [run_id])
-    for partial in dst_fs.glob(f"{target}/{run_id}/{TEMPORARY}"):  # copies an interrupted push left unfinished
-        dst_fs.rm(partial)
+    for folder in (run_id, PACKS):  # copies an interrupted push left unfinished
+        for partial in dst_fs.glob(f"{target}/{folder}/{TEMPORARY}"):
+            dst_fs.rm(partial)
     outcomes = []
     for row in ckpts:
         outcomes.append(_push_file(conn, run, row, dst_fs, target, report))
         if outcomes[-1] == "busy":
             return False
+    _remove_pushed_packs(conn, run, ckpts)
     if "elsewhere" in outcomes and "moved" not in outcomes:
         report.kept[run_id] = (
             f"its checkpoints already are there: {target}/{run_id} is the folder they are in under another name "
@@ -278,6 +407,7 @@ def _push_file(
     if src_fs.unstrip_protocol(src) == dst_fs.unstrip_protocol(dst) or same_file(src_fs, src, dst_fs, dst):
         _remove_twin(run, posixpath.basename(src), dst_fs, target)  # left by a push killed before its delete
         return "there" if src_fs.unstrip_protocol(src) == dst_fs.unstrip_protocol(dst) else "elsewhere"
+    copied = _push_packs(src_fs, src, row, dst_fs, target)  # first: a manifest never lies where its packs do not
     _copy_verified(src_fs, src, dst_fs, dst, row["sha256"])
     with store.immediate(conn):  # no replay can register between this check and the index update
         why = busy_runs(conn).get(run_id)
@@ -292,8 +422,41 @@ def _push_file(
         return "busy"
     src_fs.rm(src)
     source, destination = src_fs.unstrip_protocol(src), dst_fs.unstrip_protocol(dst)
-    report.moved.append(Moved(run_id, row["epoch"], source, destination, row["size"]))
+    size = row["size"] if row["packs"] is None else int(dst_fs.size(dst)) + copied
+    report.moved.append(Moved(run_id, row["epoch"], source, destination, size))
     return "moved"
+
+
+def _push_packs(
+    src_fs: AbstractFileSystem, src: str, row: dict[str, Any], dst_fs: AbstractFileSystem, target: str
+) -> int:
+    """Copy the packs checkpoint ``row`` references to ``<target>/packs`` unless there already; the bytes copied."""
+    copied = 0
+    for pack in json.loads(row["packs"] or "[]"):
+        source, destination = f"{split(src)[0]}/{pack}", f"{target}/{pack}"
+        if dst_fs.exists(destination):  # packs are written whole under their final name, never changed
+            continue
+        if not src_fs.exists(source):
+            raise CheckpointError(
+                f"pack {source!r} of checkpoint {src!r} is missing, so the checkpoint was not pushed; replay "
+                "re-trains around it, and `flor gc` frees it with its run"
+            )
+        _copy_verified(src_fs, source, dst_fs, destination, _sha256(src_fs, source))
+        copied += int(dst_fs.size(destination))
+    return copied
+
+
+def _remove_pushed_packs(conn: sqlite3.Connection, run: dict[str, Any], ckpts: list[dict[str, Any]]) -> None:
+    """Delete the local packs of a pushed run's checkpoints that no checkpoint still indexed there references."""
+    root = run["checkpoint_root"]
+    if not root or not any(row["packs"] for row in ckpts):
+        return
+    fs, base = open_fs(root)
+    referenced = referenced_packs(conn)
+    for pack in {p for row in ckpts for p in json.loads(row["packs"] or "[]")}:
+        local = f"{base}/{pack}"
+        if file_key(fs, local) not in referenced and fs.exists(local):
+            fs.rm(local)
 
 
 def _remove_twin(run: dict[str, Any], name: str, dst_fs: AbstractFileSystem, target: str) -> None:

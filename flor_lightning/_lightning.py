@@ -7,9 +7,11 @@ integration tests; the rest of the package uses public Lightning API only.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.fabric.utilities.types import _Stateful
 from lightning.pytorch.loops.fetchers import _DataLoaderIterDataFetcher
@@ -92,6 +94,39 @@ def _as_between_epochs(fit: dict[str, Any]) -> None:
     manual["current"] = zero(manual["current"])
     val = fit["epoch_loop.val_loop.batch_progress"]
     val["total"] = zero(val["total"])
+
+
+class ManifestCheckpointIO(CheckpointIO):
+    """The strategy's checkpoint IO, reading flor's manifests too: ``fit(ckpt_path=flor.last_checkpoint(run))``
+    restores from one (verified, blobs mmap-ed); every other path and every save go to the IO it wraps."""
+
+    def __init__(self, inner: CheckpointIO, load: Callable[[str], dict[str, Any]], suffix: str) -> None:
+        self.inner, self._load, self._suffix = inner, load, suffix
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        self.inner.save_checkpoint(checkpoint, path, storage_options)
+
+    @override
+    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> Any:
+        if str(path).endswith(self._suffix):
+            return self._load(str(path))
+        return self.inner.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
+    @override
+    def remove_checkpoint(self, path: Any) -> None:
+        self.inner.remove_checkpoint(path)
+
+    @override
+    def teardown(self) -> None:
+        self.inner.teardown()
+
+
+def read_manifests(trainer: pl.Trainer, load: Callable[[str], dict[str, Any]], suffix: str) -> None:
+    """Let ``trainer.fit(ckpt_path=...)`` restore from a flor manifest (a path ending in ``suffix``)."""
+    io = trainer.strategy.checkpoint_io
+    if not isinstance(io, ManifestCheckpointIO):
+        trainer.strategy.checkpoint_io = ManifestCheckpointIO(io, load, suffix)
 
 
 def step_value(value: Any) -> Any:

@@ -18,7 +18,9 @@ def last_checkpoint(run: str | None = None, *, db: str | Path | None = None) -> 
 
     Pass it to Lightning to continue the run where its last checkpoint left it; flor then keeps
     recording into the same run, restores every RNG state, and drops the values the run logged
-    after that checkpoint, so no row is stored twice::
+    after that checkpoint, so no row is stored twice. The path names a manifest (its tensors are
+    blobs beside it): Lightning reads it through the checkpoint IO a ``FlorCallback`` puts on the
+    Trainer (``flor.Trainer`` has one)::
 
         trainer = flor.Trainer(max_epochs=10)
         trainer.fit(model, datamodule=dm, ckpt_path=flor.last_checkpoint(run_id))

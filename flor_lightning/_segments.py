@@ -81,6 +81,7 @@ class SegmentRunner:
         self.loggers = loggers  # write into the recorded run's TensorBoard/CSV/MLflow runs
         self.clock = clock
         self._store: CheckpointStore | None = None
+        self._unusable: dict[int, str] = {}  # epoch -> why its checkpoint could not be loaded
         self._segment: planner.Segment | None = None
 
     def run(self, trainer: pl.Trainer, model: pl.LightningModule, **data: Any) -> None:
@@ -168,12 +169,14 @@ class SegmentRunner:
             raise BadCheckpoint(epoch, f"checkpoint of epoch {epoch} of run {self.run_id} is missing")
         try:
             return self._store.load(row["path"], row["sha256"])
-        except CheckpointError as err:
+        except CheckpointError as err:  # a missing or corrupt blob too: BlobError names the tensor
+            self._unusable[epoch] = str(err)
             raise BadCheckpoint(epoch, str(err)) from err
 
     def replan(self, bad_epoch: int, remaining: list[planner.EpochStep]) -> list[planner.EpochStep]:
         self.good.discard(bad_epoch)
-        rank_zero_warn(f"flor: checkpoint of epoch {bad_epoch} is unusable; re-planning from an earlier one")
+        why = self._unusable.get(bad_epoch, "it is missing")
+        rank_zero_warn(f"flor: checkpoint of epoch {bad_epoch} is unusable ({why}); re-planning from an earlier one")
         with closing(store.connect(self.db_path)) as c:
             row = {"replay_id": self.replay_id, "epoch": bad_epoch}
             store.insert(c, "replay_bad_checkpoints", row, replace=False)

@@ -192,7 +192,7 @@ class RunSession:
     # ---- checkpoints -----------------------------------------------------------------------------
 
     def save_checkpoint(self, state: Any, epoch: int, step: int) -> None:
-        """Write ``state`` (a :func:`~flor_lightning._checkpoints.snapshot`) as the checkpoint of
+        """Write ``state`` (a :meth:`~flor_lightning._checkpoints.CheckpointStore.snapshot`) as the checkpoint of
         ``epoch`` in the background; it is indexed once it is complete.
 
         Raises:
@@ -211,6 +211,8 @@ class RunSession:
                 "size": info.size,
                 "write_seconds": info.write_seconds,
                 "created": self._clock(),
+                "format": info.format,
+                "packs": list(info.packs),
             }
             with self.lock:
                 store.insert(self.conn, "checkpoints", row)
@@ -228,6 +230,7 @@ class RunSession:
         """
         errors: list[BaseException] = []
         if self.checkpoints is not None:
+            self.checkpoints.unwatch()
             try:
                 self.checkpoints.wait()
             except CheckpointError as err:  # the last checkpoint failed; the run itself is complete

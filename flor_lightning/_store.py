@@ -160,6 +160,16 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         "0007_run_loggers",
         "ALTER TABLE runs ADD COLUMN loggers TEXT;",
     ),
+    (
+        # checkpoints stored by content (flor_lightning._blobs): the manifest's format (NULL: a torch.save
+        # .ckpt of a run recorded before) and the packs it references (JSON list, names under its root), so
+        # that gc and push decide by reference from the index alone
+        "0009_checkpoint_blobs",
+        """
+        ALTER TABLE checkpoints ADD COLUMN format TEXT;
+        ALTER TABLE checkpoints ADD COLUMN packs TEXT;
+        """,
+    ),
 )
 
 LOG_COLUMNS = ("run_id", "replay_id", "stage", "level", "epoch", "step", "batch_idx", "name", "value", "text")

@@ -64,7 +64,7 @@ class CountingSteps(DigitsClassifier):
 def assert_nothing_recorded(root: Path, flor_home: Path) -> None:
     """No store, no shadow branch, no checkpoint folder: the failed start left no trace."""
     assert not (root / DB).exists()
-    assert not list(flor_home.rglob("*.ckpt"))
+    assert not list(flor_home.rglob("*.manifest")) and not list(flor_home.rglob("*.safetensors"))
     if (root / ".git").exists():
         assert not git(root, "branch", "--list", SHADOW_BRANCH)
 
@@ -301,7 +301,7 @@ def test_recording_into_a_damaged_store_fails_before_training(project: Path, flo
 
     assert CountingSteps.steps == 0
     assert (project / DB).read_bytes() == before
-    assert not list(flor_home.rglob("*.ckpt"))
+    assert not list(flor_home.rglob("*.manifest")) and not list(flor_home.rglob("*.safetensors"))
 
 
 @pytest.mark.integration
@@ -343,7 +343,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_never_runs(project: Pat
         store.update(conn, "checkpoints", {"run_id": run_id, "epoch": 0}, {"sha256": digest, "size": len(data)})
         conn.close()
 
-        with pytest.raises(CheckpointError, match=r"cannot be read as a flor checkpoint.*Weights only load failed"):
+        with pytest.raises(CheckpointError, match=r"cannot be read as a flor manifest.*Weights only load failed"):
             CheckpointStore(str(path.parent.parent)).load(str(path), digest)
         assert not marker.exists(), kind
 
@@ -538,7 +538,7 @@ def test_recording_or_replaying_into_a_read_only_store_stops_before_anything_is_
         assert "is read-only" in errors[what] and "chmod u+w" in errors[what] and "\n" not in errors[what], errors
     # neither made a code snapshot (the repository now belongs to the other user: git asks to be told it is safe)
     assert git(root, "-c", "safe.directory=*", "rev-parse", SHADOW_BRANCH) == tip
-    assert [p.name for p in (home / "proj").iterdir()] == [run_id]  # nor a checkpoint folder
+    assert sorted(p.name for p in (home / "proj").iterdir()) == sorted([run_id, "packs"])  # nor a checkpoint folder
     assert rows(root / DB, "SELECT count(*) AS n FROM replays")[0]["n"] == 0
 
 

@@ -143,3 +143,21 @@ def test_many_runs_smoke_replays_on_each_executor_and_prints_one_row_each(tmp_pa
     raw = json.loads(out.with_suffix(".json").read_text())["results"]
     assert sorted(r["variant"] for r in raw) == ["dask", "parallel=1", "parallel=2"]
     assert all(r["runs"] == 2 for r in raw)
+
+
+def test_w6_frozen_backbone_smoke_prints_its_tables(tmp_path: Path) -> None:
+    out = tmp_path / "w6.md"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "w6_frozen_backbone.py"), "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    text = out.read_text()
+    assert "## W6: fine-tuning a head on a frozen backbone" in text and text in done.stdout
+    assert "| packs holding each backbone tensor, after both runs | 1-1 (1: stored once) |" in text
+    raw = json.loads(out.with_suffix(".json").read_text())
+    runs = {r["run_id"] for r in raw["two_runs"]["checkpoints"]}
+    assert len(runs) == 2 and {r["variant"] for r in raw["timed"]} == {"plain", "flor", "modelckpt"}

@@ -423,7 +423,9 @@ def test_a_checkpoint_store_that_fails_mid_run_does_not_stop_training(project: P
             if trainer.current_epoch == 1:  # checkpoints -1 and 0 are written by now
                 flor_cb = next(cb for cb in trainer.callbacks if isinstance(cb, FlorCallback))
                 flor_cb.session.checkpoints.wait()
-                (run_dir,) = [p for p in flor_home.rglob("*") if p.is_dir() and p.parent.parent == flor_home]
+                (run_dir,) = [
+                    p for p in flor_home.rglob("*") if p.is_dir() and p.parent.parent == flor_home and p.name != "packs"
+                ]
                 run_dir.rename(run_dir.with_name("moved"))
                 run_dir.write_text("a file where the run's folder was: every later write fails")
 
@@ -433,7 +435,7 @@ def test_a_checkpoint_store_that_fails_mid_run_does_not_stop_training(project: P
     indexed = rows(project / ".flor" / "flor.db", "SELECT epoch, path FROM checkpoints ORDER BY epoch")
     assert [c["epoch"] for c in indexed] == [-1, 0]
     moved = next(flor_home.rglob("moved"))
-    assert sorted(p.name for p in moved.iterdir()) == ["epoch=00000.ckpt", "initial.ckpt"]
+    assert sorted(p.name for p in moved.iterdir()) == ["epoch=00000.manifest", "initial.manifest"]
 
 
 # ---- what recording costs, and the adaptive checkpoint period -------------------------------------

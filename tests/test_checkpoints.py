@@ -1,9 +1,10 @@
-"""The checkpoint store: unit tests on ``memory://`` and a local folder, then a real Trainer."""
+"""The checkpoint store (manifests and blobs): unit tests on ``memory://`` and a local folder, then a real Trainer."""
 
 from __future__ import annotations
 
 import enum
 import hashlib
+import json
 import threading
 import uuid
 from collections.abc import Iterator
@@ -20,8 +21,8 @@ from torch.nn import functional as F
 
 import flor_lightning as flor
 from flor_lightning import _rng as rng
-from flor_lightning._checkpoints import CheckpointInfo, CheckpointStore, snapshot
-from flor_lightning._errors import CheckpointError, ConfigError
+from flor_lightning._checkpoints import CheckpointInfo, CheckpointStore, snapshot, write_old
+from flor_lightning._errors import BlobError, CheckpointError, ConfigError
 
 
 @pytest.fixture(params=["memory", "local"])
@@ -35,7 +36,7 @@ def ckpts(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Checkpoint
 
 def save(store: CheckpointStore, state: Any, epoch: int = 3, run_id: str = "run-a") -> CheckpointInfo:
     done: list[CheckpointInfo] = []
-    store.save(snapshot(state), run_id, epoch, epoch * 10, done.append)
+    store.save(store.snapshot(state), run_id, epoch, epoch * 10, done.append)
     store.wait()
     assert len(done) == 1
     return done[0]
@@ -67,7 +68,8 @@ def test_save_then_load_round_trips_as_data(ckpts: CheckpointStore) -> None:
     info = save(ckpts, state)
 
     assert info.path == ckpts.path("run-a", 3)
-    assert info.path.endswith("/run-a/epoch=00003.ckpt")
+    assert info.path.endswith("/run-a/epoch=00003.manifest")
+    assert info.format == "flor-manifest/1" and len(info.packs) == 1
     assert (info.epoch, info.step) == (3, 30)
     loaded = ckpts.load(info.path, info.sha256)
     torch.testing.assert_close(loaded["state_dict"], state["state_dict"], rtol=0, atol=0)
@@ -85,20 +87,46 @@ def test_writer_counts_what_it_wrote(ckpts: CheckpointStore) -> None:
     assert 0 < ckpts.last_write_cpu_seconds <= ckpts.writer_cpu_seconds
 
 
-def test_recorded_checksum_and_size_are_those_of_the_file(ckpts: CheckpointStore) -> None:
+def test_recorded_checksum_is_the_manifest_s_and_size_what_the_checkpoint_added(ckpts: CheckpointStore) -> None:
     info = save(ckpts, sample_state())
 
     data = ckpts.fs.cat_file(info.path)
     assert info.sha256 == hashlib.sha256(data).hexdigest()
-    assert info.size == len(data)
+    (pack,) = info.packs
+    assert info.size == len(data) + ckpts.fs.size(f"{ckpts.root}/{pack}")
+
+
+def test_unchanged_tensors_are_not_written_again(ckpts: CheckpointStore) -> None:
+    state = sample_state()
+    first = save(ckpts, state, epoch=0)
+    state["state_dict"]["b"].add_(1)  # one tensor changes in place; the others stay as they were
+    second = save(ckpts, state, epoch=1)
+
+    assert ckpts.snapshot(state).reused == 3  # w, b (unchanged since) and the optimizer's step
+    assert len(second.packs) == 2 and set(first.packs) < set(second.packs)  # w and step stay in the first pack
+    assert second.size < first.size
+    torch.testing.assert_close(ckpts.load(second.path, second.sha256)["state_dict"], state["state_dict"])
+
+
+def test_a_second_run_under_the_root_reuses_the_blobs_of_the_first(ckpts: CheckpointStore) -> None:
+    first = save(ckpts, sample_state(), run_id="run-a")
+    other = CheckpointStore(ckpts.url)  # another process's store: it learns the root's blobs from the packs
+    second = save(other, sample_state(), run_id="run-b")
+
+    assert second.packs == first.packs  # nothing new: only the manifest was written
+    assert second.size == len(ckpts.fs.cat_file(second.path))
 
 
 def test_no_temporary_file_is_left_after_a_save(ckpts: CheckpointStore) -> None:
     save(ckpts, sample_state(), epoch=0)
     save(ckpts, sample_state(), epoch=1)
 
-    names = sorted(p.rsplit("/", 1)[-1] for p in ckpts.fs.find(ckpts.root))
-    assert names == ["epoch=00000.ckpt", "epoch=00001.ckpt"]
+    names = sorted(p.removeprefix(ckpts.root + "/") for p in ckpts.fs.find(ckpts.root))
+    assert [n for n in names if not n.startswith("packs/")] == [
+        "run-a/epoch=00000.manifest",
+        "run-a/epoch=00001.manifest",
+    ]
+    assert len([n for n in names if n.startswith("packs/")]) == 1  # the second checkpoint's blobs were known
 
 
 def test_a_flipped_byte_is_detected(ckpts: CheckpointStore) -> None:
@@ -109,32 +137,69 @@ def test_a_flipped_byte_is_detected(ckpts: CheckpointStore) -> None:
 
     with pytest.raises(CheckpointError, match="corrupt") as err:
         ckpts.load(info.path, info.sha256)
-    assert info.path in str(err.value)
+    assert "run-a/epoch=00003.manifest" in str(err.value)
 
 
-def test_a_truncated_file_is_detected(ckpts: CheckpointStore) -> None:
+def test_a_flipped_byte_in_a_blob_names_the_checkpoint_and_the_tensor(ckpts: CheckpointStore) -> None:
+    info = save(ckpts, {"state_dict": {"w": torch.arange(1000, dtype=torch.float32)}})
+    pack = f"{ckpts.root}/{info.packs[0]}"
+    data = bytearray(ckpts.fs.cat_file(pack))
+    data[-7] ^= 0xFF  # inside w's bytes
+    ckpts.fs.pipe_file(pack, bytes(data))
+
+    with pytest.raises(BlobError, match="corrupt") as err:
+        ckpts.load(info.path, info.sha256)
+    assert (err.value.checkpoint, err.value.tensor) == ("run-a/epoch=00003.manifest", "state_dict.w")
+
+
+def test_a_missing_pack_names_the_checkpoint_and_the_tensor(ckpts: CheckpointStore) -> None:
+    info = save(ckpts, {"state_dict": {"w": torch.ones(3)}})
+    ckpts.fs.rm(f"{ckpts.root}/{info.packs[0]}")
+
+    with pytest.raises(BlobError, match="missing or unreadable") as err:
+        ckpts.load(info.path, info.sha256)
+    assert (err.value.checkpoint, err.value.tensor) == ("run-a/epoch=00003.manifest", "state_dict.w")
+
+
+def test_a_truncated_manifest_is_detected(ckpts: CheckpointStore) -> None:
     info = save(ckpts, sample_state())
-    ckpts.fs.pipe_file(info.path, ckpts.fs.cat_file(info.path)[: info.size // 2])
+    data = ckpts.fs.cat_file(info.path)
+    ckpts.fs.pipe_file(info.path, data[: len(data) // 2])
 
     with pytest.raises(CheckpointError, match="corrupt") as err:
         ckpts.load(info.path, info.sha256)
-    assert info.path in str(err.value)
+    assert "run-a/epoch=00003.manifest" in str(err.value)
     # without a checksum to compare, the reader still refuses it instead of returning garbage
     with pytest.raises(CheckpointError, match="cannot be read") as err:
         ckpts.load(info.path, None)
-    assert info.path in str(err.value)
+    assert "run-a/epoch=00003.manifest" in str(err.value)
 
 
 def test_a_missing_file_is_named(ckpts: CheckpointStore) -> None:
     path = ckpts.path("run-a", 9)
     with pytest.raises(CheckpointError, match="missing") as err:
         ckpts.load(path, None)
-    assert path in str(err.value)
+    assert "run-a/epoch=00009.manifest" in str(err.value)
+
+
+def test_an_old_ckpt_file_still_loads_and_is_verified(ckpts: CheckpointStore) -> None:
+    """Runs recorded before manifests: one torch.save file, its sha256 in the index."""
+    path = f"{ckpts.root}/run-old/epoch=00000.ckpt"
+    digest, size = write_old(ckpts.fs, path, snapshot(sample_state()))
+    assert size == ckpts.fs.size(path)
+
+    loaded = ckpts.load(path, digest)
+    torch.testing.assert_close(loaded["state_dict"], sample_state()["state_dict"], rtol=0, atol=0)
+    data = bytearray(ckpts.fs.cat_file(path))
+    data[len(data) // 2] ^= 0xFF
+    ckpts.fs.pipe_file(path, bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        ckpts.load(path, digest)
 
 
 def test_a_failed_write_leaves_nothing_and_is_raised_once(ckpts: CheckpointStore) -> None:
     done: list[CheckpointInfo] = []
-    ckpts.save({"not data": lambda: None}, "run-a", 0, 0, done.append)  # not a snapshot: cannot be pickled
+    ckpts.save({"not data": lambda: None}, "run-a", 0, 0, done.append)  # type: ignore[arg-type]  # no snapshot
 
     with pytest.raises(CheckpointError, match=r"writing the checkpoint of epoch 0 under .* failed"):
         ckpts.wait()
@@ -238,15 +303,23 @@ def test_checkpoints_taken_and_indexed(project: Path, flor_home: Path, max_epoch
     indexed = rows(project / ".flor" / "flor.db", "SELECT * FROM checkpoints ORDER BY epoch")
     assert {r["epoch"] for r in indexed} == expected_epochs(max_epochs, every)
     folder = flor_home / "proj" / str(callback.run_id)
-    names = {r["epoch"]: "initial.ckpt" if r["epoch"] == -1 else f"epoch={r['epoch']:05d}.ckpt" for r in indexed}
+    names = {
+        r["epoch"]: "initial.manifest" if r["epoch"] == -1 else f"epoch={r['epoch']:05d}.manifest" for r in indexed
+    }
     assert sorted(p.name for p in folder.iterdir()) == sorted(names.values())
+    packs = flor_home / "proj"
     for row in indexed:
         path = Path(row["path"])
         assert path == folder / names[row["epoch"]]
         assert row["run_id"] == callback.run_id
         assert row["sha256"] == sha256(path)
-        assert row["size"] == path.stat().st_size
+        assert row["format"] == "flor-manifest/1"
+        referenced = json.loads(row["packs"])
+        assert referenced and all((packs / p).is_file() for p in referenced)
         assert row["step"] == (row["epoch"] + 1) * TRAIN_BATCHES
+    # what the checkpoints added is what lies on disk: every manifest and every pack, each once
+    on_disk = sum(p.stat().st_size for p in packs.rglob("*") if p.is_file())
+    assert sum(r["size"] for r in indexed) == on_disk
 
 
 @pytest.mark.integration

@@ -22,7 +22,7 @@ from typing import Any
 import lightning as L
 import pandas as pd
 import pytest
-from helpers import git
+from helpers import git, rows
 from models import trainer_kwargs
 
 import flor_lightning as flor
@@ -157,12 +157,17 @@ def test_runs_table_as_a_process(recorded: tuple[Path, str, str]) -> None:
     header, *lines = done.stdout.splitlines()
     assert header.split()[:6] == ["run_id", "started", "status", "script", "commit", "hparams"]
     assert "final metrics" in header
-    assert [line.split()[0] for line in lines] == [run_a, run_b]  # oldest first
+    assert [line.split()[0] for line in lines[:-1]] == [run_a, run_b]  # oldest first
     shadow = flor.runs().set_index("run_id").loc[run_a, "shadow_commit"]
     assert shadow[:8] in lines[0] and "finished" in lines[0] and "train.py" in lines[0]
     assert "  lr=0.01 hidden=32" in lines[0] and "  lr=0.001 hidden=32" in lines[1]  # what differs comes first
     final_acc = flor.query("val_acc", run=run_a)["val_acc"].dropna().iloc[-1]
     assert f"val_acc={final_acc:.4g}" in lines[0]
+    assert header.split()[-1] == "checkpoints" and lines[0].split()[-2:][1] in ("KB", "MB")
+    on_disk = sum(p.stat().st_size for p in (Path(os.environ["FLOR_HOME"]) / "proj").rglob("*") if p.is_file())
+    assert (
+        lines[-1] == f"project proj: {cli._human(on_disk)} of checkpoints on disk (blobs shared by runs counted once)"
+    )
 
 
 def test_runs_where_and_json_have_every_hparam_and_final_metric(
@@ -215,10 +220,15 @@ def test_show_as_a_process(recorded: tuple[Path, str, str]) -> None:
     assert info["settings"]["max_epochs"] == 3
     assert info["code"] == {"shadow_commit": run["shadow_commit"], "head_commit": run["head_commit"], "branch": "main"}
     home = Path(os.environ["FLOR_HOME"]) / "proj" / run_b
-    files = sorted(home.glob("*.ckpt"))
+    files = sorted(home.glob("*.manifest"))
     assert info["checkpoints"]["count"] == len(files) == 4  # initial state and 3 epochs
     assert info["checkpoints"]["epochs"] == "0-2"
-    assert info["checkpoints"]["bytes"] == sum(f.stat().st_size for f in files)
+    rows_b = rows(root / ".flor" / "flor.db", "SELECT size, packs FROM checkpoints WHERE run_id = ?", (run_b,))
+    packs = {home.parent / p for r in rows_b for p in json.loads(r["packs"])}
+    assert info["checkpoints"]["bytes"] == sum(r["size"] for r in rows_b)  # what run B added to the store
+    # what replaying it reads: its manifests and every pack they reference, run A's shared ones included
+    assert info["checkpoints"]["bytes needed"] == sum(f.stat().st_size for f in [*files, *packs])
+    assert info["checkpoints"]["bytes needed"] > info["checkpoints"]["bytes"]
     assert info["checkpoints"]["where"] == [str(home)]
     (replay_info,) = info["replays"]
     assert replay_info["status"] == "finished"

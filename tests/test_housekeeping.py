@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 from helpers import git, rows, sha256
 from test_cli import MODEL_SOURCE, VAL_CONF, edit_model, flor_cmd, record, replay
 
@@ -22,7 +23,7 @@ import flor_lightning as flor
 from flor_lightning import _cli as cli
 from flor_lightning import _housekeeping as housekeeping
 from flor_lightning import _store as store
-from flor_lightning._checkpoints import CheckpointStore
+from flor_lightning._checkpoints import CheckpointStore, snapshot, write_old
 from flor_lightning._errors import CheckpointError, ConfigError
 from flor_lightning._housekeeping import busy_runs, select_for_gc
 
@@ -45,6 +46,20 @@ def index(db: Path, run_id: str) -> list[dict[str, Any]]:
 
 def run_dir(run_id: str) -> Path:
     return Path(os.environ["FLOR_HOME"]) / "proj" / run_id
+
+
+def on_disk(folder: Path) -> dict[Path, int]:
+    """Every file under ``folder`` (manifests, packs), with its size."""
+    return {p: p.stat().st_size for p in folder.rglob("*") if p.is_file()} if folder.exists() else {}
+
+
+def packs_of(db: Path, run_id: str) -> set[Path]:
+    """The local pack files the indexed checkpoints of ``run_id`` reference."""
+    return {
+        Path(c["path"].removeprefix("file://")).parent.parent / p
+        for c in index(db, run_id)
+        for p in json.loads(c["packs"])
+    }
 
 
 def dead_pid() -> int:
@@ -91,21 +106,29 @@ def test_gc_dry_run_then_gc_as_a_process(three_runs: tuple[Path, list[str]]) -> 
     root, ids = three_runs
     db = root / ".flor" / "flor.db"
     values_before = flor.records()
-    sizes = {r: sum(c["size"] for c in index(db, r)) for r in ids}
+    proj = run_dir(ids[0]).parent
+    before = on_disk(proj)
     assert all(len(index(db, r)) == 4 for r in ids)  # initial state + 3 epochs
+    assert sum(c["size"] for r in ids for c in index(db, r)) == sum(before.values())  # each blob stored once
+    kept = packs_of(db, ids[2])
+    shared = kept & (packs_of(db, ids[0]) | packs_of(db, ids[1]))
+    assert shared  # the runs start from the same seeded weights: their initial blobs are one pack
 
     dry = flor.gc(keep_last=1, dry_run=True)
-    assert dry.bytes == sizes[ids[0]] + sizes[ids[1]]
-    assert all(len(index(db, r)) == 4 for r in ids) and all(run_dir(r).is_dir() for r in ids)
+    assert all(len(index(db, r)) == 4 for r in ids) and on_disk(proj) == before
 
     done = flor_cmd("gc", "--keep-last", "1", cwd=root)
     assert done.returncode == 0, done.stderr
-    assert f"freed {sizes[ids[0]] + sizes[ids[1]]} bytes" in done.stdout
+    after = on_disk(proj)
+    freed = sum(before.values()) - sum(after.values())
+    assert dry.bytes == freed and f"freed {freed} bytes" in done.stdout
     assert ids[0] in done.stdout and ids[1] in done.stdout and f"kept {ids[2]}" in done.stdout
     for r in ids[:2]:
         assert index(db, r) == [] and not run_dir(r).exists()
     assert len(index(db, ids[2])) == 4
-    assert all(Path(c["path"]).exists() and sha256(Path(c["path"])) == c["sha256"] for c in index(db, ids[2]))
+    # what stays is the kept run's manifests and exactly the packs they reference, the shared one included
+    assert set(after) == {Path(c["path"]) for c in index(db, ids[2])} | kept
+    assert_all_readable(db, ids[2])
     assert flor.records().equals(values_before)  # logged values, runs and code stay
     assert len(flor.runs()) == 3
 
@@ -169,13 +192,20 @@ def test_gc_killed_between_index_and_files_loses_nothing_and_the_next_gc_frees_t
     """gc deletes index rows first: the state a kill leaves is orphan files, which the next gc removes."""
     root, ids = three_runs
     db = root / ".flor" / "flor.db"
-    orphan_bytes = sum(c["size"] for c in index(db, ids[0]))
+    manifests = {Path(c["path"]): Path(c["path"]).stat().st_size for c in index(db, ids[0])}
+    orphans = packs_of(db, ids[0]) - packs_of(db, ids[1]) - packs_of(db, ids[2])
+    orphan_bytes = sum(p.stat().st_size for p in orphans)
     conn = store.connect(db)
     conn.execute("DELETE FROM checkpoints WHERE run_id = ?", [ids[0]])  # what a gc killed midway has done
     conn.close()
     report = flor.gc(keep_last=2)
-    assert [(f.run_id, f.files, f.bytes) for f in report.freed] == [(ids[0], 4, orphan_bytes)]
-    assert not run_dir(ids[0]).exists()
+    # its packs no other run references are swept (no run records there); the shared ones stay (the runs'
+    # seeded RNG states and step counters are equal, so the later runs reference the first run's packs too)
+    swept = [(housekeeping.UNREFERENCED, len(orphans), orphan_bytes)] if orphans else []
+    assert [(f.run_id, f.files, f.bytes) for f in report.freed] == [(ids[0], 4, sum(manifests.values())), *swept]
+    assert not run_dir(ids[0]).exists() and not any(p.exists() for p in orphans)
+    for r in ids[1:]:
+        assert_all_readable(db, r)
 
 
 def test_gc_rejects_a_negative_keep_last(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -237,7 +267,8 @@ def test_push_every_run_then_again_moves_nothing(three_runs: tuple[Path, list[st
     for r in ids:
         prefix = f"file://{remote}/proj/{r}/"
         assert all(c["path"].startswith(prefix) and Path(c["path"][7:]).exists() for c in index(db, r))
-        assert not run_dir(r).exists() or not list(run_dir(r).glob("*.ckpt"))
+        assert not run_dir(r).exists() or not list(run_dir(r).glob("*.manifest"))
+    assert not list(run_dir(ids[0]).parent.rglob("*.safetensors"))  # no local checkpoint needs a pack any more
     assert flor.push(str(remote)).moved == []  # nothing left to move
 
     edit_model(root, *VAL_CONF)
@@ -344,7 +375,7 @@ def test_a_replay_registered_during_a_push_keeps_its_checkpoints(
     assert report.moved == [] and report.kept == {run: f"replay {registered[0]} is unfinished"}
     assert index(db, run) == before
     assert all(sha256(Path(c["path"])) == c["sha256"] for c in before)
-    assert not list((tmp_path / "archive").rglob("*.ckpt"))  # the unindexed copy is gone
+    assert not list((tmp_path / "archive").rglob("*.manifest"))  # the unindexed copy is gone
 
 
 def test_interrupted_push_leaves_every_checkpoint_readable_and_push_again_finishes(
@@ -370,6 +401,8 @@ def test_interrupted_push_leaves_every_checkpoint_readable_and_push_again_finish
     fourth = index(db, run)[3]
     copy = remote / "proj" / run / Path(fourth["path"]).name
     copy.write_bytes(Path(fourth["path"]).read_bytes())
+    for pack in json.loads(fourth["packs"]):  # its packs went first
+        (remote / "proj" / pack).write_bytes((run_dir(run).parent / pack).read_bytes())
     conn = store.connect(db)
     store.update(conn, "checkpoints", {"run_id": run, "epoch": fourth["epoch"]}, {"path": f"file://{copy}"})
     conn.close()
@@ -377,7 +410,7 @@ def test_interrupted_push_leaves_every_checkpoint_readable_and_push_again_finish
 
     report = flor.push(str(remote), runs=[run])
     assert [m.epoch for m in report.moved] == [1]  # the one left; the twin of epoch 2 is cleaned up
-    assert not list(run_dir(run).glob("*.ckpt"))
+    assert not list(run_dir(run).glob("*.manifest"))
     assert_all_readable(db, run)
 
 
@@ -458,7 +491,7 @@ def check_only_in(db: Path, run: str, folder: Path, other: Path) -> None:
     for c in index(db, run):
         path = c["path"].removeprefix("file://")
         assert os.path.samefile(os.path.dirname(path), here), (c["path"], here)
-    assert not list((other / "proj" / run).glob("*.ckpt"))
+    assert not list((other / "proj" / run).glob("*.manifest"))
     assert not list(folder.rglob("*.tmp-*")) and not list(other.rglob("*.tmp-*"))
 
 
@@ -507,8 +540,9 @@ def test_gc_killed_with_sigkill_between_files_loses_nothing(three_runs: tuple[Pa
     """A real SIGKILL at gc's second file deletion: the kept run is intact, the next gc frees the rest."""
     root, ids = three_runs
     db = root / ".flor" / "flor.db"
-    total = sum(c["size"] for r in ids[:2] for c in index(db, r))
-    first_file = index(db, ids[0])[0]["size"]
+    proj = run_dir(ids[0]).parent
+    before = on_disk(proj)
+    first_file = Path(index(db, ids[0])[0]["path"]).stat().st_size  # gc deletes the initial state's manifest first
     done = subprocess.run(
         [sys.executable, "-c", KILLER, "before-delete", "2", "gc", "1"], cwd=root, capture_output=True
     )
@@ -517,5 +551,64 @@ def test_gc_killed_with_sigkill_between_files_loses_nothing(three_runs: tuple[Pa
     assert len(index(db, ids[2])) == 4
     assert_all_readable(db, ids[2])
     report = flor.gc(keep_last=1)
-    assert report.bytes == total - first_file  # the orphans the kill left, and nothing else
+    after = on_disk(proj)
+    assert report.bytes == sum(before.values()) - sum(after.values()) - first_file  # what the kill left, no more
     assert not run_dir(ids[0]).exists() and not run_dir(ids[1]).exists()
+    assert set(after) == {Path(c["path"]) for c in index(db, ids[2])} | packs_of(db, ids[2])
+
+
+# ---- runs recorded before manifests ------------------------------------------------------------------
+
+
+def make_old(db: Path, run_id: str) -> None:
+    """Turn ``run_id``'s checkpoints into what the recorder wrote before manifests and blobs: one torch.save
+    ``.ckpt`` file each, its sha256 and size in the index, no format and no packs (as before migration 0009)."""
+    conn = store.connect(db)
+    try:
+        for c in index(db, run_id):
+            manifest = Path(c["path"])
+            state = CheckpointStore(str(manifest)).load(c["path"], c["sha256"])
+            path = manifest.with_suffix(".ckpt")
+            digest, size = write_old(LocalFileSystem(), str(path), snapshot(state))
+            values = {"path": str(path), "sha256": digest, "size": size, "format": None, "packs": None}
+            store.update(conn, "checkpoints", {"run_id": run_id, "epoch": c["epoch"]}, values)
+            manifest.unlink()
+        referenced = housekeeping.referenced_packs(conn)
+    finally:
+        conn.close()
+    for pack in (run_dir(run_id).parent / "packs").iterdir():
+        if os.path.realpath(pack) not in referenced:
+            pack.unlink()
+
+
+def test_a_run_recorded_before_manifests_replays_pushes_and_is_collected(
+    three_runs: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    root, ids = three_runs
+    db = root / ".flor" / "flor.db"
+    make_old(db, ids[0])
+    old = index(db, ids[0])
+    assert [Path(c["path"]).name for c in old] == [
+        f"{n}.ckpt" for n in ("initial", *(f"epoch={e:05d}" for e in range(3)))
+    ]
+    assert all(c["format"] is None and sha256(Path(c["path"])) == c["sha256"] for c in old)
+    for r in ids:
+        assert_all_readable(db, r)  # the new runs lost no pack they share with the converted one
+
+    edit_model(root, *VAL_CONF)
+    report = replay(root, ids[0], lr=0.01)
+    assert report.epochs_restored == [0, 1, 2] and report.bad_checkpoints == []
+    assert report.new_names == ["val_conf"] and report.mismatched == 0 and report.matched > 0
+
+    remote = tmp_path / "archive"
+    pushed = flor.push(str(remote), runs=[ids[0]])
+    assert [(m.epoch, m.bytes) for m in pushed.moved] == [(c["epoch"], c["size"]) for c in old]
+    assert all(sha256(remote / "proj" / ids[0] / Path(c["path"]).name) == c["sha256"] for c in old)
+    assert not list(run_dir(ids[0]).glob("*.ckpt"))
+    assert replay(root, ids[0], lr=0.01).epochs_restored == [0, 1, 2]
+
+    freed = flor.gc(keep_last=2)
+    assert [(f.run_id, f.files, f.bytes) for f in freed.freed] == [(ids[0], 4, sum(c["size"] for c in old))]
+    assert not (remote / "proj" / ids[0]).exists() and index(db, ids[0]) == []
+    for r in ids[1:]:
+        assert_all_readable(db, r)

@@ -5,11 +5,14 @@ values per step (see workers.py). Kills are aimed with a seeded random generator
 random time after the child starts (its start-up and code snapshot included), some a random
 time into a checkpoint write, some a few milliseconds into a log flush. The child reports
 each write as it begins and once it is durable, so after each kill the test knows what the
-store must hold, and where the kill landed.
+store must hold, and where the kill landed. The killed runs share one checkpoint root, so
+their checkpoints share blobs (the seeded initial state is the same): after every kill, every
+manifest under the root, indexed or not, still loads with each blob verified.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 from collections import Counter
@@ -21,6 +24,7 @@ from zygote import Child, Zygote
 
 import flor_lightning as flor
 from flor_lightning import _store as store
+from flor_lightning._blobs import FORMAT, MANIFEST_SUFFIX
 from flor_lightning._checkpoints import CheckpointStore
 from flor_lightning._shadow import SHADOW_BRANCH
 
@@ -77,25 +81,26 @@ def check_logs(db: Path, run_id: str, events: list[str]) -> None:
 
 
 def check_checkpoints(db: Path, folder: Path, run_id: str, events: list[str]) -> None:
-    """Each indexed checkpoint is complete; only the write the kill interrupted left anything else."""
+    """Each indexed checkpoint is complete; only the write the kill interrupted left anything else; no manifest
+    anywhere under the root names a blob that is missing or damaged."""
     done = {int(e.split()[1]) for e in events if e.startswith("ckpt-end")}
     cut = in_flight(events, "ckpt-begin", "ckpt-end")
     cut_epoch = int(cut.split()[1]) if cut else None
-    indexed = rows(db, "SELECT epoch, path, sha256, size FROM checkpoints WHERE run_id = ? ORDER BY epoch", (run_id,))
+    indexed = rows(db, "SELECT * FROM checkpoints WHERE run_id = ? ORDER BY epoch", (run_id,))
     assert done <= {r["epoch"] for r in indexed} <= done | {cut_epoch}
     timed = {r["epoch"] for r in rows(db, "SELECT epoch FROM epochs WHERE run_id = ?", (run_id,))}
-    reader = CheckpointStore(str(folder))
+    reader = CheckpointStore(str(folder.parent))
     for r in indexed:
         path = Path(r["path"])
         assert path.parent == folder and ".tmp-" not in path.name
-        assert (sha256(path), path.stat().st_size) == (r["sha256"], r["size"])
+        assert sha256(path) == r["sha256"] and r["format"] == FORMAT
+        assert all((folder.parent / p).is_file() for p in json.loads(r["packs"]))
         assert r["epoch"] < 0 or r["epoch"] in timed  # the epoch's row is written before its checkpoint
     if indexed:
         assert reader.load(indexed[-1]["path"], indexed[-1]["sha256"])["flor"]["run_id"] == run_id
 
     files = [p for p in folder.iterdir() if not p.name.startswith(".probe-")] if folder.exists() else []
-    # the file name only: reader's root is the run's folder itself, and path() adds the run id again
-    cut_path = folder / Path(reader.path(run_id, cut_epoch)).name if cut_epoch is not None else None
+    cut_path = Path(reader.path(run_id, cut_epoch)) if cut_epoch is not None else None
     partial = [p for p in files if ".tmp-" in p.name]
     assert all(p.name.startswith(f"{cut_path.name}.tmp-") for p in partial) if cut_path else not partial
     assert len(partial) <= 1
@@ -104,6 +109,16 @@ def check_checkpoints(db: Path, folder: Path, run_id: str, events: list[str]) ->
     assert unindexed <= ({cut_path} if cut_path else set())
     for path in unindexed:
         assert reader.load(str(path), None)["flor"]["epoch"] == cut_epoch
+    # packs are shared by the runs under the root: a killed write leaves at most its unfinished pack behind
+    packs = folder.parent / "packs"
+    assert len([p for p in packs.iterdir() if ".tmp-" in p.name]) <= (1 if cut_path else 0) if packs.exists() else True
+
+
+def check_every_manifest_loads(root: Path) -> None:
+    """Every manifest under the root, indexed or not, of any killed run: each blob it names is there, verified."""
+    reader = CheckpointStore(str(root))
+    for manifest in root.glob(f"*/*{MANIFEST_SUFFIX}"):
+        assert reader.load(str(manifest), None)["flor"]["run_id"] == manifest.parent.name
 
 
 def check_git(project: Path, shadow_commits: list[str]) -> None:
@@ -156,6 +171,7 @@ def test_sigkill_at_random_moments_loses_nothing_made_durable(
             assert run_id in set(runs["run_id"])
             check_logs(db, run_id, events)
             check_checkpoints(db, flor_home / "proj" / run_id, run_id, events)
+        check_every_manifest_loads(flor_home / "proj")
         check_git(project, [c for c in runs["shadow_commit"] if c])
 
     print(dict(landed))

@@ -16,6 +16,7 @@ from models import VAL_BATCHES, trainer_kwargs
 
 import flor_lightning as flor
 from flor_lightning import _replay
+from flor_lightning._checkpoints import CheckpointStore, split
 from flor_lightning._errors import CheckpointError, ReplayError
 
 pytestmark = pytest.mark.integration
@@ -199,6 +200,28 @@ def test_corrupt_checkpoint_is_named_and_worked_around(recorded):
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     report = replay(edit(root, *VAL_F1))
+    assert report.bad_checkpoints == [1]
+    assert report.epochs_restored == [0, 2] and report.epochs_trained == [1]
+    assert report.mismatched == 0 and report.matched == report.rederived
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "missing"])
+def test_a_damaged_blob_is_named_and_replay_re_plans_from_an_earlier_checkpoint(recorded, damage):
+    root, run_id = recorded
+    ckpts = {r["epoch"]: r for r in rows(root / ".flor" / "flor.db", "SELECT * FROM checkpoints")}
+    store = CheckpointStore(ckpts[1]["path"])
+    manifest = store.blobs.read_manifest(split(ckpts[1]["path"])[1], resolve=lambda _: ckpts[1]["path"])
+    (pack,) = {r.pack for r in manifest.tensors} - set(json.loads(ckpts[0]["packs"]))  # epoch 1's new blobs
+    assert pack not in json.loads(ckpts[2]["packs"])  # every tensor it holds changed again in epoch 2
+    path = Path(ckpts[1]["path"]).parent.parent / pack
+    if damage == "missing":
+        path.unlink()
+    else:
+        data = bytearray(path.read_bytes())
+        data[-3] ^= 0xFF  # the last blob's bytes
+        path.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match=rf"epoch 1 is unusable \(checkpoint '{run_id}/epoch=00001.manifest': tensor"):
+        report = replay(edit(root, *VAL_F1))
     assert report.bad_checkpoints == [1]
     assert report.epochs_restored == [0, 2] and report.epochs_trained == [1]
     assert report.mismatched == 0 and report.matched == report.rederived

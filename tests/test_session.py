@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -106,14 +107,16 @@ def test_epoch_seconds_is_zero_until_a_second_epoch_starts(loc: Location, tmp_pa
 
 def test_a_checkpoint_is_indexed_once_it_is_written(loc: Location, tmp_path: Path) -> None:
     clock = Clock()
-    session = open_session(loc, clock, NewRun(), checkpoints=CheckpointStore(str(tmp_path / "ckpts")))
+    ckpts = CheckpointStore(str(tmp_path / "ckpts"))
+    session = open_session(loc, clock, NewRun(), checkpoints=ckpts)
     clock.now = 1005.0
-    session.save_checkpoint({"weight": torch.arange(4.0)}, 0, 7)
+    session.save_checkpoint(ckpts.snapshot({"weight": torch.arange(4.0)}), 0, 7)
     session.close("finished")  # waits for the write
 
     (indexed,) = rows(loc.db_path, "SELECT * FROM checkpoints")
     assert (indexed["run_id"], indexed["epoch"], indexed["step"], indexed["created"]) == (session.run_id, 0, 7, 1005.0)
-    assert Path(indexed["path"]).stat().st_size == indexed["size"]
+    (pack,) = json.loads(indexed["packs"])
+    assert Path(indexed["path"]).stat().st_size + (tmp_path / "ckpts" / pack).stat().st_size == indexed["size"]
     loaded = CheckpointStore(str(tmp_path / "ckpts")).load(indexed["path"], indexed["sha256"])
     assert torch.equal(loaded["weight"], torch.arange(4.0))
 
