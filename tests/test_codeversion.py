@@ -98,7 +98,7 @@ def test_the_snapshot_holds_exactly_the_code_and_flor_show_names_the_rest(projec
         "pkg/__pycache__/": "bytecode cache",
     }
     assert any((project / "lightning_logs").rglob("*.ckpt")) and any((project / "ckpts").glob("*.ckpt"))
-    assert any((project / "flor-home").rglob("*.ckpt")) and any((project / "flor-ckpts").rglob("*.ckpt"))
+    assert any((project / "flor-home").rglob("*.manifest")) and any((project / "flor-ckpts").rglob("*.manifest"))
     assert cli.main(["show", second]) == 0
     out = capsys.readouterr().out
     shown = out[out.index("left out of the code snapshot:") :].splitlines()[1:9]

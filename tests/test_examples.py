@@ -35,7 +35,7 @@ def test_hindsight_demo_replays_a_new_metric_onto_every_recorded_epoch(
     f1 = [float(row.split()[columns.index("val_f1")]) for row in rows]
     assert [int(row.split()[1]) for row in rows] == list(range(6))
     assert all(0 < v <= 1 for v in f1) and f1[-1] > f1[0]  # a real metric of a model that learns
-    assert any(flor_home.rglob("epoch=00005.ckpt"))  # flor's checkpoints live under FLOR_HOME
+    assert any(flor_home.rglob("epoch=00005.manifest"))  # flor's checkpoints live under FLOR_HOME
     # Lightning's defaults are on: its logger and ModelCheckpoint write into the demo repository,
     # (Lightning's default logger is TensorBoard's where tensorboard is installed, else a CSVLogger)
     logs = work / "lightning_logs"
