@@ -142,16 +142,29 @@ class CheckpointStore:
         hint = "Point FLOR_HOME or FlorCallback(checkpoint_dir=...) at a writable location."
         check_writable(self.fs, run_dir, what="write checkpoints to", hint=hint)
 
-    def path(self, run_id: str, epoch: int) -> str:
-        """Final path of the checkpoint of ``run_id`` at the end of ``epoch`` (-1: the initial state): a
-        local path, or a URL on any other filesystem."""
+    def path(self, run_id: str, epoch: int, *, batch_idx: int | None = None) -> str:
+        """Final path of the checkpoint of ``run_id`` at the end of ``epoch`` (-1: the initial state), or
+        inside it after its training batch ``batch_idx``: a local path, or a URL on any other filesystem."""
         name = "initial" if epoch < 0 else f"epoch={epoch:05d}"
+        if batch_idx is not None:
+            name += f"-batch={batch_idx:07d}"
         path = f"{self.root}/{run_id}/{name}.ckpt"
         # a local path as it is; elsewhere the URL, so the index (and `flor show`) says which filesystem
         return path if isinstance(self.fs, LocalFileSystem) else self.fs.unstrip_protocol(path)
 
-    def save(self, state: Any, run_id: str, epoch: int, step: int, on_done: Callable[[CheckpointInfo], None]) -> None:
+    def save(
+        self,
+        state: Any,
+        run_id: str,
+        epoch: int,
+        step: int,
+        on_done: Callable[[CheckpointInfo], None],
+        *,
+        batch_idx: int | None = None,
+    ) -> None:
         """Write ``state`` (already a :func:`snapshot`) in the background, then call ``on_done``.
+
+        ``batch_idx``: a checkpoint inside ``epoch``, after that training batch (its own file name).
 
         One write is in flight at a time: a new save waits for the previous one, which bounds
         memory to two snapshots. The error of an earlier write is raised by the next ``save``
@@ -163,7 +176,10 @@ class CheckpointStore:
         except CheckpointError as err:
             earlier = err
         self._thread = threading.Thread(
-            target=self._write, args=(state, run_id, epoch, step, on_done), name="flor-checkpoint-writer", daemon=True
+            target=self._write,
+            args=(state, self.path(run_id, epoch, batch_idx=batch_idx), epoch, step, on_done),
+            name="flor-checkpoint-writer",
+            daemon=True,
         )
         self._thread.start()
         if earlier is not None:
@@ -187,10 +203,9 @@ class CheckpointStore:
                 "fix permissions there; nothing partial is left under a checkpoint's name"
             ) from err
 
-    def _write(self, state: Any, run_id: str, epoch: int, step: int, on_done: Callable[[CheckpointInfo], None]) -> None:
+    def _write(self, state: Any, final: str, epoch: int, step: int, on_done: Callable[[CheckpointInfo], None]) -> None:
         cpu = time.thread_time()
         start = self._clock()
-        final = self.path(run_id, epoch)
         try:
             with atomic(self.fs, final) as tmp, self.fs.open(tmp, "wb") as f:
                 writer = _HashingWriter(f)
