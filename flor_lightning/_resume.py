@@ -36,7 +36,7 @@ def last_checkpoint(run: str | None = None, *, db: str | Path | None = None) -> 
             run = str(latest[0])
         row = conn.execute(
             "SELECT c.path, r.checkpoint_root FROM checkpoints c JOIN runs r USING (run_id) "
-            "WHERE run_id = ? ORDER BY epoch DESC LIMIT 1",
+            "WHERE run_id = ? AND c.batch_idx IS NULL ORDER BY epoch DESC LIMIT 1",
             [run],
         ).fetchone()
         if row is None:

@@ -85,7 +85,8 @@ def load_run(loc: Location, run: str | None) -> tuple[dict[str, Any], dict[int, 
     with closing(store.connect(loc.db_path)) as conn:
         store.check_writable(conn, loc.db_path)
         rec = find_run(conn, run, _locate.script(loc))
-        rows = store.fetch(conn, "SELECT * FROM checkpoints WHERE run_id = ?", [rec["run_id"]])
+        sql = "SELECT * FROM checkpoints WHERE run_id = ? AND batch_idx IS NULL"  # those at epoch ends
+        rows = store.fetch(conn, sql, [rec["run_id"]])
         timings = store.fetch(conn, "SELECT * FROM epochs WHERE run_id = ? ORDER BY epoch", [rec["run_id"]])
     return rec, {r["epoch"]: r for r in rows}, timings
 

@@ -45,6 +45,7 @@ class RunSession:
         owns_run: this session opened (or reopened) the run's row: the run ends with it.
         store_seconds: training-thread time spent writing the run's row and the epochs' rows.
         epoch_seconds: wall time from the start of the epoch before the latest to the latest's (0 before two).
+        last_step: the global step of the latest checkpoint taken (None before any in this session).
     """
 
     def __init__(
@@ -69,6 +70,7 @@ class RunSession:
         self.owns_run = owns_run
         self.store_seconds = store_seconds
         self.epoch_seconds = 0.0
+        self.last_step: int | None = None
         self.lock = threading.Lock()
         self._clock = clock
         self._epoch_starting: float | None = None
@@ -191,9 +193,10 @@ class RunSession:
 
     # ---- checkpoints -----------------------------------------------------------------------------
 
-    def save_checkpoint(self, state: Any, epoch: int, step: int) -> None:
-        """Write ``state`` (a :func:`~flor_lightning._checkpoints.snapshot`) as the checkpoint of
-        ``epoch`` in the background; it is indexed once it is complete.
+    def save_checkpoint(self, state: Any, epoch: int, step: int, *, batch_idx: int | None = None) -> None:
+        """Write ``state`` (a :func:`~flor_lightning._checkpoints.snapshot`) as the checkpoint of the end
+        of ``epoch``, or of global ``step`` inside it after its training batch ``batch_idx``, in the
+        background; it is indexed once it is complete.
 
         Raises:
             CheckpointError: an earlier write failed, or this is not a recorded fit.
@@ -206,6 +209,7 @@ class RunSession:
                 "run_id": self.run_id,
                 "epoch": info.epoch,
                 "step": info.step,
+                "batch_idx": batch_idx,
                 "path": info.path,
                 "sha256": info.sha256,
                 "size": info.size,
@@ -215,7 +219,8 @@ class RunSession:
             with self.lock:
                 store.insert(self.conn, "checkpoints", row)
 
-        self.checkpoints.save(state, self.run_id, epoch, step, index)
+        self.last_step = step
+        self.checkpoints.save(state, self.run_id, epoch, step, index, batch_idx=batch_idx)
 
     # ---- closing ---------------------------------------------------------------------------------
 
@@ -269,8 +274,9 @@ def reopen_run(conn: sqlite3.Connection, run_id: str, epoch: int) -> None:
 
 
 def recorded_checkpoints(conn: sqlite3.Connection, run_id: str) -> set[int]:
-    """Epochs of ``run_id`` that already have a checkpoint."""
-    return {int(r[0]) for r in conn.execute("SELECT epoch FROM checkpoints WHERE run_id = ?", [run_id])}
+    """Epochs of ``run_id`` that already have a checkpoint at their end."""
+    rows = conn.execute("SELECT epoch FROM checkpoints WHERE run_id = ? AND batch_idx IS NULL", [run_id])
+    return {int(r[0]) for r in rows}
 
 
 def recorded_checkpoint_root(conn: sqlite3.Connection, run_id: str) -> str:

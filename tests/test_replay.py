@@ -410,3 +410,23 @@ def test_a_failed_replay_never_mixes_into_query_and_a_re_run_replaces_it(project
     assert len(shown) == 4 and (shown["val_maxprob"] > 1).all()  # the latest finished replay's formula
     rec = flor.records("val_maxprob", run=run_id, unfinished=True)
     assert rec["replay_id"].value_counts().to_dict() == {first.replay_id: 12, again.replay_id: 12}
+
+
+def test_checkpoints_inside_the_epochs_leave_the_replay_as_it_was(project):
+    """A run validating inside its epochs is checkpointed there too; replay still plans from the epoch-end
+    checkpoints only (re-training the epochs that validated inside, from their start), every value matching."""
+    (project / "model.py").write_text(MODEL_SOURCE)
+    git(project, "add", "model.py")
+    git(project, "commit", "-q", "-m", "model")
+    m = load_module(project)
+    L.seed_everything(7)
+    trainer = flor.Trainer(**trainer_kwargs(max_epochs=2, val_check_interval=2))
+    trainer.fit(m.DigitsClassifier(), datamodule=m.DigitsData())
+    run_id = trainer.flor.run_id
+    inside = rows(project / ".flor" / "flor.db", "SELECT epoch, batch_idx FROM checkpoints WHERE batch_idx IS NOT NULL")
+    assert sorted((r["epoch"], r["batch_idx"]) for r in inside) == [(0, 1), (1, 1)]
+    report = replay(edit(project, *VAL_F1), max_epochs=2, trainer={"val_check_interval": 2})
+    assert report.train is True and "validation ran inside the epoch" in report.reason
+    assert report.epochs_trained == [0, 1]
+    assert report.rederived > 0 and report.matched == report.rederived and report.mismatched == 0
+    assert flor.query("val_conf", run=run_id)["val_conf"].notna().sum() == 4  # two validation points an epoch
