@@ -30,7 +30,7 @@ from flor_lightning._checkpoints import CheckpointStore, snapshot
 from flor_lightning._errors import CheckpointError, ConfigError, FlorError
 from flor_lightning._locate import Location, checkpoint_root, locate, open_fs, script
 from flor_lightning._midepoch import EpochRngTracker, Moment
-from flor_lightning._session import RunSession
+from flor_lightning._session import ResumeFrom, RunSession
 from flor_lightning._shadow import DEFAULT_MAX_FILE_BYTES
 
 if TYPE_CHECKING:
@@ -180,7 +180,8 @@ class FlorCallback(Callback):
         self.location: Location | None = None
         self._session: RunSession | None = None
         self._fit: RunSession | None = None  # the latest fit's, kept after it closes for stats
-        self._resume_from: tuple[str, int] | None = None
+        self._resume_from: ResumeFrom | None = None
+        self._resume_inside: dict[str, Any] | None = None  # the "flor" part of a checkpoint inside an epoch
         self._rng_at_validation: dict[str, Any] | None = None
         self._data_rng = EpochRngTracker()  # what a checkpoint inside an epoch needs to put the data back
         self._step_seen = 0  # the global step at the latest training batch end
@@ -208,7 +209,7 @@ class FlorCallback(Callback):
                 "(flor.Trainer attaches its own, so do not pass another to it)."
             )
         self.capture.attach(pl_module)
-        self._resume_from = None
+        self._resume_from, self._resume_inside = None, None
         # A recorded fit opens its run in on_train_start, once Lightning has restored any ckpt_path
         # (so a resumed run is known); the sanity check before it is never recorded anyway.
         if (self._session is None and self.replay_id is not None) or (stage != "fit" and trainer.is_global_zero):
@@ -282,6 +283,10 @@ class FlorCallback(Callback):
         if self.replay_id is None and "epoch" in flor:
             rng.restore(flor["rng"])
             self._resume_from = (flor["run_id"], flor["epoch"])
+        elif self.replay_id is None and "mid_epoch" in flor and "run_id" in flor:  # inside an epoch: on_train_start
+            mid = flor["mid_epoch"]
+            self._resume_from = (flor["run_id"], mid["epoch"], mid["batches"] - 1, mid["global_step"])
+            self._resume_inside = flor
 
     # ---- capturing self.log ----------------------------------------------------------------
 
@@ -341,6 +346,24 @@ class FlorCallback(Callback):
             self._checkpoint(trainer, session)
         session.epoch_started()
 
+    def _resume_inside_epoch(self, trainer: pl.Trainer, flor: dict[str, Any]) -> None:
+        """Continue from a checkpoint taken inside an epoch: the data position, aggregates, metric states,
+        pending gradients and RNGs as they were (:func:`flor_lightning._lightning.resume_mid_epoch`).
+
+        Raises:
+            CheckpointError: the run cannot continue from there exactly (the reason says why).
+        """
+        self._data_rng.resumed(flor["mid_epoch"]["data_rng"])
+        result = _lightning.resume_mid_epoch(trainer, flor)
+        if not result.exact:
+            raise CheckpointError(
+                f"run {flor['run_id']} cannot continue exactly from its checkpoint inside epoch "
+                f"{flor['mid_epoch']['epoch']}: {result.reason}. Resume from the checkpoint at the end of the epoch "
+                "before it instead (flor show lists the run's checkpoints)"
+            )
+        if result.aggregates:
+            log.warning("flor: %s", result.aggregates)
+
     def _update_period(self, checkpoints: CheckpointStore, epoch_seconds: float) -> None:
         """The ``"auto"`` period from the latest checkpoint's cost."""
         if checkpoints.last_write_cpu_seconds is None:
@@ -364,6 +387,9 @@ class FlorCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._session is None and trainer.is_global_zero:
             self._session = self._open(trainer, pl_module, fitting=True)
+        inside, self._resume_inside = self._resume_inside, None
+        if inside is not None:
+            self._resume_inside_epoch(trainer, inside)
         session = self._session
         if session is not None and session.checkpoints is not None:
             # the loggers' identities find each logger's run again (replay writes there)
