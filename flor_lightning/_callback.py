@@ -450,7 +450,7 @@ class FlorCallback(Callback):
             "rng_at_validation": self._rng_at_validation,
         }
         session.checkpointed.add(epoch)
-        self._write(session, state, epoch, step, None)
+        self._write(session, state, epoch, step, None, None)
 
     def _checkpoint_inside(self, trainer: pl.Trainer, moment: Moment) -> None:
         """Checkpoint the state inside the epoch at ``moment`` where the schedule says so and a restart
@@ -476,7 +476,7 @@ class FlorCallback(Callback):
             rng_at_validation=self._rng_at_validation,
         )
         state["flor"]["run_id"] = session.run_id
-        self._write(session, state, trainer.current_epoch, step, state["flor"]["mid_epoch"]["batches"] - 1)
+        self._write(session, state, trainer.current_epoch, step, state["flor"]["mid_epoch"]["batches"] - 1, moment)
 
     def _step_period(self, session: RunSession, step: int) -> int:
         """The ``"auto"`` period in optimizer steps: the latest checkpoint's cost against the time of a step
@@ -496,7 +496,15 @@ class FlorCallback(Callback):
         )
         return self._step_period_chosen
 
-    def _write(self, session: RunSession, state: dict[str, Any], epoch: int, step: int, batch_idx: int | None) -> None:
+    def _write(
+        self,
+        session: RunSession,
+        state: dict[str, Any],
+        epoch: int,
+        step: int,
+        batch_idx: int | None,
+        moment: Moment | None,
+    ) -> None:
         """Snapshot ``state`` and write it in the background as the checkpoint of ``epoch``'s end
         (``batch_idx`` None) or inside it."""
         self._checkpointed_at = self._clock()
@@ -505,7 +513,7 @@ class FlorCallback(Callback):
             copy = snapshot(state)
             self._last_snapshot_seconds = time.perf_counter() - start
             self._snapshot_seconds += self._last_snapshot_seconds
-            session.save_checkpoint(copy, epoch, step, batch_idx=batch_idx)
+            session.save_checkpoint(copy, epoch, step, batch_idx=batch_idx, moment=moment)
         except CheckpointError as err:
             # Training goes on: a full or read-only checkpoint store must not cost the user the run.
             # The failed file never reached its final name nor the index, so the store stays

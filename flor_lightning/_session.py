@@ -198,10 +198,12 @@ class RunSession:
 
     # ---- checkpoints -----------------------------------------------------------------------------
 
-    def save_checkpoint(self, state: Any, epoch: int, step: int, *, batch_idx: int | None = None) -> None:
+    def save_checkpoint(
+        self, state: Any, epoch: int, step: int, *, batch_idx: int | None = None, moment: str | None = None
+    ) -> None:
         """Write ``state`` (a :func:`~flor_lightning._checkpoints.snapshot`) as the checkpoint of the end
-        of ``epoch``, or of global ``step`` inside it after its training batch ``batch_idx``, in the
-        background; it is indexed once it is complete.
+        of ``epoch``, or of global ``step`` inside it after its training batch ``batch_idx`` (at ``moment``:
+        ``"validation_end"`` or ``"train_batch_end"``), in the background; it is indexed once it is complete.
 
         Raises:
             CheckpointError: an earlier write failed, or this is not a recorded fit.
@@ -217,6 +219,7 @@ class RunSession:
                 "epoch": info.epoch,
                 "step": info.step,
                 "batch_idx": batch_idx,
+                "moment": moment,
                 "path": info.path,
                 "sha256": info.sha256,
                 "size": info.size,

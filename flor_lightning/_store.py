@@ -163,8 +163,8 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
     (
         # checkpoints inside an epoch (at its validation points, or every N optimizer steps): batch_idx is
         # the epoch's last training batch done when it was taken, NULL for a checkpoint at an epoch's end
-        # (all rows before this migration). The key becomes (run_id, epoch, batch_idx): rebuilt, as sqlite
-        # cannot change a primary key.
+        # (all rows before this migration); moment says where ("validation_end", "train_batch_end").
+        # The key becomes (run_id, epoch, batch_idx): rebuilt, as sqlite cannot change a primary key.
         "0008_mid_epoch_checkpoints",
         """
         CREATE TABLE checkpoints_0008 (
@@ -172,6 +172,7 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
             epoch INTEGER NOT NULL,
             step INTEGER NOT NULL,
             batch_idx INTEGER,
+            moment TEXT,
             path TEXT NOT NULL,
             sha256 TEXT NOT NULL,
             size INTEGER NOT NULL,
