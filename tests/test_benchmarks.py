@@ -124,3 +124,21 @@ def test_the_hand_written_analysis_is_read_from_the_results_folder(monkeypatch: 
     notes = run_all.where_the_time_goes()  # benchmarks/results/ANALYSIS.md, which no benchmark writes
     assert {"w1_overhead", "w2_replay-1_ideal", "w4_full"} <= notes.keys()
     assert all(text.strip() for text in notes.values())
+
+
+@pytest.mark.integration
+def test_w5_step_replay_smoke_prints_its_tables(tmp_path: Path) -> None:
+    out = tmp_path / "w5.md"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "w5_step_replay.py"), "--smoke", "--out", str(out)],
+        cwd=ROOT / "benchmarks",
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    text = out.read_text()
+    assert "## W5: one epoch of 12 steps validating every 4" in text
+    assert "| restore | " in text and "| retrain | " in text and "share of ideal" in text
+    raw = json.loads(out.with_suffix(".json").read_text())
+    assert set(raw["replay_s"]) == {"restore", "retrain"} and raw["times"]["inside"] == 2
