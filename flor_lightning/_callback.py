@@ -30,7 +30,8 @@ from flor_lightning._capture import LogCapture
 from flor_lightning._checkpoints import CheckpointStore
 from flor_lightning._errors import CheckpointError, ConfigError, FlorError
 from flor_lightning._locate import Location, checkpoint_root, locate, open_fs, script
-from flor_lightning._session import RunSession
+from flor_lightning._midepoch import EpochRngTracker, Moment
+from flor_lightning._session import ResumeFrom, RunSession
 from flor_lightning._shadow import DEFAULT_MAX_FILE_BYTES
 
 if TYPE_CHECKING:
@@ -63,6 +64,8 @@ class RecordStats:
         code_seconds: time spent committing the code snapshot to the ``flor.shadow`` branch.
         log_writer_cpu_seconds: CPU time of the background log writer (encoding and committing the logged values).
         checkpoint_every: the checkpoint period in force (with ``"auto"``, the latest one chosen).
+        checkpoint_every_steps: with ``"auto"``, the period in optimizer steps chosen last inside an epoch
+            (None: none chosen, the run had no checkpoint moment inside an epoch or a fixed period).
     """
 
     checkpoints_written: int = 0
@@ -76,6 +79,7 @@ class RecordStats:
     code_seconds: float = 0.0
     log_writer_cpu_seconds: float = 0.0
     checkpoint_every: int = 1
+    checkpoint_every_steps: int | None = None
 
 
 class FlorCallback(Callback):
@@ -98,11 +102,20 @@ class FlorCallback(Callback):
     validation, epoch-end hooks and scheduler step included): it is taken as epoch ``e + 1``
     starts, or as training ends. Checkpoint ``-1`` is the state before the first epoch.
 
+    Inside an epoch, the state is checkpointed at the end of each validation point
+    (``val_check_interval``) and, with ``checkpoint_every_n_steps=N``, after every N-th
+    optimizer step: a capture a replay (or ``fit(ckpt_path=...)``) continues from exactly,
+    data position included (:mod:`flor_lightning._midepoch`). With ``"auto"`` these moments are
+    taken once the training since the latest checkpoint pays for one within the budget
+    (:func:`flor_lightning._schedule.due_inside`), validation points first.
+
     Args:
         checkpoint_every: checkpoint every this many epochs (the final epoch always is), or
             ``"auto"``: as often as ``checkpoint_budget`` allows.
         checkpoint_budget: with ``checkpoint_every="auto"``, the share of epoch time that
             checkpointing may take in CPU time (default 0.02: 2%).
+        checkpoint_every_n_steps: also checkpoint inside an epoch after every this many
+            optimizer steps (default None: only at validation points inside an epoch).
         checkpoint_dir: checkpoint root, a local path or fsspec URL; default
             ``$FLOR_HOME/<project>`` or ``~/.flor/<project>``.
         max_file_bytes: files larger than this stay out of the code snapshot.
@@ -119,6 +132,7 @@ class FlorCallback(Callback):
         *,
         checkpoint_every: int | Literal["auto"] = 1,
         checkpoint_budget: float = 0.02,
+        checkpoint_every_n_steps: int | None = None,
         checkpoint_dir: str | None = None,
         max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
         flush_interval: float = 1.0,
@@ -131,6 +145,15 @@ class FlorCallback(Callback):
         if not isinstance(checkpoint_budget, (int, float)) or not 0 < checkpoint_budget <= 1:
             raise ConfigError(
                 f"checkpoint_budget must be a fraction of epoch time in (0, 1], e.g. 0.02; got {checkpoint_budget!r}"
+            )
+        if checkpoint_every_n_steps is not None and (
+            not isinstance(checkpoint_every_n_steps, int)
+            or isinstance(checkpoint_every_n_steps, bool)
+            or checkpoint_every_n_steps < 1
+        ):
+            raise ConfigError(
+                f"checkpoint_every_n_steps must be a whole number of optimizer steps >= 1 or None, "
+                f"got {checkpoint_every_n_steps!r}; e.g. 100"
             )
         if flush_interval <= 0:
             raise ConfigError(f"flush_interval must be > 0 seconds, got {flush_interval!r}")
@@ -147,6 +170,7 @@ class FlorCallback(Callback):
             )
         self.checkpoint_every = checkpoint_every
         self.checkpoint_budget = float(checkpoint_budget)
+        self.checkpoint_every_n_steps = checkpoint_every_n_steps
         self.checkpoint_dir = checkpoint_dir
         self.max_file_bytes = max_file_bytes
         self.flush_interval = flush_interval
@@ -157,8 +181,13 @@ class FlorCallback(Callback):
         self.location: Location | None = None
         self._session: RunSession | None = None
         self._fit: RunSession | None = None  # the latest fit's, kept after it closes for stats
-        self._resume_from: tuple[str, int] | None = None
+        self._resume_from: ResumeFrom | None = None
+        self._resume_inside: dict[str, Any] | None = None  # the "flor" part of a checkpoint inside an epoch
         self._rng_at_validation: dict[str, Any] | None = None
+        self._data_rng = EpochRngTracker()  # what a checkpoint inside an epoch needs to put the data back
+        self._step_seen = 0  # the global step at the latest training batch end
+        self._checkpointed_at = 0.0  # the clock at the latest checkpoint
+        self._step_period_chosen: int | None = None
         self._period = 1 if checkpoint_every == AUTO else int(checkpoint_every)
         self._snapshot_seconds = 0.0
         self._last_snapshot_seconds = 0.0
@@ -182,7 +211,7 @@ class FlorCallback(Callback):
             )
         self.capture.attach(pl_module)
         _lightning.read_manifests(trainer, _load_manifest, MANIFEST_SUFFIX)  # fit(ckpt_path=flor.last_checkpoint())
-        self._resume_from = None
+        self._resume_from, self._resume_inside = None, None
         # A recorded fit opens its run in on_train_start, once Lightning has restored any ckpt_path
         # (so a resumed run is known); the sanity check before it is never recorded anyway.
         if (self._session is None and self.replay_id is not None) or (stage != "fit" and trainer.is_global_zero):
@@ -193,6 +222,7 @@ class FlorCallback(Callback):
         checkpoints = None
         if fitting:
             self._seconds = dict.fromkeys(self._seconds, 0.0)
+            self._step_period_chosen = None
             checkpoints = CheckpointStore(checkpoint_root(loc.project, self.checkpoint_dir))
         session = RunSession.open(
             loc,
@@ -255,14 +285,39 @@ class FlorCallback(Callback):
         if self.replay_id is None and "epoch" in flor:
             rng.restore(flor["rng"])
             self._resume_from = (flor["run_id"], flor["epoch"])
+        elif self.replay_id is None and "mid_epoch" in flor and "run_id" in flor:  # inside an epoch: on_train_start
+            mid = flor["mid_epoch"]
+            self._resume_from = (flor["run_id"], mid["epoch"], mid["batches"] - 1, mid["global_step"])
+            self._resume_inside = flor
 
     # ---- capturing self.log ----------------------------------------------------------------
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._step_seen = trainer.global_step
+        if self.replay_id is None:
+            self._data_rng.fit_started(self._timed("rng", rng.capture))
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self.capture.batch_started(trainer, batch_idx)
+        if self._recording() and self._data_rng.waiting(trainer.current_epoch):
+            self._data_rng.batch_started(trainer.current_epoch, self._timed("rng", rng.capture))
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        stepped, self._step_seen = trainer.global_step > self._step_seen, trainer.global_step
+        if stepped and self.checkpoint_every_n_steps is not None:
+            self._checkpoint_inside(trainer, "train_batch_end")
+
+    def _recording(self) -> RunSession | None:
+        """The session of the fit being recorded now (None otherwise)."""
+        session = self._session
+        return session if session is not None and session.checkpoints is not None else None
 
     @override
     def on_validation_batch_start(
@@ -284,6 +339,7 @@ class FlorCallback(Callback):
         session = self._session
         if session is None or session.checkpoints is None:
             return
+        self._data_rng.epoch_started(trainer.current_epoch, self._timed("rng", rng.capture))
         session.epoch_starting()
         done = trainer.current_epoch - 1  # epoch 0 too: checkpoint -1 is the initial state, replay re-trains from it
         if self.checkpoint_every == AUTO:
@@ -291,6 +347,24 @@ class FlorCallback(Callback):
         if self._due(session, done):
             self._checkpoint(trainer, session)
         session.epoch_started()
+
+    def _resume_inside_epoch(self, trainer: pl.Trainer, flor: dict[str, Any]) -> None:
+        """Continue from a checkpoint taken inside an epoch: the data position, aggregates, metric states,
+        pending gradients and RNGs as they were (:func:`flor_lightning._lightning.resume_mid_epoch`).
+
+        Raises:
+            CheckpointError: the run cannot continue from there exactly (the reason says why).
+        """
+        self._data_rng.resumed(flor["mid_epoch"]["data_rng"])
+        result = _lightning.resume_mid_epoch(trainer, flor)
+        if not result.exact:
+            raise CheckpointError(
+                f"run {flor['run_id']} cannot continue exactly from its checkpoint inside epoch "
+                f"{flor['mid_epoch']['epoch']}: {result.reason}. Resume from the checkpoint at the end of the epoch "
+                "before it instead (flor show lists the run's checkpoints)"
+            )
+        if result.aggregates:
+            log.warning("flor: %s", result.aggregates)
 
     def _update_period(self, checkpoints: CheckpointStore, epoch_seconds: float) -> None:
         """The ``"auto"`` period from the latest checkpoint's cost."""
@@ -315,6 +389,9 @@ class FlorCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._session is None and trainer.is_global_zero:
             self._session = self._open(trainer, pl_module, fitting=True)
+        inside, self._resume_inside = self._resume_inside, None
+        if inside is not None:
+            self._resume_inside_epoch(trainer, inside)
         session = self._session
         if session is not None and session.checkpoints is not None:
             # fused optimizer steps and BatchNorm statistics bump no version counter: the store watches them
@@ -346,6 +423,7 @@ class FlorCallback(Callback):
         session = self._session
         if not trainer.sanity_checking and session is not None and session.checkpoints is not None:
             session.validation_ended()
+            self._checkpoint_inside(trainer, "validation_end")
 
     @override
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -380,12 +458,74 @@ class FlorCallback(Callback):
             "rng_at_validation": self._rng_at_validation,
         }
         session.checkpointed.add(epoch)
+        self._write(session, state, epoch, step, None, None, verify=verify)
+
+    def _checkpoint_inside(self, trainer: pl.Trainer, moment: Moment) -> None:
+        """Checkpoint the state inside the epoch at ``moment`` where the schedule says so and a restart
+        from it can continue the run (not at the epoch's last batch: its end is checkpointed)."""
+        session = self._recording()
+        data_rng = self._data_rng.data_rng(trainer.current_epoch)
+        if session is None or data_rng is None or _lightning.mid_epoch_refusal(trainer, moment) is not None:
+            return
+        step = trainer.global_step
+        period = self._step_period(session, step) if self.checkpoint_every == AUTO else None
+        validation = moment == "validation_end"
+        every = self.checkpoint_every_n_steps
+        if not schedule.due_inside(
+            step, validation=validation, every_n_steps=every, last_step=session.last_step, period=period
+        ):
+            return
+        state = self._timed(
+            "state",
+            _lightning.capture_mid_epoch,
+            trainer,
+            moment,
+            data_rng=data_rng,
+            rng_at_validation=self._rng_at_validation,
+        )
+        state["flor"]["run_id"] = session.run_id
+        self._write(session, state, trainer.current_epoch, step, state["flor"]["mid_epoch"]["batches"] - 1, moment)
+
+    def _step_period(self, session: RunSession, step: int) -> int:
+        """The ``"auto"`` period in optimizer steps: the latest checkpoint's cost against the time of a step
+        since then (1 before any checkpoint of this session)."""
+        checkpoints = session.checkpoints
+        if session.last_step is None or checkpoints is None or step <= session.last_step:
+            return 1
+        if checkpoints.last_write_cpu_seconds is None:
+            checkpoints.join()  # the first write's cost sets the period, so it is known before deciding
+        step_seconds = (self._clock() - self._checkpointed_at) / (step - session.last_step)
+        self._step_period_chosen = schedule.next_period(
+            1,
+            write_cpu_seconds=checkpoints.last_write_cpu_seconds,
+            snapshot_seconds=self._last_snapshot_seconds,
+            epoch_seconds=step_seconds,
+            budget=self.checkpoint_budget,
+        )
+        return self._step_period_chosen
+
+    def _write(
+        self,
+        session: RunSession,
+        state: dict[str, Any],
+        epoch: int,
+        step: int,
+        batch_idx: int | None,
+        moment: Moment | None,
+        *,
+        verify: bool = False,
+    ) -> None:
+        """Snapshot ``state`` (only what changed; with ``verify``, hashing the rest) and write it in the
+        background as the checkpoint of ``epoch``'s end (``batch_idx`` None) or inside it."""
+        if session.checkpoints is None:
+            return
+        self._checkpointed_at = self._clock()
         try:
             start = time.perf_counter()
             copy = session.checkpoints.snapshot(state, verify=verify)
             self._last_snapshot_seconds = time.perf_counter() - start
             self._snapshot_seconds += self._last_snapshot_seconds
-            session.save_checkpoint(copy, epoch, step)
+            session.save_checkpoint(copy, epoch, step, batch_idx=batch_idx, moment=moment)
         except CheckpointError as err:
             # Training goes on: a full or read-only checkpoint store must not cost the user the run.
             # The failed file never reached its final name nor the index, so the store stays
@@ -418,6 +558,7 @@ class FlorCallback(Callback):
             code_seconds=s["code"],
             log_writer_cpu_seconds=w.cpu_seconds if w else 0.0,
             checkpoint_every=self._period,
+            checkpoint_every_steps=self._step_period_chosen,
         )
 
 

@@ -191,22 +191,34 @@ class CheckpointStore:
         """
         return self._tracker.snapshot(state, verify=verify)
 
-    def path(self, run_id: str, epoch: int) -> str:
-        """Final path of the checkpoint of ``run_id`` at the end of ``epoch`` (-1: the initial state): a
-        local path, or a URL on any other filesystem."""
-        path = f"{self.root}/{self._name(run_id, epoch)}"
+    def path(self, run_id: str, epoch: int, *, batch_idx: int | None = None) -> str:
+        """Final path of the checkpoint of ``run_id`` at the end of ``epoch`` (-1: the initial state), or
+        inside it after its training batch ``batch_idx``: a local path, or a URL on any other filesystem."""
+        path = f"{self.root}/{self._name(run_id, epoch, batch_idx)}"
         # a local path as it is; elsewhere the URL, so the index (and `flor show`) says which filesystem
         return path if isinstance(self.fs, LocalFileSystem) else self.fs.unstrip_protocol(path)
 
     @staticmethod
-    def _name(run_id: str, epoch: int) -> str:
+    def _name(run_id: str, epoch: int, batch_idx: int | None = None) -> str:
         """The manifest's name under the root."""
-        return f"{run_id}/{'initial' if epoch < 0 else f'epoch={epoch:05d}'}{MANIFEST_SUFFIX}"
+        name = "initial" if epoch < 0 else f"epoch={epoch:05d}"
+        if batch_idx is not None:
+            name += f"-batch={batch_idx:07d}"
+        return f"{run_id}/{name}{MANIFEST_SUFFIX}"
 
     def save(
-        self, state: Snapshot, run_id: str, epoch: int, step: int, on_done: Callable[[CheckpointInfo], None]
+        self,
+        state: Snapshot,
+        run_id: str,
+        epoch: int,
+        step: int,
+        on_done: Callable[[CheckpointInfo], None],
+        *,
+        batch_idx: int | None = None,
     ) -> None:
         """Write ``state`` (a :meth:`snapshot`) in the background, then call ``on_done``.
+
+        ``batch_idx``: a checkpoint inside ``epoch``, after that training batch (its own name).
 
         One write is in flight at a time: a new save waits for the previous one, which bounds
         memory to two snapshots. The error of an earlier write is raised by the next ``save``
@@ -218,7 +230,10 @@ class CheckpointStore:
         except CheckpointError as err:
             earlier = err
         self._thread = threading.Thread(
-            target=self._write, args=(state, run_id, epoch, step, on_done), name="flor-checkpoint-writer", daemon=True
+            target=self._write,
+            args=(state, run_id, epoch, step, on_done, batch_idx),
+            name="flor-checkpoint-writer",
+            daemon=True,
         )
         self._thread.start()
         if earlier is not None:
@@ -243,7 +258,13 @@ class CheckpointStore:
             ) from err
 
     def _write(
-        self, state: Snapshot, run_id: str, epoch: int, step: int, on_done: Callable[[CheckpointInfo], None]
+        self,
+        state: Snapshot,
+        run_id: str,
+        epoch: int,
+        step: int,
+        on_done: Callable[[CheckpointInfo], None],
+        batch_idx: int | None,
     ) -> None:
         cpu = time.thread_time()
         start = self._clock()
@@ -251,13 +272,13 @@ class CheckpointStore:
             if self._index is None:  # blobs of earlier checkpoints and other runs: never written again
                 self._index = _LiveIndex(self.blobs)
             self._index.checked.clear()
-            written = self.blobs.write(state, self._name(run_id, epoch), index=self._index)
+            written = self.blobs.write(state, self._name(run_id, epoch, batch_idx), index=self._index)
             self._index.blobs.update(written.new_blobs)
             packs = tuple(sorted(written.packs))
             info = CheckpointInfo(
                 epoch,
                 step,
-                self.path(run_id, epoch),
+                self.path(run_id, epoch, batch_idx=batch_idx),
                 written.sha256,
                 written.bytes,
                 self._clock() - start,

@@ -209,13 +209,17 @@ def cmd_show(args: argparse.Namespace) -> int:
     with closing(open_store(args.db, readonly=True)) as conn:
         run = _runs.get_run(conn, args.run)
         ckpts = store.fetch(
-            conn, "SELECT epoch, path, size FROM checkpoints WHERE run_id = ? ORDER BY epoch", [args.run]
+            conn,
+            "SELECT epoch, step, batch_idx, path, size FROM checkpoints WHERE run_id = ? ORDER BY epoch, step",
+            [args.run],
         )
         replays = store.fetch(conn, "SELECT * FROM replays WHERE run_id = ? ORDER BY started", [args.run])
         statuses = _runs.replay_statuses(conn, args.run)  # a killed replay's row could not say so itself
         disk = housekeeping.run_disk_use(conn, args.run)
     for r in replays:
         r["status"] = statuses[r["replay_id"]]
+    ends = [c for c in ckpts if c["batch_idx"] is None]
+    inside = [c for c in ckpts if c["batch_idx"] is not None]  # at validation points or every N steps
     info = {
         "run": {k: run[k] for k in ("run_id", "project", "script", "host", "pid")} | {"status": _runs.status(run)},
         "argv": _json(run["argv"]),
@@ -227,8 +231,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         "left out of the code snapshot": _json(run.get("left_out")) or "-",
         "checkpoints": {
             "count": len(ckpts),
-            "epochs": planner.describe([c["epoch"] for c in ckpts if c["epoch"] >= 0]) or "-",
-            "initial state": any(c["epoch"] < 0 for c in ckpts),
+            "epochs": planner.describe([c["epoch"] for c in ends if c["epoch"] >= 0]) or "-",
+            "initial state": any(c["epoch"] < 0 for c in ends),
+            "inside epochs": [f"epoch {c['epoch']} step {c['step']} batch {c['batch_idx']}" for c in inside] or "-",
             "bytes": disk["written"],
             "bytes needed": disk["needed"],
             "where": sorted({c["path"].rsplit("/", 1)[0] for c in ckpts}),

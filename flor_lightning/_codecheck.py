@@ -180,6 +180,7 @@ def decide_training(
     callbacks: Iterable[object],
     root: Path,
     read_recorded: Callable[[Path], str | None] | None,
+    inside: str | None = "which checkpoints cannot reproduce",
 ) -> tuple[bool, str]:
     """Whether a replay re-trains, and why: new logging sits on the training path when the training-path
     methods of ``model`` and the project's own ``callbacks`` differ from the recorded code.
@@ -191,9 +192,11 @@ def decide_training(
         root: the project root.
         read_recorded: returns the recorded text of a file (None if it did not exist), or is None when
             the run has no code snapshot to compare with.
+        inside: where the run validated inside its epochs, why its checkpoints cannot restore those
+            validation points (None: they can, each has its checkpoint).
     """
-    if settings.get("val_check_interval", 1.0) not in (1.0, None):
-        return True, "validation ran inside the epoch (val_check_interval), which checkpoints cannot reproduce"
+    if settings.get("val_check_interval", 1.0) not in (1.0, None) and inside is not None:
+        return True, f"validation ran inside the epoch (val_check_interval), {inside}"
     if read_recorded is None:
         return False, "the run has no code snapshot to compare with; restoring (pass train=True to re-train)"
     users = [model, *(cb for cb in callbacks if defined_in_project(type(cb), root))]

@@ -373,7 +373,7 @@ def _push_run(
 ) -> bool:
     """Move one run's checkpoints under ``target``; whether the index now names every one of them there."""
     run_id = run["run_id"]
-    ckpts = store.fetch(conn, "SELECT * FROM checkpoints WHERE run_id = ? ORDER BY epoch", [run_id])
+    ckpts = store.fetch(conn, "SELECT * FROM checkpoints WHERE run_id = ? ORDER BY epoch, step", [run_id])
     for folder in (run_id, PACKS):  # copies an interrupted push left unfinished
         for partial in dst_fs.glob(f"{target}/{folder}/{TEMPORARY}"):
             dst_fs.rm(partial)
@@ -413,8 +413,8 @@ def _push_file(
         why = busy_runs(conn).get(run_id)
         if why is None:
             conn.execute(
-                "UPDATE checkpoints SET path = ? WHERE run_id = ? AND epoch = ?",
-                [dst_fs.unstrip_protocol(dst), run_id, row["epoch"]],
+                "UPDATE checkpoints SET path = ? WHERE run_id = ? AND path = ?",  # one file: epoch-end or inside
+                [dst_fs.unstrip_protocol(dst), run_id, row["path"]],
             )
     if why is not None:
         dst_fs.rm(dst)  # the index never named this copy

@@ -167,6 +167,9 @@ class ReplayHooks(Protocol):
     def load(self, epoch: int) -> dict[str, Any]:
         """The verified checkpoint of ``epoch``; raises CheckpointError with ``.epoch`` set."""
 
+    def load_inside(self, epoch: int, batch_idx: int) -> dict[str, Any]:
+        """The verified checkpoint inside ``epoch`` after its training batch ``batch_idx``; raises CheckpointError."""
+
     def replan(self, bad_epoch: int, remaining: list[EpochStep]) -> list[EpochStep]:
         """New steps for ``remaining`` without checkpoint ``bad_epoch``."""
 
@@ -251,23 +254,43 @@ class ReplayFitLoop(_FitLoop):
         if self._step.action == "train":
             super().advance()
             return
-        trainer = self.trainer
+        step = self._step
+        for batch_idx in step.inside:  # the validation points inside the epoch, each from its checkpoint
+            self._validate_inside(step.epoch, batch_idx)
+        if step.inside:
+            assert step.load is not None
+            self._restore(step.load, step)  # back to the epoch's end
         if self._validation_rng is not None:
             rng.restore(self._validation_rng)
-        if self._validates_this_epoch():
-            trainer.validating = True
-            first_loop_iter = trainer._logger_connector._first_loop_iter
+        if self._validates_this_epoch() if step.validate_end is None else step.validate_end:
             # The recording validated inside its last batch, before Lightning counted that batch as
             # stepped: its loggers got validation on one step less than the restored counter says.
-            self.epoch_loop._batches_that_stepped -= 1
-            try:
-                self.epoch_loop.val_loop.run()
-            finally:
-                self.epoch_loop._batches_that_stepped += 1
-            trainer.training = True
-            trainer._logger_connector._first_loop_iter = first_loop_iter
+            self._validate(stepped=-1)
         if self._end_rng is not None:
             rng.restore(self._end_rng)
+
+    def _validate(self, *, stepped: int) -> None:
+        """Run validation as the recording did, the loggers' step counter moved by ``stepped`` meanwhile."""
+        trainer = self.trainer
+        trainer.validating = True
+        first_loop_iter = trainer._logger_connector._first_loop_iter
+        self.epoch_loop._batches_that_stepped += stepped
+        try:
+            self.epoch_loop.val_loop.run()
+        finally:
+            self.epoch_loop._batches_that_stepped -= stepped
+        trainer.training = True
+        trainer._logger_connector._first_loop_iter = first_loop_iter
+
+    def _validate_inside(self, epoch: int, batch_idx: int) -> None:
+        """Load the checkpoint taken as the validation after batch ``batch_idx`` of ``epoch`` ended, and
+        validate from the state (and random state) that validation began with."""
+        state = self._hooks.load_inside(epoch, batch_idx)
+        restore_modules(self.trainer, state, what=f"the checkpoint of epoch {epoch} after batch {batch_idx}")
+        self.load_state_dict(state["loops"]["fit_loop"])  # counters inside the epoch, as that validation had them
+        self._clear_restart_flags(self)
+        rng.restore(state["flor"]["rng_at_validation"])
+        self._validate(stepped=0)  # taken before Lightning counted the batch as stepped
 
     @override
     def on_advance_end(self) -> None:

@@ -85,6 +85,11 @@ class EpochRngTracker:
         if current is not None and current["epoch"] == epoch and current["first_batch"] is None:
             current["first_batch"] = state
 
+    def waiting(self, epoch: int) -> bool:
+        """Whether ``epoch``'s first batch state is still to come (:meth:`batch_started` keeps the next)."""
+        current = self._current
+        return current is not None and current["epoch"] == epoch and current["first_batch"] is None
+
     def resumed(self, data_rng: dict[str, Any]) -> None:
         """A fit resumed inside an epoch from a capture holding ``data_rng`` (see :meth:`data_rng`)."""
         self._at_fit_start, self._current = None, dict(data_rng)

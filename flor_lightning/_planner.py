@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from flor_lightning._errors import ReplayError
@@ -27,12 +27,72 @@ class EpochStep:
         load: the checkpoint to load before the step (``-1`` is the initial state), or None to
             continue from the state the previous step left.
         wanted: False for an epoch trained only to reach a wanted one (no checkpoint in between).
+        inside: for a restore of an epoch that validated inside: the batch indices of its checkpoints at
+            those validation points, each restored and validated in order before the epoch's end.
+        validate_end: for such an epoch, whether it validated at its end too (None: as
+            ``check_val_every_n_epoch`` says).
     """
 
     epoch: int
     action: Literal["restore", "train"]
     load: int | None
     wanted: bool = True
+    inside: tuple[int, ...] = ()
+    validate_end: bool | None = None
+
+
+Points = dict[int, tuple[tuple[int, ...], bool]]
+"""Per epoch, the batch indices of its checkpoints at validation points inside it, and whether it validated
+at its end (:func:`validation_points`)."""
+
+
+def validation_points(
+    epochs: Sequence[int],
+    *,
+    validated_at: Mapping[int, Collection[int]],
+    end_steps: Mapping[int, int],
+    inside: Mapping[int, Mapping[int, int]],
+) -> Points | str:
+    """Where each of ``epochs`` validated, as a restore replays it; or why it cannot (a sentence).
+
+    Args:
+        validated_at: per epoch, the global steps the recording validated at (its validation values).
+        end_steps: per epoch, the global step of its checkpoint at its end.
+        inside: per epoch, ``{global step: batch index}`` of its checkpoints taken as a validation ended.
+
+    Example:
+        >>> validation_points([0], validated_at={0: [3, 6, 9, 12]}, end_steps={0: 12}, inside={0: {3: 2, 6: 5, 9: 8}})
+        {0: ((2, 5, 8), True)}
+        >>> validation_points([0], validated_at={0: [3, 6]}, end_steps={0: 8}, inside={0: {3: 2}})
+        'epoch 0 validated at step 6, where it has no checkpoint'
+    """
+    if not any(validated_at.get(e) for e in epochs):
+        return "the run logged no validation value, so its validation points are unknown"
+    points: Points = {}
+    for e in epochs:
+        batches: list[int] = []
+        at_end = False
+        for step in sorted(set(validated_at.get(e, ()))):
+            if step in inside.get(e, {}):
+                batches.append(inside[e][step])
+            elif step == end_steps.get(e):
+                at_end = True
+            else:
+                return f"epoch {e} validated at step {step}, where it has no checkpoint"
+        points[e] = (tuple(batches), at_end)
+    return points
+
+
+def with_points(steps: Iterable[EpochStep], points: Points | None) -> list[EpochStep]:
+    """``steps`` with each restore told where its epoch validated (``points``; None: unchanged)."""
+    if points is None:
+        return list(steps)
+    return [
+        replace(s, inside=points[s.epoch][0], validate_end=points[s.epoch][1])
+        if s.action == "restore" and s.epoch in points
+        else s
+        for s in steps
+    ]
 
 
 @dataclass(frozen=True)
@@ -159,11 +219,13 @@ def plan_segments(
     segments: int,
     cost: Mapping[int, float],
     scratch: bool = False,
+    points: Points | None = None,
 ) -> list[Segment]:
     """Split the replay of ``epochs`` into ``segments`` segments, each with its own starting checkpoint
-    (``scratch``: each segment starts with the model as passed in, so it may train from the start)."""
+    (``scratch``: each segment starts with the model as passed in, so it may train from the start;
+    ``points``: where the epochs validated inside, see :func:`validation_points`)."""
     return [
-        Segment(i, tuple(steps_for(group, checkpoints, train=train, scratch=scratch)))
+        Segment(i, tuple(with_points(steps_for(group, checkpoints, train=train, scratch=scratch), points)))
         for i, group in enumerate(split_segments(epochs, segments, cost))
     ]
 
@@ -197,10 +259,12 @@ def validate_segment_args(segments: object, segment: object) -> None:
 def estimate_seconds(
     steps: Sequence[EpochStep], train_s: Mapping[int, float], val_s: Mapping[int, float], load_s: float
 ) -> float:
-    """Expected replay time from the recorded epoch timings."""
+    """Expected replay time from the recorded epoch timings (a restore with validation points inside its
+    epoch loads each one's checkpoint, then its own again)."""
     total = 0.0
     for s in steps:
-        total += val_s.get(s.epoch, 0.0) + (load_s if s.load is not None else 0.0)
+        loads = (s.load is not None) + (len(s.inside) + 1 if s.inside else 0)
+        total += val_s.get(s.epoch, 0.0) + load_s * loads
         if s.action == "train":
             total += train_s.get(s.epoch, 0.0)
     return total

@@ -65,8 +65,11 @@ def run_replay(
     good = {e for e in ckpt_rows if e not in missing}
     recorded_epochs = [t["epoch"] for t in timings] or sorted(e for e in ckpt_rows if e >= 0)
     wanted = planner.epoch_list(epochs, recorded_epochs)
+    inside, points, why = _validations_inside(
+        loc, rec, wanted, {e: r for e, r in ckpt_rows.items() if e in good}, ckpts
+    )
     retrain, reason = (
-        _decide_training(trainer, model, rec, loc) if train is None else (train, f"train={train} was given")
+        _decide_training(trainer, model, rec, loc, why) if train is None else (train, f"train={train} was given")
     )
     train_s = {t["epoch"]: t["ended"] - t["started"] - t["val_seconds"] for t in timings}
     val_s = {t["epoch"]: t["val_seconds"] for t in timings}
@@ -74,7 +77,12 @@ def run_replay(
     # each segment starts with the model as passed in (so it may re-train from the start), unless one
     # process runs several segments one after the other
     scratch = segments == 1 or segment is not None or trainer.world_size > 1
-    plan = planner.plan_segments(wanted, good, train=retrain, segments=segments, cost=cost, scratch=scratch)
+    points = None if retrain else points
+    if points is not None and any(batches for batches, _ in points.values()):
+        reason += "; each validation point inside an epoch from its checkpoint"
+    plan = planner.plan_segments(
+        wanted, good, train=retrain, segments=segments, cost=cost, scratch=scratch, points=points
+    )
     chosen = plan if segment is None else [plan[segment]]
     replay_id = os.environ.get(REPLAY_ID_ENV) or f"{rec['run_id']}.r{uuid.uuid4().hex[:6]}"
     report = ReplayReport(replay_id=replay_id, run_id=rec["run_id"], train=retrain, reason=reason)
@@ -96,6 +104,8 @@ def run_replay(
         retrain=retrain,
         loggers=loggers,
         clock=clock,
+        inside=inside,
+        points=points,
     )
     report.status = "failed"
     try:
@@ -115,8 +125,34 @@ def run_replay(
     return report
 
 
+def _validations_inside(
+    loc: Location,
+    rec: dict[str, Any],
+    wanted: list[int],
+    ends: dict[int, dict[str, Any]],
+    ckpts: CheckpointStore,
+) -> tuple[dict[tuple[int, int], dict[str, Any]], planner.Points | None, str | None]:
+    """For a run that validated inside its epochs: its checkpoints at those validation points (files
+    present), where each wanted epoch validated (None when a validation point has no checkpoint), and
+    why not (None: every one can be restored)."""
+    settings = json.loads(rec["settings"] or "{}")
+    if settings.get("val_check_interval", 1.0) in (1.0, None):
+        return {}, None, None
+    rows, validated = _runs.validations_inside(loc, rec["run_id"])
+    inside = {k: r for k, r in rows.items() if ckpts.exists(r["path"])}
+    by_epoch: dict[int, dict[int, int]] = {}
+    for (epoch, batch_idx), r in inside.items():
+        by_epoch.setdefault(epoch, {})[r["step"]] = batch_idx
+    found = planner.validation_points(
+        wanted, validated_at=validated, end_steps={e: r["step"] for e, r in ends.items()}, inside=by_epoch
+    )
+    if isinstance(found, str):
+        return inside, None, f"but {found}"
+    return inside, found, None
+
+
 def _decide_training(
-    trainer: pl.Trainer, model: pl.LightningModule, run: dict[str, Any], loc: Location
+    trainer: pl.Trainer, model: pl.LightningModule, run: dict[str, Any], loc: Location, inside: str | None
 ) -> tuple[bool, str]:
     """:func:`codecheck.decide_training` against the run's code snapshot on the shadow branch."""
     commit = run["shadow_commit"]
@@ -130,6 +166,7 @@ def _decide_training(
         callbacks=trainer.callbacks,  # type: ignore[attr-defined]
         root=loc.root,
         read_recorded=recorded if commit and loc.in_git else None,
+        inside=inside,
     )
 
 

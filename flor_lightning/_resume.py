@@ -14,7 +14,8 @@ from flor_lightning._query import open_store
 
 
 def last_checkpoint(run: str | None = None, *, db: str | Path | None = None) -> str:
-    """The path (or URL) of the newest complete checkpoint of ``run`` (default: the latest run).
+    """The path (or URL) of the newest complete checkpoint of ``run`` (default: the latest run), at an
+    epoch's end or inside one (at a validation point, or every N steps: ``checkpoint_every_n_steps``).
 
     Pass it to Lightning to continue the run where its last checkpoint left it; flor then keeps
     recording into the same run, restores every RNG state, and drops the values the run logged
@@ -38,7 +39,7 @@ def last_checkpoint(run: str | None = None, *, db: str | Path | None = None) -> 
             run = str(latest[0])
         row = conn.execute(
             "SELECT c.path, r.checkpoint_root FROM checkpoints c JOIN runs r USING (run_id) "
-            "WHERE run_id = ? ORDER BY epoch DESC LIMIT 1",
+            "WHERE run_id = ? ORDER BY epoch DESC, c.batch_idx IS NULL DESC, c.batch_idx DESC LIMIT 1",
             [run],
         ).fetchone()
         if row is None:

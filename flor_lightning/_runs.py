@@ -85,9 +85,25 @@ def load_run(loc: Location, run: str | None) -> tuple[dict[str, Any], dict[int, 
     with closing(store.connect(loc.db_path)) as conn:
         store.check_writable(conn, loc.db_path)
         rec = find_run(conn, run, _locate.script(loc))
-        rows = store.fetch(conn, "SELECT * FROM checkpoints WHERE run_id = ?", [rec["run_id"]])
+        sql = "SELECT * FROM checkpoints WHERE run_id = ? AND batch_idx IS NULL"  # those at epoch ends
+        rows = store.fetch(conn, sql, [rec["run_id"]])
         timings = store.fetch(conn, "SELECT * FROM epochs WHERE run_id = ? ORDER BY epoch", [rec["run_id"]])
     return rec, {r["epoch"]: r for r in rows}, timings
+
+
+def validations_inside(loc: Location, run_id: str) -> tuple[dict[tuple[int, int], dict[str, Any]], dict[int, set[int]]]:
+    """The run's checkpoints taken as a validation inside an epoch ended, by ``(epoch, batch index)``, and
+    the global steps each epoch validated at (where the recording logged validation values)."""
+    with closing(store.connect(loc.db_path)) as conn:
+        rows = store.fetch(conn, "SELECT * FROM checkpoints WHERE run_id = ? AND moment = 'validation_end'", [run_id])
+        steps = conn.execute(
+            "SELECT DISTINCT epoch, step FROM logs WHERE run_id = ? AND replay_id IS NULL AND stage = 'validate'",
+            [run_id],
+        ).fetchall()
+    validated: dict[int, set[int]] = {}
+    for epoch, step in steps:
+        validated.setdefault(int(epoch), set()).add(int(step))
+    return {(r["epoch"], r["batch_idx"]): r for r in rows}, validated
 
 
 def pid_alive(pid: int | None, host: str | None, this_host: str | None = None) -> bool:

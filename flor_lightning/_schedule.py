@@ -6,6 +6,14 @@ then each epoch ``period`` epochs after the latest checkpoint, where :func:`next
 period from the latest checkpoint's CPU cost and the epoch time. The last epoch is checkpointed
 whatever these say (the callback does it as training ends).
 
+Inside an epoch the moments are the validation points (``val_check_interval``) and, with
+``checkpoint_every_n_steps=N``, every N-th optimizer step. With a whole-number ``checkpoint_every``
+each such moment is checkpointed (:func:`due_inside`); with ``"auto"`` validation points come
+first, and a moment is checkpointed once the training time since the latest checkpoint pays for one
+within the budget: the period, in optimizer steps, is :func:`auto_period` of the latest
+checkpoint's cost against the time of one step. A moment skipped is reached in replay by
+re-training forward from the checkpoint before it.
+
 The callback measures and waits (for the first write's cost to be known); these functions only decide.
 """
 
@@ -65,3 +73,33 @@ def next_period(
     if write_cpu_seconds is None or epoch_seconds <= 0:
         return period
     return auto_period(write_cpu_seconds + snapshot_seconds, epoch_seconds, budget)
+
+
+def due_inside(
+    step: int, *, validation: bool, every_n_steps: int | None, last_step: int | None, period: int | None
+) -> bool:
+    """Whether the state at global ``step``, inside an epoch, is to be checkpointed.
+
+    Args:
+        step: the global (optimizer) step now.
+        validation: this is a validation point's end; otherwise an optimizer step just done.
+        every_n_steps: ``checkpoint_every_n_steps`` (None: only validation points are moments).
+        last_step: the global step of the latest checkpoint (None before any).
+        period: with ``"auto"``, the period in steps (:func:`auto_period` per step); None: every moment.
+
+    Example:
+        >>> fixed = dict(every_n_steps=None, last_step=0, period=None)
+        >>> [s for s in range(1, 13) if due_inside(s, validation=s % 4 == 0, **fixed)]
+        [4, 8, 12]
+        >>> due_inside(6, validation=False, every_n_steps=3, last_step=0, period=None)
+        True
+        >>> due_inside(8, validation=True, every_n_steps=None, last_step=4, period=5)  # 4 steps since: too soon
+        False
+    """
+    if last_step is not None and step <= last_step and (period is not None or not validation):
+        # no optimizer step since the latest checkpoint; a validation point still is one (accumulating
+        # gradients, it may follow a checkpoint taken at the same step, batches later)
+        return False
+    if not validation and (every_n_steps is None or step % every_n_steps):
+        return False
+    return period is None or last_step is None or step - last_step >= period

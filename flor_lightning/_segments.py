@@ -67,6 +67,8 @@ class SegmentRunner:
         retrain: bool,
         loggers: bool,
         clock: Callable[[], float],
+        inside: dict[tuple[int, int], dict[str, Any]] | None = None,
+        points: planner.Points | None = None,
     ) -> None:
         self.db_path = db_path
         self.replay_id = replay_id
@@ -80,6 +82,8 @@ class SegmentRunner:
         self.retrain = retrain
         self.loggers = loggers  # write into the recorded run's TensorBoard/CSV/MLflow runs
         self.clock = clock
+        self.inside = inside or {}  # checkpoints at validation points inside epochs, by (epoch, batch index)
+        self.points = points  # where the replayed epochs validated inside (planner.validation_points)
         self._store: CheckpointStore | None = None
         self._unusable: dict[int, str] = {}  # epoch -> why its checkpoint could not be loaded
         self._segment: planner.Segment | None = None
@@ -173,6 +177,14 @@ class SegmentRunner:
             self._unusable[epoch] = str(err)
             raise BadCheckpoint(epoch, str(err)) from err
 
+    def load_inside(self, epoch: int, batch_idx: int) -> dict[str, Any]:
+        if self._store is None:
+            self._store = CheckpointStore(self.checkpoint_root)
+        row = self.inside.get((epoch, batch_idx))
+        if row is None:
+            raise CheckpointError(f"run {self.run_id} has no checkpoint inside epoch {epoch} after batch {batch_idx}")
+        return self._store.load(row["path"], row["sha256"])
+
     def replan(self, bad_epoch: int, remaining: list[planner.EpochStep]) -> list[planner.EpochStep]:
         self.good.discard(bad_epoch)
         why = self._unusable.get(bad_epoch, "it is missing")
@@ -180,7 +192,8 @@ class SegmentRunner:
         with closing(store.connect(self.db_path)) as c:
             row = {"replay_id": self.replay_id, "epoch": bad_epoch}
             store.insert(c, "replay_bad_checkpoints", row, replace=False)
-        return planner.steps_for([s.epoch for s in remaining if s.wanted], self.good, train=self.retrain)
+        steps = planner.steps_for([s.epoch for s in remaining if s.wanted], self.good, train=self.retrain)
+        return planner.with_points(steps, self.points)
 
     def on_start(self, trainer: pl.Trainer) -> None:
         drift.check_like_recording(

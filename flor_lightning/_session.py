@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 NewRun = Callable[[str, str | None], dict[str, Any]]
 """Gives the ``runs`` row of a new run from its id and checkpoint root URL (None: no checkpoints)."""
 
+ResumeFrom = tuple[str, int] | tuple[str, int, int, int]
+"""Where a resumed fit continues run ``[0]``: after its epoch ``[1]``, or inside epoch ``[1]`` after its
+training batch ``[2]``, at global step ``[3]`` (a checkpoint taken inside the epoch)."""
+
 
 class RunSession:
     """The records of one fit, validate, test or replay call; open it with :meth:`open`.
@@ -45,6 +49,7 @@ class RunSession:
         owns_run: this session opened (or reopened) the run's row: the run ends with it.
         store_seconds: training-thread time spent writing the run's row and the epochs' rows.
         epoch_seconds: wall time from the start of the epoch before the latest to the latest's (0 before two).
+        last_step: the global step of the latest checkpoint taken (None before any in this session).
     """
 
     def __init__(
@@ -69,6 +74,7 @@ class RunSession:
         self.owns_run = owns_run
         self.store_seconds = store_seconds
         self.epoch_seconds = 0.0
+        self.last_step: int | None = None
         self.lock = threading.Lock()
         self._clock = clock
         self._epoch_starting: float | None = None
@@ -84,18 +90,19 @@ class RunSession:
         run_id: str | None,
         replay_id: str | None,
         checkpoints: CheckpointStore | None,
-        resume_from: tuple[str, int] | None,
+        resume_from: ResumeFrom | None,
         new_run: NewRun,
         flush_interval: float,
         clock: Callable[[], float],
     ) -> RunSession:
         """Open the session of a recorded fit (``checkpoints`` given), or of a validate, test or replay call.
 
-        A fit records a new run, or continues run ``resume_from[0]`` after its epoch ``resume_from[1]``
-        where this store holds that run (``fit(ckpt_path=flor.last_checkpoint(run))``). A validate or
-        test call without ``run_id`` records a run of its own; with one (after a fit, or a replay's)
-        its values go to that run, whose row is left alone. ``new_run`` gives a new run's row: it is
-        called (and may commit the code) only once the store and the checkpoint folder are known writable.
+        A fit records a new run, or continues run ``resume_from[0]`` after its epoch ``resume_from[1]`` (or
+        inside it: :data:`ResumeFrom`) where this store holds that run
+        (``fit(ckpt_path=flor.last_checkpoint(run))``). A validate or test call without ``run_id`` records a run
+        of its own; with one (after a fit, or a replay's) its values go to that run, whose row is left alone.
+        ``new_run`` gives a new run's row: it is called (and may commit the code) only once the store and the
+        checkpoint folder are known writable.
 
         Raises:
             StoreError: the store is damaged, or read-only where a run is to be written.
@@ -118,8 +125,8 @@ class RunSession:
             checkpointed: set[int] = set()
             seconds = 0.0
             if resumed is not None:  # continue that run's records
-                run_id, epoch = resumed
-                reopen_run(conn, run_id, epoch)
+                run_id, epoch = resumed[0], resumed[1]
+                reopen_run(conn, run_id, epoch, inside=(resumed[2], resumed[3]) if len(resumed) == 4 else None)
                 checkpoints = CheckpointStore(recorded_checkpoint_root(conn, run_id))
                 checkpointed = recorded_checkpoints(conn, run_id)
             elif writes_run:
@@ -191,9 +198,12 @@ class RunSession:
 
     # ---- checkpoints -----------------------------------------------------------------------------
 
-    def save_checkpoint(self, state: Any, epoch: int, step: int) -> None:
-        """Write ``state`` (a :meth:`~flor_lightning._checkpoints.CheckpointStore.snapshot`) as the checkpoint of
-        ``epoch`` in the background; it is indexed once it is complete.
+    def save_checkpoint(
+        self, state: Any, epoch: int, step: int, *, batch_idx: int | None = None, moment: str | None = None
+    ) -> None:
+        """Write ``state`` (a :meth:`~flor_lightning._checkpoints.CheckpointStore.snapshot`) as the checkpoint
+        of the end of ``epoch``, or of global ``step`` inside it after its training batch ``batch_idx`` (at ``moment``:
+        ``"validation_end"`` or ``"train_batch_end"``), in the background; it is indexed once it is complete.
 
         Raises:
             CheckpointError: an earlier write failed, or this is not a recorded fit.
@@ -202,10 +212,14 @@ class RunSession:
             raise CheckpointError(f"the session of run {self.run_id} does not checkpoint (it is no recorded fit)")
 
         def index(info: CheckpointInfo) -> None:  # on the writer thread
+            if batch_idx is not None:  # a resume from it keeps the values logged before it: they are stored first
+                self.writer.flush()
             row = {
                 "run_id": self.run_id,
                 "epoch": info.epoch,
                 "step": info.step,
+                "batch_idx": batch_idx,
+                "moment": moment,
                 "path": info.path,
                 "sha256": info.sha256,
                 "size": info.size,
@@ -217,7 +231,8 @@ class RunSession:
             with self.lock:
                 store.insert(self.conn, "checkpoints", row)
 
-        self.checkpoints.save(state, self.run_id, epoch, step, index)
+        self.last_step = step
+        self.checkpoints.save(state, self.run_id, epoch, step, index, batch_idx=batch_idx)
 
     # ---- closing ---------------------------------------------------------------------------------
 
@@ -255,16 +270,30 @@ def run_exists(conn: sqlite3.Connection, run_id: str) -> bool:
     return conn.execute("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).fetchone() is not None
 
 
-def reopen_run(conn: sqlite3.Connection, run_id: str, epoch: int) -> None:
-    """Mark ``run_id`` running in this process again and drop what it recorded after ``epoch``.
+def reopen_run(conn: sqlite3.Connection, run_id: str, epoch: int, *, inside: tuple[int, int] | None = None) -> None:
+    """Mark ``run_id`` running in this process again and drop what it recorded after ``epoch``, or, with
+    ``inside=(batch_idx, step)``, after training batch ``batch_idx`` (global step ``step``) of ``epoch``.
 
-    The values, timings and checkpoints of later epochs belong to the trajectory being replaced;
-    the resumed run logs them again.
+    The values, timings and checkpoints of what follows belong to the trajectory being replaced;
+    the resumed run logs them again. Inside an epoch, what follows is that epoch's later training
+    batches, its training aggregates and the validations at later steps.
     """
     with store.immediate(conn):
         conn.execute("DELETE FROM logs WHERE run_id = ? AND replay_id IS NULL AND epoch > ?", [run_id, epoch])
         conn.execute("DELETE FROM epochs WHERE run_id = ? AND epoch > ?", [run_id, epoch])
         conn.execute("DELETE FROM checkpoints WHERE run_id = ? AND epoch > ?", [run_id, epoch])
+        if inside is not None:
+            batch_idx, step = inside
+            conn.execute(
+                "DELETE FROM logs WHERE run_id = ? AND replay_id IS NULL AND epoch = ? AND ("
+                "(stage = 'train' AND (batch_idx > ? OR level = 'epoch')) OR (stage = 'validate' AND step > ?))",
+                [run_id, epoch, batch_idx, step],
+            )
+            conn.execute("DELETE FROM epochs WHERE run_id = ? AND epoch = ?", [run_id, epoch])
+            conn.execute(
+                "DELETE FROM checkpoints WHERE run_id = ? AND epoch = ? AND (batch_idx IS NULL OR batch_idx > ?)",
+                [run_id, epoch, batch_idx],
+            )
         conn.execute(
             "UPDATE runs SET status = 'running', ended = NULL, pid = ?, host = ? WHERE run_id = ?",
             [os.getpid(), socket.gethostname(), run_id],
@@ -272,8 +301,9 @@ def reopen_run(conn: sqlite3.Connection, run_id: str, epoch: int) -> None:
 
 
 def recorded_checkpoints(conn: sqlite3.Connection, run_id: str) -> set[int]:
-    """Epochs of ``run_id`` that already have a checkpoint."""
-    return {int(r[0]) for r in conn.execute("SELECT epoch FROM checkpoints WHERE run_id = ?", [run_id])}
+    """Epochs of ``run_id`` that already have a checkpoint at their end."""
+    rows = conn.execute("SELECT epoch FROM checkpoints WHERE run_id = ? AND batch_idx IS NULL", [run_id])
+    return {int(r[0]) for r in rows}
 
 
 def recorded_checkpoint_root(conn: sqlite3.Connection, run_id: str) -> str:

@@ -170,6 +170,36 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         ALTER TABLE checkpoints ADD COLUMN packs TEXT;
         """,
     ),
+    (
+        # checkpoints inside an epoch (at its validation points, or every N optimizer steps): batch_idx is
+        # the epoch's last training batch done when it was taken, NULL for a checkpoint at an epoch's end
+        # (all rows before this migration); moment says where ("validation_end", "train_batch_end").
+        # The key becomes (run_id, epoch, batch_idx): rebuilt, as sqlite cannot change a primary key.
+        "0010_mid_epoch_checkpoints",
+        """
+        CREATE TABLE checkpoints_0010 (
+            run_id TEXT NOT NULL,
+            epoch INTEGER NOT NULL,
+            step INTEGER NOT NULL,
+            batch_idx INTEGER,
+            moment TEXT,
+            path TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            write_seconds REAL NOT NULL,
+            created REAL NOT NULL,
+            format TEXT,
+            packs TEXT
+        );
+        INSERT INTO checkpoints_0010 (run_id, epoch, step, batch_idx, path, sha256, size, write_seconds, created,
+                                      format, packs)
+            SELECT run_id, epoch, step, NULL, path, sha256, size, write_seconds, created, format, packs
+            FROM checkpoints;
+        DROP TABLE checkpoints;
+        ALTER TABLE checkpoints_0010 RENAME TO checkpoints;
+        CREATE UNIQUE INDEX checkpoints_at ON checkpoints (run_id, epoch, ifnull(batch_idx, -1));
+        """,
+    ),
 )
 
 LOG_COLUMNS = ("run_id", "replay_id", "stage", "level", "epoch", "step", "batch_idx", "name", "value", "text")

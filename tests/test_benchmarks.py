@@ -145,6 +145,7 @@ def test_many_runs_smoke_replays_on_each_executor_and_prints_one_row_each(tmp_pa
     assert all(r["runs"] == 2 for r in raw)
 
 
+@pytest.mark.integration
 def test_w6_frozen_backbone_smoke_prints_its_tables(tmp_path: Path) -> None:
     out = tmp_path / "w6.md"
     done = subprocess.run(
@@ -161,3 +162,21 @@ def test_w6_frozen_backbone_smoke_prints_its_tables(tmp_path: Path) -> None:
     raw = json.loads(out.with_suffix(".json").read_text())
     runs = {r["run_id"] for r in raw["two_runs"]["checkpoints"]}
     assert len(runs) == 2 and {r["variant"] for r in raw["timed"]} == {"plain", "flor", "modelckpt"}
+
+
+@pytest.mark.integration
+def test_w5_step_replay_smoke_prints_its_tables(tmp_path: Path) -> None:
+    out = tmp_path / "w5.md"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "w5_step_replay.py"), "--smoke", "--out", str(out)],
+        cwd=ROOT / "benchmarks",
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    text = out.read_text()
+    assert "## W5: one epoch of 12 steps validating every 4" in text
+    assert "| restore | " in text and "| retrain | " in text and "share of ideal" in text
+    raw = json.loads(out.with_suffix(".json").read_text())
+    assert set(raw["replay_s"]) == {"restore", "retrain"} and raw["times"]["inside"] == 2

@@ -20,7 +20,9 @@ from models import TEST_BATCHES, TRAIN_BATCHES, VAL_BATCHES, DigitsClassifier, D
 
 import flor_lightning as flor
 from flor_lightning import ConfigError, FlorCallback
+from flor_lightning import _cli as cli
 from flor_lightning._callback import RecordStats
+from flor_lightning._checkpoints import CheckpointStore
 from flor_lightning._shadow import SHADOW_BRANCH
 
 EPOCHS = 3
@@ -504,3 +506,105 @@ def test_auto_checkpoint_period_follows_the_budget(project: Path, budget: float,
     assert [r["epoch"] for r in indexed] == expected
     assert (callback.stats.checkpoint_every > 4) == (budget < 1)
     assert the_run()["status"] == "finished"
+
+
+# ---- checkpoints inside an epoch -------------------------------------------------------------
+
+
+class WeightsAtValidation(L.Callback):
+    """The model's weights and the global step at the end of each validation inside fit (after flor's hook)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.seen[trainer.global_step] = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+
+def inside_rows(run_id: str) -> list[tuple[int, int, int]]:
+    """(epoch, global step, batch index) of the run's checkpoints inside an epoch, in order."""
+    got = rows(
+        Path(".flor/flor.db"),
+        "SELECT epoch, step, batch_idx FROM checkpoints WHERE run_id = ? AND batch_idx IS NOT NULL ORDER BY step",
+        (run_id,),
+    )
+    return [(r["epoch"], r["step"], r["batch_idx"]) for r in got]
+
+
+@pytest.mark.parametrize("interval", [3, 0.25])
+def test_every_validation_point_inside_an_epoch_is_checkpointed_with_its_position(
+    project: Path, capsys: pytest.CaptureFixture[str], interval: float
+) -> None:
+    """One epoch of 12 batches validating every 3 (or every quarter): the state after batches 3, 6 and 9
+    is checkpointed as each validation ends (the one after batch 12 is the epoch end's checkpoint)."""
+    spy = WeightsAtValidation()
+    fit(callbacks=[FlorCallback(), spy], max_epochs=1, limit_train_batches=12, val_check_interval=interval)
+    run_id = the_run()["run_id"]
+    assert inside_rows(run_id) == [(0, 3, 2), (0, 6, 5), (0, 9, 8)]
+    ends = rows(Path(".flor/flor.db"), "SELECT epoch FROM checkpoints WHERE batch_idx IS NULL ORDER BY epoch")
+    assert [r["epoch"] for r in ends] == [-1, 0]
+    for step, batch_idx in [(3, 2), (6, 5), (9, 8)]:
+        [row] = rows(
+            Path(".flor/flor.db"), "SELECT path FROM checkpoints WHERE step = ? AND batch_idx = ?", (step, batch_idx)
+        )
+        state = CheckpointStore(row["path"]).load(row["path"], None)  # the manifest, every blob verified
+        mid = state["flor"]["mid_epoch"]
+        assert (mid["epoch"], mid["global_step"], mid["batches"], mid["moment"]) == (
+            0,
+            step,
+            batch_idx + 1,
+            "validation_end",
+        )
+        assert mid["data_skip"] == "sampler" and state["flor"]["run_id"] == run_id
+        assert set(state["state_dict"]) == set(spy.seen[step])
+        assert all(torch.equal(state["state_dict"][k], v) for k, v in spy.seen[step].items())
+    code = cli.main(["show", run_id])
+    out = capsys.readouterr().out
+    assert code == 0 and "epoch 0 step 3 batch 2" in out and "epoch 0 step 9 batch 8" in out
+
+
+def test_checkpoint_every_n_steps_counts_optimizer_steps_across_gradient_accumulation(project: Path) -> None:
+    """12 batches, 2 per optimizer step: every 2nd step is after batches 4 and 8 (step 6 ends the epoch)."""
+    fit(
+        callbacks=[FlorCallback(checkpoint_every_n_steps=2)],
+        max_epochs=1,
+        limit_train_batches=12,
+        accumulate_grad_batches=2,
+    )
+    assert inside_rows(the_run()["run_id"]) == [(0, 2, 3), (0, 4, 7)]
+
+
+def test_check_val_every_n_epoch_validates_at_epoch_ends_only_so_nothing_is_checkpointed_inside(project: Path) -> None:
+    fit(max_epochs=2, check_val_every_n_epoch=2)
+    assert inside_rows(the_run()["run_id"]) == []
+
+
+class Ticks:
+    """A clock that moves ``tick`` seconds at each reading."""
+
+    def __init__(self, tick: float) -> None:
+        self.now, self.tick = 1_000_000.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+@pytest.mark.parametrize(("tick", "budget", "expected"), [(100.0, 1.0, [3, 6, 9]), (1e-9, 0.01, [])])
+def test_auto_checkpoints_validation_points_inside_an_epoch_as_the_budget_allows(
+    project: Path, tick: float, budget: float, expected: list[int]
+) -> None:
+    """Slow steps (100 s a clock reading) pay for a checkpoint at every validation point; steps that take
+    next to no time pay for none inside the epoch (its start and end are checkpointed all the same)."""
+    flor_cb = FlorCallback(checkpoint_every="auto", checkpoint_budget=budget, clock=Ticks(tick))
+    fit(callbacks=[flor_cb], max_epochs=1, limit_train_batches=12, val_check_interval=3)
+    assert [step for _, step, _ in inside_rows(the_run()["run_id"])] == expected
+    assert flor_cb.stats.checkpoint_every_steps is not None
+    assert (flor_cb.stats.checkpoint_every_steps == 1) == bool(expected)
+
+
+def test_checkpoint_every_n_steps_must_be_a_whole_number() -> None:
+    for bad in (0, -3, 2.5, True, "10"):
+        with pytest.raises(ConfigError, match="checkpoint_every_n_steps must be a whole number"):
+            FlorCallback(checkpoint_every_n_steps=bad)  # type: ignore[arg-type]

@@ -49,7 +49,7 @@ def aim(zygote: Zygote, child: Child, mode: str, rng: random.Random) -> None:
     if mode == "checkpoint":  # a random time into the write of checkpoint -1, 0 or 1
         epoch = rng.choice([-1, 0, 1])
         hit = zygote.wait_event(child, lambda e: e == f"ckpt-begin {epoch}", timeout=30, start=started)
-        delay = rng.uniform(0.0, 0.06)
+        delay = rng.uniform(0.0, 0.02)  # blob writes of this small state take a few tens of ms
     else:  # a few milliseconds into a log flush of at least 200 values (a few ms of sqlite work)
         hit = zygote.wait_event(child, big_flush, timeout=30, start=started)
         delay = rng.uniform(0.0, 0.004)

@@ -15,6 +15,8 @@ from flor_lightning._planner import (
     steps_for,
     validate_epochs,
     validate_segment_args,
+    validation_points,
+    with_points,
 )
 
 
@@ -151,3 +153,31 @@ def test_estimate_counts_loads_validation_and_training():
 @pytest.mark.parametrize(("epochs", "text"), [([], ""), ([3], "3"), ([0, 1, 2], "0-2"), ([0, 2], "[0, 2]")])
 def test_describe_epochs(epochs: list[int], text: str) -> None:
     assert describe(epochs) == text
+
+
+def test_validation_points_inside_epochs_each_need_a_checkpoint() -> None:
+    inside = {0: {3: 2, 6: 5}, 1: {9: 2}}
+    points = validation_points([0, 1], validated_at={0: {3, 6, 8}, 1: {9}}, end_steps={0: 8, 1: 16}, inside=inside)
+    assert points == {0: ((2, 5), True), 1: ((2,), False)}  # epoch 1 did not validate at its end (step 16)
+    missing = validation_points([0], validated_at={0: {3, 6}}, end_steps={0: 8}, inside={0: {3: 2}})
+    assert missing == "epoch 0 validated at step 6, where it has no checkpoint"
+    assert "no validation value" in str(validation_points([0], validated_at={}, end_steps={0: 8}, inside={}))
+    steps = with_points(steps_for([0, 1], {-1, 0, 1}, train=False), points)
+    assert [(s.epoch, s.action, s.inside, s.validate_end) for s in steps] == [
+        (0, "restore", (2, 5), True),
+        (1, "restore", (2,), False),
+    ]
+
+
+def test_the_planner_docstrings_run() -> None:
+    import doctest
+
+    from flor_lightning import _planner
+
+    assert doctest.testmod(_planner).failed == 0
+
+
+def test_a_restore_with_validation_points_inside_counts_their_loads() -> None:
+    plain, inside = EpochStep(0, "restore", 0), EpochStep(0, "restore", 0, inside=(2, 5), validate_end=True)
+    assert estimate_seconds([plain], {0: 9.0}, {0: 1.0}, 0.5) == 1.5
+    assert estimate_seconds([inside], {0: 9.0}, {0: 1.0}, 0.5) == 1.0 + 4 * 0.5  # its own, two inside, its own again

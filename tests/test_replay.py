@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import sqlite3
 import sys
+from contextlib import closing
 from pathlib import Path
 from types import ModuleType
 
@@ -433,3 +435,65 @@ def test_a_failed_replay_never_mixes_into_query_and_a_re_run_replaces_it(project
     assert len(shown) == 4 and (shown["val_maxprob"] > 1).all()  # the latest finished replay's formula
     rec = flor.records("val_maxprob", run=run_id, unfinished=True)
     assert rec["replay_id"].value_counts().to_dict() == {first.replay_id: 12, again.replay_id: 12}
+
+
+def record_validating_inside(project, max_epochs, **settings):
+    """Record model.py for ``max_epochs`` with ``settings`` (validating inside its epochs); returns the run id."""
+    (project / "model.py").write_text(MODEL_SOURCE)
+    git(project, "add", "model.py")
+    git(project, "commit", "-q", "-m", "model")
+    m = load_module(project)
+    L.seed_everything(7)
+    trainer = flor.Trainer(**trainer_kwargs(max_epochs=max_epochs, **settings))
+    trainer.fit(m.DigitsClassifier(), datamodule=m.DigitsData())
+    return trainer.flor.run_id
+
+
+ONE_EPOCH = {"limit_train_batches": 12, "val_check_interval": 3}
+
+
+def test_a_validation_metric_is_replayed_at_each_validation_point_inside_the_epoch(project):
+    """One epoch of 12 batches validating every 3: each validation point is restored from its checkpoint
+    and validated, no training batch runs, and the new values land on the recorded validation rows."""
+    run_id = record_validating_inside(project, 1, **ONE_EPOCH)
+    report = replay(edit(project, *VAL_F1), max_epochs=1, trainer=ONE_EPOCH)
+    assert report.train is False and report.epochs_restored == [0] and report.epochs_trained == []
+    assert report.rederived > 0 and report.matched == report.rederived and report.mismatched == 0
+    df = flor.query("val_loss", "val_conf", run=run_id)
+    at_points = df.dropna(subset=["val_loss"])
+    assert list(at_points["step"]) == [3, 6, 9, 12] and at_points["val_conf"].notna().all()
+    assert (at_points["epoch"] == 0).all()
+    trained = flor.records(run=run_id)
+    replayed = trained[trained["replay_id"].notna()]
+    assert set(replayed["stage"]) == {"validate"}  # no training batch ran
+
+
+def test_a_float_interval_and_check_val_every_n_epoch_2_replay_their_validation_points(project):
+    settings = {"val_check_interval": 0.5, "check_val_every_n_epoch": 2}
+    run_id = record_validating_inside(project, 2, **settings)
+    inside = rows(project / ".flor" / "flor.db", "SELECT epoch, batch_idx FROM checkpoints WHERE batch_idx >= 0")
+    assert [(r["epoch"], r["batch_idx"]) for r in inside] == [(1, 1)]  # epoch 0 did not validate
+    report = replay(edit(project, *VAL_F1), max_epochs=2, trainer=settings)
+    assert report.train is False and report.epochs_restored == [0, 1]
+    assert report.rederived > 0 and report.matched == report.rederived and report.mismatched == 0
+    df = flor.query("val_loss", "val_conf", run=run_id).dropna(subset=["val_loss"])
+    assert list(df["step"]) == [6, 8] and df["val_conf"].notna().all()
+
+
+def test_a_run_without_checkpoints_at_its_validation_points_re_trains_as_before(project):
+    """As a recording made before checkpoints inside an epoch existed: replay re-trains it, exactly."""
+    run_id = record_validating_inside(project, 1, **ONE_EPOCH)
+    with closing(sqlite3.connect(project / ".flor" / "flor.db")) as c, c:
+        c.execute("DELETE FROM checkpoints WHERE batch_idx IS NOT NULL")
+    report = replay(edit(project, *VAL_F1), max_epochs=1, trainer=ONE_EPOCH)
+    assert report.train is True and "validated at step 3, where it has no checkpoint" in report.reason
+    assert report.epochs_trained == [0]
+    assert report.rederived > 0 and report.matched == report.rederived and report.mismatched == 0
+    assert flor.query("val_conf", run=run_id)["val_conf"].notna().sum() == 4
+
+
+def test_a_training_metric_re_trains_an_epoch_that_validated_inside_bit_for_bit(project):
+    record_validating_inside(project, 1, **ONE_EPOCH)
+    report = replay(edit(project, *TRAIN_METRIC), max_epochs=1, trainer=ONE_EPOCH)
+    assert report.train is True and report.epochs_trained == [0]
+    assert report.rederived > 0 and report.matched == report.rederived and report.mismatched == 0

@@ -7,7 +7,7 @@ import doctest
 import pytest
 
 from flor_lightning import _schedule as schedule
-from flor_lightning._schedule import auto_period, due, next_period
+from flor_lightning._schedule import auto_period, due, due_inside, next_period
 
 
 def checkpointed(epochs: int, *, period: int, auto: bool, already: tuple[int, ...] = ()) -> list[int]:
@@ -65,3 +65,18 @@ def test_next_period_keeps_the_period_while_a_cost_is_unknown(write: float | Non
 def test_the_examples_in_the_docstrings_hold() -> None:
     failed, attempted = doctest.testmod(schedule)
     assert attempted >= 5 and failed == 0
+
+
+def test_inside_an_epoch_a_fixed_schedule_takes_every_validation_point_and_every_nth_step() -> None:
+    kw = {"every_n_steps": 2, "period": None}
+    assert [s for s in range(1, 7) if due_inside(s, validation=False, last_step=s - 1, **kw)] == [2, 4, 6]
+    # accumulating gradients, a validation point may come batches after the checkpoint of its step
+    assert due_inside(4, validation=True, last_step=4, **kw)
+    assert not due_inside(4, validation=False, last_step=4, **kw)
+
+
+def test_inside_an_epoch_auto_waits_for_its_period_in_steps() -> None:
+    kw = {"validation": True, "every_n_steps": None, "period": 3}
+    assert [s for s in range(1, 10) if due_inside(s, last_step=0, **kw)] == [3, 4, 5, 6, 7, 8, 9]
+    assert not due_inside(2, last_step=None, validation=False, every_n_steps=None, period=3)
+    assert due_inside(2, last_step=None, **kw)  # before any checkpoint of this session

@@ -67,6 +67,35 @@ def test_migration_0006_moves_bad_checkpoint_marks_out_of_the_report(tmp_path, m
         assert reports == {"r1.killed": None, "r1.done": '{"bad_checkpoints": [2]}', "r1.odd": "Infinity"}
 
 
+def test_migration_0010_keeps_epoch_checkpoints_and_keys_them_by_batch_too(tmp_path, monkeypatch):
+    """Rows from before 0010 are checkpoints at epoch ends (batch_idx NULL); afterwards a run holds one
+    row per epoch end and one per checkpoint inside an epoch, each replaced only by its own kind."""
+    path = tmp_path / "flor.db"
+    monkeypatch.setattr(store, "MIGRATIONS", tuple(m for m in store.MIGRATIONS if m[0] < "0010"))
+    row = {"run_id": "r1", "epoch": 0, "step": 4, "path": "/c/e0", "sha256": "a", "size": 1}
+    with closing(store.connect(path)) as conn:
+        blobs = {"format": "manifest", "packs": ["packs/p1.safetensors"]}  # 0009's columns survive the rebuild
+        store.insert(conn, "checkpoints", {**row, "write_seconds": 0.1, "created": 1.0, **blobs})
+    monkeypatch.undo()
+
+    with closing(store.connect(path)) as conn:
+        assert store.fetch(conn, "SELECT epoch, step, batch_idx, path, format, packs FROM checkpoints") == [
+            {
+                "epoch": 0,
+                "step": 4,
+                "batch_idx": None,
+                "path": "/c/e0",
+                "format": "manifest",
+                "packs": '["packs/p1.safetensors"]',
+            }
+        ]
+        inside = {**row, "step": 2, "batch_idx": 1, "path": "/c/e0b1", "write_seconds": 0.1, "created": 2.0}
+        store.insert(conn, "checkpoints", inside)
+        store.insert(conn, "checkpoints", {**inside, "path": "/c/e0b1-again"})  # the same moment: replaced
+        got = store.fetch(conn, "SELECT batch_idx, path FROM checkpoints ORDER BY step")
+        assert got == [{"batch_idx": 1, "path": "/c/e0b1-again"}, {"batch_idx": None, "path": "/c/e0"}]
+
+
 def test_connect_rejects_garbage_and_foreign_databases(tmp_path):
     garbage = tmp_path / "garbage.db"
     garbage.write_bytes(b"this is not sqlite" * 100)
