@@ -194,8 +194,12 @@ class CheckpointStore:
     def path(self, run_id: str, epoch: int, *, batch_idx: int | None = None) -> str:
         """Final path of the checkpoint of ``run_id`` at the end of ``epoch`` (-1: the initial state), or
         inside it after its training batch ``batch_idx``: a local path, or a URL on any other filesystem."""
-        path = f"{self.root}/{self._name(run_id, epoch, batch_idx)}"
-        # a local path as it is; elsewhere the URL, so the index (and `flor show`) says which filesystem
+        return self._url(self._name(run_id, epoch, batch_idx))
+
+    def _url(self, name: str) -> str:
+        """The path of ``name`` under the root: local as it is; elsewhere the URL, so that the index (and
+        `flor show`) says which filesystem."""
+        path = f"{self.root}/{name}"
         return path if isinstance(self.fs, LocalFileSystem) else self.fs.unstrip_protocol(path)
 
     @staticmethod
@@ -229,11 +233,9 @@ class CheckpointStore:
             self.wait()
         except CheckpointError as err:
             earlier = err
+        name = self._name(run_id, epoch, batch_idx)
         self._thread = threading.Thread(
-            target=self._write,
-            args=(state, run_id, epoch, step, on_done, batch_idx),
-            name="flor-checkpoint-writer",
-            daemon=True,
+            target=self._write, args=(state, name, epoch, step, on_done), name="flor-checkpoint-writer", daemon=True
         )
         self._thread.start()
         if earlier is not None:
@@ -258,13 +260,7 @@ class CheckpointStore:
             ) from err
 
     def _write(
-        self,
-        state: Snapshot,
-        run_id: str,
-        epoch: int,
-        step: int,
-        on_done: Callable[[CheckpointInfo], None],
-        batch_idx: int | None,
+        self, state: Snapshot, name: str, epoch: int, step: int, on_done: Callable[[CheckpointInfo], None]
     ) -> None:
         cpu = time.thread_time()
         start = self._clock()
@@ -272,13 +268,13 @@ class CheckpointStore:
             if self._index is None:  # blobs of earlier checkpoints and other runs: never written again
                 self._index = _LiveIndex(self.blobs)
             self._index.checked.clear()
-            written = self.blobs.write(state, self._name(run_id, epoch, batch_idx), index=self._index)
+            written = self.blobs.write(state, name, index=self._index)
             self._index.blobs.update(written.new_blobs)
             packs = tuple(sorted(written.packs))
             info = CheckpointInfo(
                 epoch,
                 step,
-                self.path(run_id, epoch, batch_idx=batch_idx),
+                self._url(name),
                 written.sha256,
                 written.bytes,
                 self._clock() - start,

@@ -86,9 +86,9 @@ def _instrument() -> None:
     """
     write_checkpoint = CheckpointStore._write
 
-    def _write(self: CheckpointStore, state: Any, run_id: str, epoch: int, step: int, *rest: Any) -> None:
+    def _write(self: CheckpointStore, state: Any, name: str, epoch: int, step: int, on_done: Any) -> None:
         emit(f"ckpt-begin {epoch}")
-        write_checkpoint(self, state, run_id, epoch, step, *rest)
+        write_checkpoint(self, state, name, epoch, step, on_done)
         if self._error is None:
             emit(f"ckpt-end {epoch}")
 
