@@ -125,18 +125,18 @@ def test_the_hand_written_analysis_is_read_from_the_results_folder(monkeypatch: 
     assert all(text.strip() for text in notes.values())
 
 
+def smoke(tmp_path: Path, script: str, *, cwd: Path = ROOT, timeout: int = 600) -> tuple[Path, str, str]:
+    """Run ``benchmarks/<script> --smoke``; its markdown output file, that file's text and its stdout."""
+    out = tmp_path / f"{Path(script).stem}.md"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out, out.read_text(), done.stdout
+
+
 @pytest.mark.integration
 def test_many_runs_smoke_replays_on_each_executor_and_prints_one_row_each(tmp_path: Path) -> None:
-    out = tmp_path / "many_runs.md"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "many_runs.py"), "--smoke", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    text = out.read_text()
+    out, text, _ = smoke(tmp_path, "many_runs.py", timeout=900)
     assert "## Many-run replay: 2 past runs" in text
     for variant in ("parallel=1", "parallel=2", "dask"):
         assert f"| {variant} | " in text and "SKIPPED" not in text
@@ -147,17 +147,8 @@ def test_many_runs_smoke_replays_on_each_executor_and_prints_one_row_each(tmp_pa
 
 @pytest.mark.integration
 def test_w6_frozen_backbone_smoke_prints_its_tables(tmp_path: Path) -> None:
-    out = tmp_path / "w6.md"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "w6_frozen_backbone.py"), "--smoke", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    text = out.read_text()
-    assert "## W6: fine-tuning a head on a frozen backbone" in text and text in done.stdout
+    out, text, stdout = smoke(tmp_path, "w6_frozen_backbone.py")
+    assert "## W6: fine-tuning a head on a frozen backbone" in text and text in stdout
     assert "| packs holding each backbone tensor, after both runs | 1-1 (1: stored once) |" in text
     raw = json.loads(out.with_suffix(".json").read_text())
     runs = {r["run_id"] for r in raw["two_runs"]["checkpoints"]}
@@ -166,16 +157,7 @@ def test_w6_frozen_backbone_smoke_prints_its_tables(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_w5_step_replay_smoke_prints_its_tables(tmp_path: Path) -> None:
-    out = tmp_path / "w5.md"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "w5_step_replay.py"), "--smoke", "--out", str(out)],
-        cwd=ROOT / "benchmarks",
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    text = out.read_text()
+    out, text, _ = smoke(tmp_path, "w5_step_replay.py", cwd=ROOT / "benchmarks")
     assert "## W5: one epoch of 12 steps validating every 4" in text
     assert "| restore | " in text and "| retrain | " in text and "share of ideal" in text
     raw = json.loads(out.with_suffix(".json").read_text())
