@@ -15,6 +15,7 @@ import os
 import sqlite3
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -337,7 +338,7 @@ def _use_wal(conn: sqlite3.Connection, *, timeout: float = 30.0) -> None:
                 return
             locked: sqlite3.OperationalError | None = None
         except sqlite3.OperationalError as err:
-            if "locked" not in str(err) and "busy" not in str(err):
+            if not _locked(err):
                 raise
             locked = err
         if time.monotonic() > deadline:
@@ -412,7 +413,10 @@ class LogWriter:
 
     ``add`` is a deque append (atomic, no lock, no I/O); the thread flushes every ``interval`` seconds
     and whenever :meth:`flush` is called. Rows are written in one transaction per batch, so a
-    process killed at any moment leaves every earlier batch complete and no partial one.
+    process killed at any moment leaves every earlier batch complete and no partial one. A store
+    locked by another process past sqlite's busy timeout (a long query, a browser holding a write
+    transaction) loses nothing and fails nothing: the batch is kept and written again, in order,
+    once the lock is gone (warned once per lock); a :meth:`flush` that waits waits for that.
 
     Args:
         connect_fn: opens the sqlite connection (called once, inside the writer thread).
@@ -423,6 +427,7 @@ class LogWriter:
         self._connect = connect_fn
         self._interval = interval
         self._pending: deque[tuple[Any, ...]] = deque()
+        self._unwritten: list[tuple[Any, ...]] = []  # encoded rows of a batch the store was locked for
         self._wake = threading.Event()
         self._flushed = threading.Condition()
         self._requested = 0
@@ -445,7 +450,8 @@ class LogWriter:
     @property
     def backlog(self) -> int:
         """Rows queued and not yet written."""
-        return sum(1 if len(item) == len(LOG_COLUMNS) - 1 else len(item[-1]) // 2 for item in list(self._pending))
+        queued = sum(1 if len(item) == len(LOG_COLUMNS) - 1 else len(item[-1]) // 2 for item in list(self._pending))
+        return len(self._unwritten) + queued
 
     def flush(self, *, wait: bool = True) -> None:
         """Write everything queued so far; with ``wait`` block until it is committed."""
@@ -477,13 +483,15 @@ class LogWriter:
             return
         try:
             while True:
-                self._wake.wait(self._interval)
+                self._wake.wait(min(self._interval, 0.5) if self._unwritten else self._interval)
                 self._wake.clear()
                 with self._flushed:
                     ticket = self._requested
                 cpu = time.thread_time()
                 self._write(conn)
                 self.cpu_seconds += time.thread_time() - cpu
+                if self._unwritten:  # the store was locked: that batch is written again next time
+                    continue
                 with self._flushed:
                     self._done = ticket
                     self._flushed.notify_all()
@@ -499,7 +507,8 @@ class LogWriter:
     def _write(self, conn: sqlite3.Connection) -> None:
         # popleft, not a list swap: an append racing with the swap could land in a list already written.
         pending = self._pending
-        rows: list[tuple[Any, ...]] = []
+        rows, self._unwritten = self._unwritten, []
+        retrying = bool(rows)
         for item in [pending.popleft() for _ in range(len(pending))]:
             if len(item) == len(LOG_COLUMNS) - 1:  # one row
                 rows.append((*item[:8], *encode_value(item[8])))
@@ -508,8 +517,25 @@ class LogWriter:
                 rows += [(*context, flat[i], *encode_value(flat[i + 1])) for i in range(0, len(flat), 2)]
         if not rows:
             return
-        with immediate(conn):
-            _insert_rows(conn, rows)
+        try:
+            with immediate(conn):
+                _insert_rows(conn, rows)
+        except StoreError as err:
+            if not _locked(err.__cause__):
+                raise
+            if not retrying:
+                path = conn.execute("PRAGMA database_list").fetchone()[2]
+                warnings.warn(
+                    f"flor: the log store {path!r} is locked by another process ({err.__cause__}); "
+                    f"its {len(rows)} values are kept and written once it is free",
+                    stacklevel=1,
+                )
+            self._unwritten = rows
+
+
+def _locked(err: BaseException | None) -> bool:
+    """Is ``err`` sqlite's "database is locked"/"busy": another connection holds the write lock?"""
+    return isinstance(err, sqlite3.OperationalError) and ("locked" in str(err) or "busy" in str(err))
 
 
 # A flush inserts 99 rows per statement. sqlite3 releases and retakes the GIL for each statement

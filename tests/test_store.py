@@ -211,3 +211,35 @@ def test_writer_reports_a_failure_to_the_caller(tmp_path):
     writer = store.LogWriter(broken, interval=60)
     with pytest.raises(StoreError, match="disk on fire"):
         writer.close()
+
+
+def test_writer_keeps_values_while_another_process_holds_the_lock(tmp_path):
+    """A store locked past the busy timeout (another process in a write transaction) fails
+    nothing and loses nothing: the batch is written, in order, once the lock is gone."""
+    path = tmp_path / "f.db"
+    store.connect(path).close()
+
+    def impatient() -> sqlite3.Connection:
+        conn = store.connect(path)
+        conn.execute("PRAGMA busy_timeout = 50")
+        return conn
+
+    writer = store.LogWriter(impatient, interval=60)
+    writer.add(("r", None, "train", "step", 0, 0, 0, "x", 1.0))
+    writer.flush()
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    writer.add(("r", None, "train", "step", 0, 1, 1, "x", 2.0))
+    with pytest.warns(UserWarning, match="locked by another process.*1 values are kept"):
+        writer.flush(wait=False)
+        for _ in range(200):
+            if writer._unwritten:
+                break
+            threading.Event().wait(0.02)
+    assert writer.backlog == 1
+    writer.add(("r", None, "train", "step", 0, 2, 2, "x", 3.0))
+    threading.Event().wait(0.3)  # retried under the lock at least once
+    other.execute("ROLLBACK")
+    writer.close()
+    rows = sqlite3.connect(path).execute("SELECT step, value FROM logs ORDER BY rowid").fetchall()
+    assert rows == [(0, 1.0), (1, 2.0), (2, 3.0)]
