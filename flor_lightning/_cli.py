@@ -82,6 +82,15 @@ def _py(v: Any) -> Any:
     return v
 
 
+def _finite(v: Any) -> Any:
+    """``v`` with every float JSON cannot hold (an ``inf`` hyperparameter, a NaN) as :func:`_py` writes it."""
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_finite(x) for x in v]
+    return None if isinstance(v, float) and math.isnan(v) else _py(v)
+
+
 def _table(df: pd.DataFrame) -> str:
     """An aligned text table: text left-aligned, numbers right-aligned, missing values as ``-``."""
     if df.empty:
@@ -245,7 +254,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         "loggers": json.loads(run["loggers"]) if run.get("loggers") is not None else None,
     }
     if args.format == "json":
-        sys.stdout.write(json.dumps(info, indent=1, default=str) + "\n")
+        sys.stdout.write(json.dumps(_finite(info), indent=1, default=str, allow_nan=False) + "\n")
     else:
         sys.stdout.write(_sections(info))
     return 0

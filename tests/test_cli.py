@@ -353,3 +353,24 @@ def test_a_reader_that_leaves_early_is_not_an_error(
     monkeypatch.setattr(sys, "stdout", _ClosedPipe())
     assert cli.main(["query", "val_loss"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_show_json_is_strict_json_with_infinite_hparams(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """JSON has no Infinity or NaN: `flor show --format json` writes them as "inf" and null, which
+    every JSON parser reads (Python's own would accept the bare tokens; jq and browsers do not)."""
+    from flor_lightning import _store as store
+
+    db = tmp_path / "flor.db"
+    conn = store.connect(db)
+    hparams = {"max_norm": float("inf"), "floor": float("-inf"), "decay": float("nan"), "lr": 0.1}
+    row = {"run_id": "r1", "project": "p", "started": 1.0, "status": "finished", "hparams": hparams}
+    store.insert(conn, "runs", row)
+    conn.close()
+    code, out, err = flor_in_process(capsys, "show", "r1", "--format", "json", "--db", str(db))
+    assert code == 0, err
+
+    def refuse(token: str) -> None:
+        raise ValueError(f"not JSON: {token}")
+
+    info = json.loads(out, parse_constant=refuse)
+    assert info["hparams"] == {"max_norm": "inf", "floor": "-inf", "decay": None, "lr": 0.1}
