@@ -67,6 +67,7 @@ from torch.autograd.graph import increment_version
 
 from flor_lightning._atomic import atomic
 from flor_lightning._errors import BlobError, CheckpointError, ConfigError
+from flor_lightning._packfile import write_direct
 
 log = logging.getLogger(__name__)
 
@@ -499,8 +500,9 @@ class BlobStore:
         return int(self.fs.size(final))
 
     def _write_pack(self, tmp: str, tensors: dict[str, torch.Tensor]) -> None:
-        if isinstance(self.fs, LocalFileSystem):  # safetensors writes straight from the tensors' memory
-            safetensors.torch.save_file(tensors, tmp, metadata=_PACK_METADATA)
+        if isinstance(self.fs, LocalFileSystem):  # past the page cache where it can; else safetensors' own writer
+            if not write_direct(tmp, tensors, _PACK_METADATA):
+                safetensors.torch.save_file(tensors, tmp, metadata=_PACK_METADATA)
         else:
             self._write_bytes(tmp, safetensors.torch.save(tensors, metadata=_PACK_METADATA))
 
