@@ -20,7 +20,8 @@ reference from the index alone:
 
 - ``gc`` deletes a pack only when no checkpoint still indexed (of any run, kept or busy) references it. Packs
   no row references at all (a writer killed between its pack and its manifest, a gc killed before its files)
-  are swept too, but only under a root where no run is recording (a write in flight has no row yet).
+  and the temporary files of pack writes killed midway are swept too, but only under a root where no run is
+  recording (a write in flight has no row yet).
 - ``push`` copies the packs a manifest references to the destination (``<url>/<project>/packs``) before the
   manifest itself, and deletes a local pack only once no checkpoint still indexed locally references it, so
   every checkpoint stays loadable wherever the index says it is, local or pushed, at any moment.
@@ -228,10 +229,11 @@ def _remove_packs(rows: list[dict[str, Any]], root: str | None, skip: set[str], 
 
 
 def _sweep_packs(root: str, skip: set[str], *, dry_run: bool) -> tuple[int, int]:
-    """Delete the packs under ``root`` but those in ``skip`` (referenced, or freed already); no run records there."""
+    """Delete the packs under ``root`` but those in ``skip`` (referenced, or freed already), and the temporary
+    files of pack writes that never finished (a killed writer's); no run records there."""
     fs, base = open_fs(root)
     count = size = 0
-    for path in fs.glob(f"{base}/{PACKS}/*.safetensors"):
+    for path in fs.glob(f"{base}/{PACKS}/*.safetensors*"):  # <id>.safetensors and <id>.safetensors.tmp-<hex>
         if (key := file_key(fs, path)) not in skip:
             skip.add(key)
             count, size = count + 1, size + int(fs.size(path))

@@ -208,6 +208,21 @@ def test_gc_killed_between_index_and_files_loses_nothing_and_the_next_gc_frees_t
         assert_all_readable(db, r)
 
 
+def test_gc_sweeps_the_partial_pack_of_a_killed_writer(three_runs: tuple[Path, list[str]]) -> None:
+    """A writer killed inside its pack leaves ``<id>.safetensors.tmp-<hex>`` (as large as the checkpoint): gc
+    removes it once no run records under the root, and keeps every pack a checkpoint references."""
+    root, ids = three_runs
+    db = root / ".flor" / "flor.db"
+    packs = run_dir(ids[0]).parent / "packs"
+    partial = packs / "0123abcd.safetensors.tmp-4567ef"
+    partial.write_bytes(b"\0" * 5000)
+    report = flor.gc(keep_last=3)
+    assert [(f.run_id, f.files, f.bytes) for f in report.freed] == [(housekeeping.UNREFERENCED, 1, 5000)]
+    assert not partial.exists()
+    for r in ids:
+        assert_all_readable(db, r)
+
+
 def test_gc_rejects_a_negative_keep_last(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ConfigError, match="keep_last must be an integer >= 0"):
         flor.gc(keep_last=-1)
