@@ -271,8 +271,9 @@ def read_uri(path: Path | str) -> str:
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         finally:
             conn.close()
-    except sqlite3.OperationalError:
-        return f"{uri}&immutable=1"
+    except sqlite3.OperationalError as err:  # only "cannot make the -shm file": a lock or damage is no reason
+        if getattr(err, "sqlite_errorname", "").startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN")):
+            return f"{uri}&immutable=1"
     return uri
 
 
