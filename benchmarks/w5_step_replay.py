@@ -7,6 +7,9 @@ the epoch) and by ``trainer.replay(train=True)`` (the epoch re-trained). The ide
 ``(train + val) / (loads + val)`` from the recording's epoch row (training and validation seconds) and the measured
 time of loading its checkpoints (each validation point's, and the epoch end's twice).
 
+Each round also fits the run plainly (Lightning alone) and recorded again (`FlorCallback()`, `checkpoint_every="auto"`):
+the recording overhead, with flor's own seconds from `FlorCallback.stats` beside it.
+
 Usage: ``python benchmarks/w5_step_replay.py [--rounds N] [--smoke] [--out PATH]``. Benchmarks are not timed
 tests: nothing here asserts a time. The machine is shared: figures are min-max over rounds.
 """
@@ -70,8 +73,8 @@ def loaders(n_train: int) -> tuple[DataLoader, DataLoader]:
     return train, DataLoader(TensorDataset(x[n_train:], y[n_train:]), batch_size=64)
 
 
-def trainer(steps: int, k: int) -> flor.Trainer:
-    return flor.Trainer(
+def trainer(steps: int, k: int, cls: type[L.Trainer] = flor.Trainer) -> L.Trainer:
+    return cls(
         max_epochs=1,
         max_steps=steps,
         val_check_interval=k,
@@ -129,26 +132,48 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     steps, k, width, rounds = (12, 4, 64, 1) if args.smoke else (240, 40, 1024, args.rounds)
-    with sandbox() as root:
+    fits: dict[str, list[float]] = {"plain": [], "record": []}
+    flor_s: list[dict[str, float]] = []  # per recording: flor's own seconds, from FlorCallback.stats
+
+    def fit(variant: str) -> L.Trainer:
+        """One fit of the run: plain Lightning, or recorded with FlorCallback() (checkpoint_every="auto")."""
         L.seed_everything(0, workers=True)
+        tr, start = trainer(steps, k, L.Trainer if variant == "plain" else flor.Trainer), clock()
+        tr.fit(Wide(width), train, val)
+        fits[variant].append(clock() - start)
+        if variant == "record":
+            st = tr.flor.stats  # type: ignore[attr-defined]
+            thread = st.blocked_seconds + st.snapshot_seconds + st.state_seconds + st.rng_seconds + st.store_seconds
+            flor_s.append({"thread": thread, "writer": st.writer_cpu_seconds, "checkpoints": st.checkpoints_written})
+        print(f"  {variant:8s} fit {fits[variant][-1]:.2f}s", flush=True)
+        return tr
+
+    with sandbox() as root:
         train, val = loaders(steps * 64)
-        start = clock()
-        rec = trainer(steps, k)
-        rec.fit(Wide(width), train, val)
-        record_s = clock() - start
-        run_id = rec.flor.run_id
+        run_id = fit("record").flor.run_id  # type: ignore[attr-defined]  # the recording the replays replay
+        record_s = fits["record"][0]
         times = recorded_times(root, run_id)
         replay_s: dict[str, list[float]] = {"restore": [], "retrain": []}
         for r in range(rounds):
-            for variant in ("restore", "retrain") if r % 2 == 0 else ("retrain", "restore"):
+            for variant in ("restore", "retrain", "plain", "record")[:: 1 if r % 2 else -1]:
+                if variant in fits:
+                    fit(variant)
+                    continue
                 L.seed_everything(0, workers=True)
                 start = clock()
-                report = trainer(steps, k).replay(WideWithF1(width), train, val, run=run_id, train=variant == "retrain")
+                replayer = trainer(steps, k)
+                report = replayer.replay(WideWithF1(width), train, val, run=run_id, train=variant == "retrain")
                 replay_s[variant].append(clock() - start)
                 assert report.mismatched == 0, report
                 print(f"  round {r + 1}/{rounds} {variant:8s} {replay_s[variant][-1]:.2f}s", flush=True)
     ideal = (times["train"] + times["val"]) / (times["loads"] + times["val"])
     speedups = [b / a for a, b in zip(replay_s["restore"], replay_s["retrain"], strict=True)]
+    overhead = [f / p - 1 for p, f in zip(fits["plain"], fits["record"][1:], strict=True)]  # round by round
+    points = steps // k - (steps % k == 0)  # validation points inside the epoch (one at its end is the epoch's)
+    share = {k: [f[k] / t * 100 for f, t in zip(flor_s, fits["record"], strict=True)] for k in ("thread", "writer")}
+    record_row = [spread(fits["plain"], "{:.2f}"), spread(fits["record"][1:], "{:.2f}"),
+                  spread([x * 100 for x in overhead], "{:+.1f}%"), spread(share["thread"], "{:.2f}%"),
+                  spread(share["writer"], "{:.2f}%"), ", ".join(str(f["checkpoints"]) for f in flor_s)]  # fmt: skip
     lines = [
         f"## W5: one epoch of {steps} steps validating every {k}, a new validation metric ({rounds} rounds, "
         f"shared machine, {time.strftime('%Y-%m-%d %H:%M')})",
@@ -165,9 +190,16 @@ def main() -> None:
             "restore ÷ retrain speedup | ideal (train+val)/(loads+val) | share of ideal",
             [[spread(speedups, "{:.2f}"), f"{ideal:.2f}", f"{median(speedups) / ideal:.0%}"]],
         ),
+        "",
+        *table(
+            'recording with FlorCallback() (checkpoint_every="auto") | plain fit s | recorded fit s | overhead, '
+            "per round | training thread in flor, share of the fit | checkpoint writer CPU, share | checkpoints "
+            f"(validation points inside the epoch: {points})",
+            [record_row],
+        ),
     ]
     text = "\n".join(lines) + "\n"
-    raw = {"record_s": record_s, "times": times, "replay_s": replay_s, "ideal": ideal}
+    raw = {"record_s": record_s, "times": times, "replay_s": replay_s, "ideal": ideal, "fits": fits, "flor": flor_s}
     write_results(args.out, text, raw)
     print(json.dumps({"speedup_median": median(speedups), "ideal": ideal}))
 
