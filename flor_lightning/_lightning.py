@@ -7,6 +7,7 @@ integration tests; the rest of the package uses public Lightning API only.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -201,7 +202,7 @@ class ReplayFitLoop(_FitLoop):
     def __init__(self, trainer: pl.Trainer, hooks: ReplayHooks) -> None:
         original = trainer.fit_loop
         super().__init__(trainer, min_epochs=original.min_epochs, max_epochs=original.max_epochs)
-        self.epoch_loop = _TrainingEpochLoop(
+        self.epoch_loop = StoppableEpochLoop(
             trainer, min_steps=original.epoch_loop.min_steps, max_steps=original.epoch_loop.max_steps
         )
         self._hooks = hooks
@@ -233,6 +234,8 @@ class ReplayFitLoop(_FitLoop):
             try:
                 if step.load is not None:
                     self._restore(step.load, step)
+                elif step.start_inside is not None:
+                    self._resume_inside(step.epoch, step.start_inside)
                 break
             except CheckpointError as err:
                 bad = getattr(err, "epoch", None)
@@ -242,6 +245,7 @@ class ReplayFitLoop(_FitLoop):
                 self._steps[self._next :] = self._hooks.replan(bad, self._steps[self._next :])
         self._hooks.on_step_start(self.trainer, step)
         if step.action == "train":
+            self.epoch_loop.stop_after = step.stop_after
             super().on_advance_start()
             return
         self.setup_data()
@@ -252,7 +256,10 @@ class ReplayFitLoop(_FitLoop):
     @override
     def advance(self) -> None:
         if self._step.action == "train":
-            super().advance()
+            with warnings.catch_warnings():
+                if self._step.start_inside is not None:  # resume_mid_epoch put the data back: exact
+                    warnings.filterwarnings("ignore", NOT_RESUMABLE_WARNING)
+                super().advance()
             return
         step = self._step
         for batch_idx in step.inside:  # the validation points inside the epoch, each from its checkpoint
@@ -292,10 +299,30 @@ class ReplayFitLoop(_FitLoop):
         rng.restore(state["flor"]["rng_at_validation"])
         self._validate(stepped=0)  # taken before Lightning counted the batch as stepped
 
+    def _resume_inside(self, epoch: int, batch_idx: int) -> None:
+        """Load the checkpoint inside ``epoch`` after its batch ``batch_idx`` and continue the epoch from there,
+        data position, aggregates, pending gradients and RNGs as recorded (:func:`resume_mid_epoch`).
+
+        Raises:
+            CheckpointError: the restart would not be exact (the planner leaves such checkpoints out).
+        """
+        trainer = self.trainer
+        state = self._hooks.load_inside(epoch, batch_idx)
+        restore_modules(trainer, state, what=f"the checkpoint of epoch {epoch} after batch {batch_idx}")
+        restore_loops_mid_epoch(trainer, state["loops"]["fit_loop"])
+        result = resume_mid_epoch(trainer, state["flor"])
+        if not result.exact:
+            raise CheckpointError(
+                f"the checkpoint of epoch {epoch} after batch {batch_idx} cannot be continued exactly: {result.reason}"
+            )
+
     @override
     def on_advance_end(self) -> None:
         step = self._step
-        if step.action == "train":
+        if step.action == "train" and self.epoch_loop.stopped_early:
+            self.epoch_loop.stop_after = None  # the rest of the epoch belongs to a later step or segment
+        elif step.action == "train":
+            self.epoch_loop.stop_after = None
             super().on_advance_end()
         else:
             self._restored_epoch_end()

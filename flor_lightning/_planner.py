@@ -31,6 +31,11 @@ class EpochStep:
             those validation points, each restored and validated in order before the epoch's end.
         validate_end: for such an epoch, whether it validated at its end too (None: as
             ``check_val_every_n_epoch`` says).
+        start_inside: for a train step: the batch index of the checkpoint inside ``epoch`` it starts from
+            (``load`` is None then), continuing the epoch after that batch.
+        stop_after: for a train step: stop the epoch once this many of its batches are done (and their
+            validation, if due), without the epoch's end.
+        keep: store only the values logged at global steps ``keep[0] <= step < keep[1]`` (None: all).
     """
 
     epoch: int
@@ -39,6 +44,14 @@ class EpochStep:
     wanted: bool = True
     inside: tuple[int, ...] = ()
     validate_end: bool | None = None
+    start_inside: int | None = None
+    stop_after: int | None = None
+    keep: tuple[int, int] | None = None
+
+
+InsidePoint = tuple[int, int, str]
+"""A checkpoint inside an epoch: its global step, the batch index it was taken after, its moment
+(``"validation_end"`` or ``"train_batch_end"``)."""
 
 
 Points = dict[int, tuple[tuple[int, ...], bool]]
@@ -263,8 +276,88 @@ def estimate_seconds(
     epoch loads each one's checkpoint, then its own again)."""
     total = 0.0
     for s in steps:
-        loads = (s.load is not None) + (len(s.inside) + 1 if s.inside else 0)
+        loads = (s.load is not None or s.start_inside is not None) + (len(s.inside) + 1 if s.inside else 0)
         total += val_s.get(s.epoch, 0.0) + load_s * loads
         if s.action == "train":
             total += train_s.get(s.epoch, 0.0)
     return total
+
+
+def validate_steps(steps: object, epochs: object) -> None:
+    """Check ``steps`` as given to ``replay``: None, or a ``range`` of global steps with step 1, not empty.
+
+    Raises:
+        ReplayError: anything else, or ``epochs`` given too.
+    """
+    if steps is None:
+        return
+    if not isinstance(steps, range) or steps.step != 1 or steps.start < 0 or len(steps) == 0:
+        raise ReplayError(
+            f"steps must be a non-empty range of global steps, e.g. steps=range(1000, 2000); got {steps!r}"
+        )
+    if epochs is not None:
+        raise ReplayError("give epochs= or steps=, not both (steps= selects the epochs it touches)")
+
+
+def epochs_of_steps(steps: range, spans: Mapping[int, tuple[int, int]]) -> list[int]:
+    """The epochs whose recorded values (global steps ``spans[e] = (first, last)``) meet ``steps``.
+
+    Example:
+        >>> epochs_of_steps(range(10, 14), {0: (0, 12), 1: (12, 24)})
+        [0, 1]
+
+    Raises:
+        ReplayError: no recorded epoch meets ``steps`` (the message names the recorded steps).
+    """
+    found = sorted(e for e, (lo, hi) in spans.items() if lo <= steps[-1] and hi >= steps[0])
+    if not found:
+        have = f"{min(lo for lo, _ in spans.values())}-{max(hi for _, hi in spans.values())}" if spans else "(none)"
+        raise ReplayError(
+            f"steps {steps.start}-{steps[-1]} were not recorded; the run logged values at global steps {have}. "
+            "Choose steps within them."
+        )
+    return found
+
+
+def start_inside(first: int, points: Sequence[InsidePoint]) -> InsidePoint | None:
+    """The latest checkpoint inside an epoch from which a restart still logs every value at global step
+    ``first`` and later: one at a validation's end taken at an earlier step (that validation's values,
+    at its own step, precede it), one at a training batch's end at that step or earlier.
+
+    Example:
+        >>> start_inside(7, [(3, 2, "validation_end"), (6, 5, "validation_end"), (9, 8, "validation_end")])
+        (6, 5, 'validation_end')
+        >>> start_inside(6, [(3, 2, "validation_end"), (6, 5, "validation_end")])
+        (3, 2, 'validation_end')
+        >>> start_inside(6, [(6, 5, "train_batch_end")])
+        (6, 5, 'train_batch_end')
+    """
+    usable = [p for p in points if p[0] < first or (p[0] == first and p[2] == "train_batch_end")]
+    return max(usable, default=None)
+
+
+def slice_steps(
+    steps: Sequence[EpochStep],
+    keep: range,
+    *,
+    start: tuple[int, int] | None = None,
+    stop: tuple[int, int] | None = None,
+) -> list[EpochStep]:
+    """``steps`` narrowed to the global steps ``keep``: each stores only values in ``keep``; with ``start``
+    (epoch, batch index of a checkpoint inside it), training of that epoch starts from that checkpoint
+    (what was planned before it is dropped); with ``stop`` (epoch, batches), that epoch's training stops
+    after that many of its batches.
+
+    Example:
+        >>> [(s.epoch, s.load, s.start_inside, s.stop_after, s.keep) for s in slice_steps(
+        ...     [EpochStep(0, "train", -1)], range(7, 9), start=(0, 5), stop=(0, 9))]
+        [(0, None, 5, 9, (7, 9))]
+    """
+    out = list(steps)
+    if start is not None:
+        at = next((i for i, s in enumerate(out) if s.epoch == start[0] and s.action == "train" and s.wanted), None)
+        if at is not None:
+            out = [replace(out[at], load=None, start_inside=start[1]), *out[at + 1 :]]
+    if stop is not None:
+        out = [replace(s, stop_after=stop[1]) if s.action == "train" and s.epoch == stop[0] else s for s in out]
+    return [replace(s, keep=(keep.start, keep.stop)) for s in out]

@@ -48,6 +48,7 @@ def run_replay(
     val_dataloaders: Any,
     run: str | None,
     epochs: Sequence[int] | range | None,
+    steps: range | None = None,
     segments: int,
     segment: int | None,
     train: bool | None,
@@ -56,6 +57,7 @@ def run_replay(
 ) -> ReplayReport:
     """See :meth:`flor_lightning.Trainer.replay`; ``clock`` gives the times the replay's records carry."""
     _check_arguments(trainer, epochs, segments, segment, train)
+    planner.validate_steps(steps, epochs)
     loc = locate()
     rec, ckpt_rows, timings = _runs.load_run(loc, run)
     if not rec["checkpoint_root"]:
@@ -64,7 +66,11 @@ def run_replay(
     missing = sorted(e for e, r in ckpt_rows.items() if not ckpts.exists(r["path"]))
     good = {e for e in ckpt_rows if e not in missing}
     recorded_epochs = [t["epoch"] for t in timings] or sorted(e for e in ckpt_rows if e >= 0)
-    wanted = planner.epoch_list(epochs, recorded_epochs)
+    wanted = (
+        planner.epoch_list(epochs, recorded_epochs)
+        if steps is None
+        else planner.epochs_of_steps(steps, _runs.step_spans(loc, rec["run_id"]))
+    )
     inside, points, why = _validations_inside(
         loc, rec, wanted, {e: r for e, r in ckpt_rows.items() if e in good}, ckpts
     )
@@ -83,9 +89,14 @@ def run_replay(
     plan = planner.plan_segments(
         wanted, good, train=retrain, segments=segments, cost=cost, scratch=scratch, points=points
     )
+    inside = {**_checkpoints_inside(loc, rec["run_id"], ckpts), **inside}
+    notes: list[str] = []
+    if steps is not None:
+        plan, notes = _slice(plan, steps, retrain=retrain, loc=loc, run_id=rec["run_id"], inside=inside, ckpts=ckpts)
+        reason += "".join(f"; {note}" for note in notes)
     chosen = plan if segment is None else [plan[segment]]
     replay_id = os.environ.get(REPLAY_ID_ENV) or f"{rec['run_id']}.r{uuid.uuid4().hex[:6]}"
-    report = ReplayReport(replay_id=replay_id, run_id=rec["run_id"], train=retrain, reason=reason)
+    report = ReplayReport(replay_id=replay_id, run_id=rec["run_id"], train=retrain, reason=reason, notes=notes)
     primary, started = trainer.global_rank == 0, clock()
     if primary:
         _warn_missing(rec, ckpt_rows, missing, ckpts)
@@ -149,6 +160,56 @@ def _validations_inside(
     if isinstance(found, str):
         return inside, None, f"but {found}"
     return inside, found, None
+
+
+def _checkpoints_inside(loc: Location, run_id: str, ckpts: CheckpointStore) -> dict[tuple[int, int], dict[str, Any]]:
+    """The run's checkpoints inside its epochs whose files are present, by (epoch, batch index)."""
+    return {k: r for k, r in _runs.checkpoints_inside(loc, run_id).items() if ckpts.exists(r["path"])}
+
+
+def _slice(
+    plan: list[planner.Segment],
+    steps: range,
+    *,
+    retrain: bool,
+    loc: Location,
+    run_id: str,
+    inside: dict[tuple[int, int], dict[str, Any]],
+    ckpts: CheckpointStore,
+) -> tuple[list[planner.Segment], list[str]]:
+    """``plan`` narrowed to the global ``steps`` (``replay(steps=...)``): re-training starts from the latest
+    checkpoint inside the first epoch that precedes ``steps`` where a restart from it is exact, and stops once
+    the last batch logging inside ``steps`` is done. Returns the plan and what it says about where training
+    starts (or why not from inside the epoch)."""
+    wanted = [e for seg in plan for e in seg.epochs]
+    start, stop, notes = None, None, []
+    if retrain:
+        first = wanted[0]
+        points = [(r["step"], b, r["moment"]) for (e, b), r in inside.items() if e == first]
+        found = planner.start_inside(steps.start, points)
+        if found is not None:
+            row = inside[(first, found[1])]
+            inexact = _inexact(ckpts, row)
+            where = f"the checkpoint inside epoch {first} after batch {found[1]} (step {found[0]})"
+            if inexact is None:
+                start = (first, found[1])
+                notes.append(f"training starts from {where}")
+            else:
+                notes.append(f"training starts at the epoch's start, not from {where}, which is not exact: {inexact}")
+        last = _runs.last_batch_before(loc, run_id, wanted[-1], steps.stop)
+        stop = (wanted[-1], last + 1) if last is not None else None
+    sliced = [
+        planner.Segment(seg.index, tuple(planner.slice_steps(seg.steps, steps, start=start, stop=stop))) for seg in plan
+    ]
+    return sliced, notes
+
+
+def _inexact(ckpts: CheckpointStore, row: dict[str, Any]) -> str | None:
+    """Why a restart from the checkpoint inside an epoch of ``row`` would not be exact (None: it would be), as
+    the recording found its training data (:func:`flor_lightning._midepoch.data_skip`)."""
+    state = ckpts.load(row["path"], row["sha256"])
+    how = state.get("flor", {}).get("mid_epoch", {}).get("data_skip")
+    return None if how in ("stateful", "sampler", "fetch") else str(how)
 
 
 def _decide_training(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import logging
 import sqlite3
 import sys
 from contextlib import closing
@@ -497,3 +498,127 @@ def test_a_training_metric_re_trains_an_epoch_that_validated_inside_bit_for_bit(
     report = replay(edit(project, *TRAIN_METRIC), max_epochs=1, trainer=ONE_EPOCH)
     assert report.train is True and report.epochs_trained == [0]
     assert report.rederived > 0 and report.matched == report.rederived and report.mismatched == 0
+
+
+class BatchCounter(L.Callback):
+    """The (epoch, batch index) of every training batch a fit runs."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, int]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append((trainer.current_epoch, batch_idx))
+
+
+def replayed_rows(run_id):
+    df = flor.records(run=run_id)
+    return df[df["replay_id"].notna()]
+
+
+@pytest.mark.parametrize(
+    ("steps", "start", "trained", "epoch_end"),
+    [
+        (range(7, 13), "after batch 5 (step 6)", range(6, 12), True),
+        (range(4, 9), "after batch 2 (step 3)", range(3, 9), False),
+    ],
+)
+def test_a_step_slice_re_trains_from_the_checkpoint_inside_the_epoch_before_it_bit_for_bit(
+    project, steps, start, trained, epoch_end
+):
+    """One epoch of 12 shuffled batches with dropout, checkpointed at its validation points (steps 3, 6, 9):
+    a training metric replayed for a slice of steps re-trains from the checkpoint before the slice, only the
+    batches up to its end, and stores only the values at its steps, on the recorded rows, re-derived exactly."""
+    run_id = record_validating_inside(project, 1, **ONE_EPOCH)
+    counter = BatchCounter()
+    report = replay(
+        edit(project, *TRAIN_METRIC), max_epochs=1, steps=steps, trainer={**ONE_EPOCH, "callbacks": [counter]}
+    )
+    assert report.train is True and report.epochs_trained == [0]
+    assert report.notes == [f"training starts from the checkpoint inside epoch 0 {start}"]
+    assert counter.batches == [(0, b) for b in trained]
+    assert report.rederived > 0 and report.matched == report.rederived and report.mismatched == 0
+    rows_ = replayed_rows(run_id)
+    assert set(rows_["step"]) == set(steps) and (rows_["epoch"] == 0).all()
+    new = rows_[rows_["name"] == "train_loss_x2"]
+    assert sorted(new["batch_idx"]) == [b for b in trained if b in steps]  # batch b starts at step b
+    df = flor.query("train_loss", "train_loss_x2", run=run_id).dropna(subset=["train_loss_x2"])
+    assert list(df["step"]) == [b for b in trained if b in steps]
+    assert (df["train_loss_x2"] == 2 * df["train_loss"]).all()  # the new value beside the recorded one
+    aggregates = rows_[rows_["name"] == "train_loss_epoch"]
+    assert len(aggregates) == int(epoch_end)  # re-derived from the aggregates restored with the checkpoint
+
+
+def test_a_step_slice_re_trains_across_gradients_accumulated_over_its_checkpoint(project):
+    """With accumulate_grad_batches=2 the validation after batch 2 (a checkpoint at step 1) falls between the two
+    batches of an optimizer step: the replay resumes with batch 2's gradients and re-derives exactly."""
+    settings = {**ONE_EPOCH, "accumulate_grad_batches": 2}
+    run_id = record_validating_inside(project, 1, **settings)
+    counter = BatchCounter()
+    report = replay(
+        edit(project, *TRAIN_METRIC), max_epochs=1, steps=range(2, 7), trainer={**settings, "callbacks": [counter]}
+    )
+    assert report.notes == ["training starts from the checkpoint inside epoch 0 after batch 2 (step 1)"]
+    assert counter.batches == [(0, b) for b in range(3, 12)]
+    assert report.rederived > 0 and report.matched == report.rederived and report.mismatched == 0
+    rows_ = replayed_rows(run_id)
+    assert set(rows_["step"]) == {2, 3, 4, 5, 6}
+    assert sorted(rows_[rows_["name"] == "train_loss_x2"]["batch_idx"]) == list(range(4, 12))
+
+
+def test_steps_must_be_a_range_of_recorded_steps(project):
+    record_validating_inside(project, 1, **ONE_EPOCH)
+    m = load_module(project)
+    with pytest.raises(ReplayError, match="steps must be a non-empty range of global steps"):
+        replay(m, max_epochs=1, steps=[3, 4], trainer=ONE_EPOCH)
+    with pytest.raises(ReplayError, match="give epochs= or steps=, not both"):
+        replay(m, max_epochs=1, steps=range(3, 4), epochs=[0], trainer=ONE_EPOCH)
+    with pytest.raises(ReplayError, match=r"steps 40-49 were not recorded; the run logged values at global steps 0-12"):
+        replay(m, max_epochs=1, steps=range(40, 50), trainer=ONE_EPOCH)
+
+
+STREAM_DATA = '''
+
+class StreamData(DigitsData):
+    """The digits as an IterableDataset in a random order, with no state_dict: no position inside an epoch."""
+
+    def train_dataloader(self):
+        return DataLoader(_Stream(self.train_set), batch_size=32)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __iter__(self):
+        for i in torch.randperm(len(self.dataset)).tolist():
+            yield self.dataset[i]
+'''
+
+
+def test_a_step_slice_of_an_unstateful_iterable_dataset_re_trains_from_the_epoch_start_and_says_so(project, caplog):
+    """Its position inside the epoch cannot be restored: the replay says so before it starts and in its report,
+    and re-trains from the epoch's start instead of refusing; still exact."""
+    (project / "model.py").write_text(MODEL_SOURCE + STREAM_DATA)
+    git(project, "add", "model.py")
+    git(project, "commit", "-q", "-m", "model")
+    m = load_module(project)
+    L.seed_everything(7)
+    trainer = flor.Trainer(**trainer_kwargs(max_epochs=1, **ONE_EPOCH))
+    trainer.fit(m.DigitsClassifier(), datamodule=m.StreamData())
+    run_id = trainer.flor.run_id
+    m = edit(project, *TRAIN_METRIC)
+    counter = BatchCounter()
+    L.seed_everything(7)
+    trainer = flor.Trainer(**trainer_kwargs(max_epochs=1, **ONE_EPOCH, callbacks=[counter]))
+    with caplog.at_level(logging.INFO):
+        report = trainer.replay(m.DigitsClassifier(), datamodule=m.StreamData(), steps=range(7, 13))
+    why = (
+        "training starts at the epoch's start, not from the checkpoint inside epoch 0 after batch 5 (step 6), which "
+        "is not exact: the training data is an IterableDataset without state_dict/load_state_dict"
+    )
+    assert len(report.notes) == 1 and report.notes[0].startswith(why)
+    announced = next(r.getMessage() for r in caplog.records if "replaying run" in r.getMessage())
+    assert why in announced and why in str(report)
+    assert counter.batches == [(0, b) for b in range(12)]
+    assert report.rederived > 0 and report.matched == report.rederived and report.mismatched == 0
+    assert set(replayed_rows(run_id)["step"]) == set(range(7, 13))
