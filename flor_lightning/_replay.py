@@ -101,7 +101,7 @@ def run_replay(
     if primary:
         _warn_missing(rec, ckpt_rows, missing, ckpts)
         drift.warn_hparams(rec, hyperparameters(model, None, datamodule or train_dataloaders))
-        _announce(rec["run_id"], chosen, segment, segments, retrain, reason, train_s, val_s, ckpt_rows)
+        _announce(rec["run_id"], chosen, segment, segments, retrain, reason, train_s, val_s, ckpt_rows, steps)
         _register(trainer, loc, rec, replay_id, chosen, started)
     runner = SegmentRunner(
         db_path=str(loc.db_path),
@@ -323,6 +323,7 @@ def _announce(
     train_s: dict[int, float],
     val_s: dict[int, float],
     ckpt_rows: dict[int, dict[str, Any]],
+    sliced: range | None = None,
 ) -> None:
     steps = [s for seg in chosen for s in seg.steps]
     load_s = max((r["write_seconds"] for r in ckpt_rows.values()), default=0.0)
@@ -335,8 +336,11 @@ def _announce(
         if segment is not None
         else (f" in {segments} segments" if segments > 1 else "")
     )
+    epochs = f"epochs {planner.describe([e for s in chosen for e in s.epochs])}"
+    if sliced is not None:
+        epochs = f"steps {sliced.start}-{sliced[-1]} ({epochs})"
     rank_zero_info(
-        f"flor: replaying run {run_id} epochs {planner.describe([e for s in chosen for e in s.epochs])}{which}: "
+        f"flor: replaying run {run_id} {epochs}{which}: "
         f"{'re-training' if retrain else 'restoring checkpoints'} because {reason}. "
         f"Estimated {estimate:.1f}s (the recording took {full:.1f}s)."
     )
