@@ -264,6 +264,8 @@ class ReplayFitLoop(_FitLoop):
         step = self._step
         for batch_idx in step.inside:  # the validation points inside the epoch, each from its checkpoint
             self._validate_inside(step.epoch, batch_idx)
+        if not step.end:  # a segment of the epoch: its end belongs to a later one
+            return
         if step.inside:
             assert step.load is not None
             self._restore(step.load, step)  # back to the epoch's end
@@ -324,7 +326,7 @@ class ReplayFitLoop(_FitLoop):
         elif step.action == "train":
             self.epoch_loop.stop_after = None
             super().on_advance_end()
-        else:
+        elif step.end:
             self._restored_epoch_end()
         self._next += 1
         self._hooks.on_step_done(self.trainer, step)

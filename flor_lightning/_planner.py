@@ -36,6 +36,8 @@ class EpochStep:
         stop_after: for a train step: stop the epoch once this many of its batches are done (and their
             validation, if due), without the epoch's end.
         keep: store only the values logged at global steps ``keep[0] <= step < keep[1]`` (None: all).
+        end: for a restore: False for a segment of the epoch that validates only its points inside and
+            leaves the epoch's end (its last validation, epoch-end hooks) to a later segment.
     """
 
     epoch: int
@@ -47,6 +49,7 @@ class EpochStep:
     start_inside: int | None = None
     stop_after: int | None = None
     keep: tuple[int, int] | None = None
+    end: bool = True
 
 
 InsidePoint = tuple[int, int, str]
@@ -361,3 +364,52 @@ def slice_steps(
     if stop is not None:
         out = [replace(s, stop_after=stop[1]) if s.action == "train" and s.epoch == stop[0] else s for s in out]
     return [replace(s, keep=(keep.start, keep.stop)) for s in out]
+
+
+def split_epoch(step: EpochStep, segments: int, *, cuts: Sequence[int], cost: Sequence[float]) -> list[EpochStep]:
+    """Divide the replay of one epoch (``step``) into ``segments`` contiguous segments balanced by ``cost``.
+
+    A restore is divided at its validation points inside (``step.inside``; ``cuts`` is ignored): each segment
+    restores and validates its own, the last one the epoch's end too. A train step is divided at ``cuts``,
+    the batch indices of checkpoints inside the epoch that a restart continues exactly: a segment starts from
+    the checkpoint at its start (the first from ``step.load``) and stops after the batch of the one at its end.
+    ``cost`` has one entry per part (a validation point, then the end; or the stretch before each cut, then
+    the one after the last), e.g. its recorded seconds. Every value is logged by exactly one segment.
+
+    Example:
+        >>> [(s.inside, s.end) for s in split_epoch(EpochStep(0, "restore", 0, inside=(2, 5, 8)), 2, cuts=(),
+        ...                                           cost=[1, 1, 1, 1])]
+        [((2, 5), False), ((8,), True)]
+        >>> [(s.load, s.start_inside, s.stop_after) for s in split_epoch(EpochStep(0, "train", -1), 2,
+        ...                                                               cuts=(2, 5, 8), cost=[3, 3, 3, 3])]
+        [(-1, None, 6), (None, 5, None)]
+
+    Raises:
+        ReplayError: fewer parts than ``segments``.
+    """
+    parts = len(step.inside) + 1 if step.action == "restore" else len(cuts) + 1
+    if not 1 <= segments <= parts:
+        where = "validation points (the epoch's end included)" if step.action == "restore" else "stretches between"
+        where += "" if step.action == "restore" else " its checkpoints inside that a restart continues exactly"
+        raise ReplayError(
+            f"segments must be between 1 and the {parts} {where} of epoch {step.epoch}, got {segments}; "
+            f"replay with segments<={parts}"
+        )
+    groups = split_segments(list(range(parts)), segments, dict(enumerate(cost)))
+    out = []
+    for group in groups:
+        first, last = group[0], group[-1]
+        if step.action == "restore":
+            end = last == parts - 1
+            inside = tuple(step.inside[u] for u in group if u < len(step.inside))
+            out.append(replace(step, inside=inside) if end else replace(step, load=None, inside=inside, end=False))
+        else:
+            out.append(
+                replace(
+                    step,
+                    load=step.load if first == 0 else None,
+                    start_inside=None if first == 0 else cuts[first - 1],
+                    stop_after=None if last == parts - 1 else cuts[last] + 1,
+                )
+            )
+    return out

@@ -8,6 +8,7 @@ segments, :mod:`._segments` runs this process's segments and keeps their records
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -86,11 +87,16 @@ def run_replay(
     points = None if retrain else points
     if points is not None and any(batches for batches, _ in points.values()):
         reason += "; each validation point inside an epoch from its checkpoint"
+    within = segments > 1 and len(wanted) == 1  # one epoch: its segments divide it
     plan = planner.plan_segments(
-        wanted, good, train=retrain, segments=segments, cost=cost, scratch=scratch, points=points
+        wanted, good, train=retrain, segments=1 if within else segments, cost=cost, scratch=scratch, points=points
     )
     inside = {**_checkpoints_inside(loc, rec["run_id"], ckpts), **inside}
     notes: list[str] = []
+    if within:
+        if steps is not None:
+            raise ReplayError("steps= replays its slice in one segment; pass segments=1 with steps=")
+        plan = _split_epoch(plan[0], segments, inside=inside, timings=timings, ckpts=ckpts)
     if steps is not None:
         plan, notes = _slice(plan, steps, retrain=retrain, loc=loc, run_id=rec["run_id"], inside=inside, ckpts=ckpts)
         reason += "".join(f"; {note}" for note in notes)
@@ -202,6 +208,42 @@ def _slice(
         planner.Segment(seg.index, tuple(planner.slice_steps(seg.steps, steps, start=start, stop=stop))) for seg in plan
     ]
     return sliced, notes
+
+
+def _split_epoch(
+    seg: planner.Segment,
+    segments: int,
+    *,
+    inside: dict[tuple[int, int], dict[str, Any]],
+    timings: list[dict[str, Any]],
+    ckpts: CheckpointStore,
+) -> list[planner.Segment]:
+    """The replay of one epoch divided into ``segments`` (:func:`planner.split_epoch`), balanced by the recorded
+    time: between its checkpoints inside when it re-trains (each taken at its ``created`` time less its write), by
+    its validation points when it restores."""
+    if len(seg.steps) != 1:
+        raise ReplayError(
+            f"epoch {seg.epochs} is re-trained from an earlier epoch's checkpoint, so it cannot be divided into "
+            f"segments; replay with segments=1"
+        )
+    (step,) = seg.steps
+    cuts: list[int] = []
+    cost: list[float] = [1.0] * (len(step.inside) + 1)
+    if step.action == "train":
+        rows = sorted((r for (e, _), r in inside.items() if e == step.epoch), key=lambda r: r["batch_idx"])
+        inexact = _inexact(ckpts, rows[0]) if rows else None
+        if inexact is not None:
+            raise ReplayError(
+                f"epoch {step.epoch} cannot be divided into segments at its checkpoints inside: a restart from them "
+                f"is not exact ({inexact}); replay with segments=1"
+            )
+        cuts = [r["batch_idx"] for r in rows]
+        timing = next((t for t in timings if t["epoch"] == step.epoch), None)
+        cost = [1.0] * (len(cuts) + 1)  # no time recorded: each stretch alike
+        if timing is not None:
+            marks = [timing["started"], *(r["created"] - r["write_seconds"] for r in rows), timing["ended"]]
+            cost = [max(b - a, 0.0) for a, b in itertools.pairwise(marks)]
+    return [planner.Segment(i, (s,)) for i, s in enumerate(planner.split_epoch(step, segments, cuts=cuts, cost=cost))]
 
 
 def _inexact(ckpts: CheckpointStore, row: dict[str, Any]) -> str | None:
@@ -336,7 +378,7 @@ def _announce(
         if segment is not None
         else (f" in {segments} segments" if segments > 1 else "")
     )
-    epochs = f"epochs {planner.describe([e for s in chosen for e in s.epochs])}"
+    epochs = f"epochs {planner.describe(sorted({e for s in chosen for e in s.epochs}))}"
     if sliced is not None:
         epochs = f"steps {sliced.start}-{sliced[-1]} ({epochs})"
     rank_zero_info(

@@ -622,3 +622,46 @@ def test_a_step_slice_of_an_unstateful_iterable_dataset_re_trains_from_the_epoch
     assert counter.batches == [(0, b) for b in range(12)]
     assert report.rederived > 0 and report.matched == report.rederived and report.mismatched == 0
     assert set(replayed_rows(run_id)["step"]) == set(range(7, 13))
+
+
+def replay_values(project, replay_ids):
+    """The values the replays stored, keyed by where they were logged (a key twice fails)."""
+    db = project / ".flor" / "flor.db"
+    marks = ",".join("?" * len(replay_ids))
+    found = rows(
+        db,
+        f"SELECT stage, level, epoch, step, batch_idx, name, value FROM logs WHERE replay_id IN ({marks})",
+        tuple(replay_ids),
+    )
+    keyed = {tuple(r[k] for k in ("stage", "level", "epoch", "step", "batch_idx", "name")): r["value"] for r in found}
+    assert len(keyed) == len(found), "a value was stored twice"
+    return keyed
+
+
+@pytest.mark.parametrize(
+    ("change", "trains", "batches"), [(VAL_F1, False, [[], []]), (TRAIN_METRIC, True, [range(6), range(6, 12)])]
+)
+def test_one_epoch_replayed_in_two_segments_equals_the_one_segment_replay_bit_for_bit(project, change, trains, batches):
+    """A one-epoch run's validation points (restore) or stretches between its checkpoints inside (re-train) are
+    divided into 2 segments balanced by recorded time, each from the checkpoint before it: segment=0 and
+    segment=1 replayed apart, and segments=2 in one process, store every value of the one-segment replay
+    exactly once, bit for bit."""
+    run_id = record_validating_inside(project, 1, **ONE_EPOCH)
+    m = edit(project, *change)
+    whole = replay(m, max_epochs=1, trainer=ONE_EPOCH)
+    assert whole.train is trains and whole.mismatched == 0
+    expected = replay_values(project, [whole.replay_id])
+    parts, counted = [], []
+    for i in (0, 1):
+        counter = BatchCounter()
+        parts.append(replay(m, max_epochs=1, segments=2, segment=i, trainer={**ONE_EPOCH, "callbacks": [counter]}))
+        counted.append(counter.batches)
+    assert counted == [[(0, b) for b in r] for r in batches]
+    assert all(p.train is trains and p.rederived > 0 and p.mismatched == 0 for p in parts)
+    assert replay_values(project, [p.replay_id for p in parts]) == expected
+    both = replay(m, max_epochs=1, segments=2, trainer=ONE_EPOCH)
+    assert both.mismatched == 0 and replay_values(project, [both.replay_id]) == expected
+    new = "val_conf" if not trains else "train_loss_x2"
+    level = "step" if trains else "epoch"  # train_loss_x2 per training batch, val_conf per validation point
+    assert sum(k[5] == new and k[1] == level for k in expected) == (12 if trains else 4)
+    assert flor.query(new, run=run_id)[new].notna().sum() == (4 if not trains else 12)
