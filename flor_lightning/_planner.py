@@ -413,3 +413,24 @@ def split_epoch(step: EpochStep, segments: int, *, cuts: Sequence[int], cost: Se
                 )
             )
     return out
+
+
+def bridge(steps: Sequence[EpochStep], starts: Mapping[int, int]) -> list[EpochStep]:
+    """``steps`` with each stretch of epochs trained only to reach a wanted one shortened: it starts from the
+    checkpoint inside the latest of those epochs that has one (``starts``: epoch -> batch index of its latest
+    checkpoint inside that a restart continues exactly), not from the checkpoint before the stretch.
+
+    Example:
+        >>> [(s.epoch, s.load, s.start_inside, s.wanted) for s in bridge(
+        ...     [EpochStep(1, "train", 0, wanted=False), EpochStep(2, "train", None)], {1: 3})]
+        [(1, None, 3, False), (2, None, None, True)]
+    """
+    out: list[EpochStep] = []
+    for s in steps:
+        if s.wanted or s.action != "train" or s.epoch not in starts:
+            out.append(s)
+            continue
+        while out and not out[-1].wanted and out[-1].action == "train":  # the stretch before it is not needed
+            out.pop()
+        out.append(replace(s, load=None, start_inside=starts[s.epoch]))
+    return out

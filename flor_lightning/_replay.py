@@ -97,9 +97,12 @@ def run_replay(
         if steps is not None:
             raise ReplayError("steps= replays its slice in one segment; pass segments=1 with steps=")
         plan = _split_epoch(plan[0], segments, inside=inside, timings=timings, ckpts=ckpts)
+    if retrain:
+        plan, notes = _bridge(plan, inside, ckpts)
     if steps is not None:
-        plan, notes = _slice(plan, steps, retrain=retrain, loc=loc, run_id=rec["run_id"], inside=inside, ckpts=ckpts)
-        reason += "".join(f"; {note}" for note in notes)
+        plan, more = _slice(plan, steps, retrain=retrain, loc=loc, run_id=rec["run_id"], inside=inside, ckpts=ckpts)
+        notes += more
+    reason += "".join(f"; {note}" for note in notes)
     chosen = plan if segment is None else [plan[segment]]
     replay_id = os.environ.get(REPLAY_ID_ENV) or f"{rec['run_id']}.r{uuid.uuid4().hex[:6]}"
     report = ReplayReport(replay_id=replay_id, run_id=rec["run_id"], train=retrain, reason=reason, notes=notes)
@@ -208,6 +211,31 @@ def _slice(
         planner.Segment(seg.index, tuple(planner.slice_steps(seg.steps, steps, start=start, stop=stop))) for seg in plan
     ]
     return sliced, notes
+
+
+def _bridge(
+    plan: list[planner.Segment], inside: dict[tuple[int, int], dict[str, Any]], ckpts: CheckpointStore
+) -> tuple[list[planner.Segment], list[str]]:
+    """``plan`` with every epoch trained only to reach a wanted one started from its latest checkpoint inside
+    (:func:`planner.bridge`) where a restart from it is exact; and a note for each such epoch."""
+    reached = {s.epoch for seg in plan for s in seg.steps if s.action == "train" and not s.wanted}
+    starts: dict[int, int] = {}
+    notes: dict[int, str] = {}
+    for epoch in sorted(reached):
+        rows = [r for (e, _), r in inside.items() if e == epoch]
+        if not rows:
+            continue
+        row = max(rows, key=lambda r: r["batch_idx"])
+        where = f"the checkpoint inside epoch {epoch} after batch {row['batch_idx']} (step {row['step']})"
+        inexact = _inexact(ckpts, row)
+        if inexact is None:
+            starts[epoch] = row["batch_idx"]
+            notes[epoch] = f"training starts from {where}"
+        else:
+            notes[epoch] = f"training starts at the epoch's start, not from {where}, which is not exact: {inexact}"
+    bridged = [planner.Segment(seg.index, tuple(planner.bridge(seg.steps, starts))) for seg in plan]
+    used = {s.epoch for seg in bridged for s in seg.steps if s.start_inside is not None}
+    return bridged, [note for e, note in notes.items() if e in used or e not in starts]
 
 
 def _split_epoch(

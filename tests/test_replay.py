@@ -665,3 +665,18 @@ def test_one_epoch_replayed_in_two_segments_equals_the_one_segment_replay_bit_fo
     level = "step" if trains else "epoch"  # train_loss_x2 per training batch, val_conf per validation point
     assert sum(k[5] == new and k[1] == level for k in expected) == (12 if trains else 4)
     assert flor.query(new, run=run_id)[new].notna().sum() == (4 if not trains else 12)
+
+
+def test_an_epoch_whose_checkpoint_before_is_missing_is_reached_from_the_checkpoint_inside_the_epoch_before(project):
+    """Epoch 1's end checkpoint is gone (as checkpoint_every="auto" may skip it): re-training epoch 2 starts
+    from the checkpoint inside epoch 1 (after its batch 1), not from epoch 0's end; exactly."""
+    settings = {"val_check_interval": 0.5}
+    run_id = record_validating_inside(project, 3, **settings)
+    with closing(sqlite3.connect(project / ".flor" / "flor.db")) as c, c:
+        c.execute("DELETE FROM checkpoints WHERE epoch = 1 AND batch_idx IS NULL")
+    counter = BatchCounter()
+    report = replay(edit(project, *TRAIN_METRIC), epochs=[2], trainer={**settings, "callbacks": [counter]})
+    assert report.notes == ["training starts from the checkpoint inside epoch 1 after batch 1 (step 6)"]
+    assert counter.batches == [(1, 2), (1, 3), (2, 0), (2, 1), (2, 2), (2, 3)]
+    assert report.epochs_trained == [1, 2] and report.mismatched == 0 and report.matched == report.rederived > 0
+    assert set(replayed_rows(run_id)["epoch"]) == {2}  # epoch 1 was trained only to reach epoch 2
