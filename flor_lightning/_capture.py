@@ -33,11 +33,14 @@ class LogCapture:
         muted: drop what is logged (replay sets it while it trains an epoch another segment stores).
         steps: keep only what is logged at these global steps (None: every step); replay sets it for a
             slice of an epoch (``replay(steps=...)``).
+        partial: names of epoch aggregates left out because they covered only part of their epoch (a
+            replay continued it from a checkpoint inside it that held none of theirs).
     """
 
     def __init__(self) -> None:
         self.muted = False
         self.steps: range | None = None
+        self.partial: set[str] = set()  # epoch aggregates left out: they covered part of their epoch only
         self._writer: LogWriter | None = None
         self._ids: tuple[str, str | None] = ("", None)
         self._context: tuple[Any, ...] = ()
@@ -126,7 +129,7 @@ class LogCapture:
         self._queue_batch()
         if self._writer is None or self._drops(trainer) or trainer.sanity_checking:
             return
-        for name, value in _lightning.epoch_values(trainer).items():
+        for name, value in _lightning.epoch_values(trainer, partial=self.partial).items():
             if name not in self._epoch_level:  # else logged from an epoch-end hook, stored as logged
                 self._writer.add(
                     (*self._ids, stage, "epoch", trainer.current_epoch, trainer.global_step, None, name, value)

@@ -139,18 +139,26 @@ def step_value(value: Any) -> Any:
     return value.detach() if isinstance(value, torch.Tensor) else value
 
 
-def epoch_values(trainer: pl.Trainer) -> dict[str, Tensor]:
+def epoch_values(trainer: pl.Trainer, *, partial: set[str] | None = None) -> dict[str, Tensor]:
     """The epoch-level aggregates of the values logged in the current stage so far.
 
     Names follow Lightning's loggers: ``name_epoch`` where the value was also logged per step,
-    with a ``/dataloader_idx_N`` suffix for multiple evaluation dataloaders.
+    with a ``/dataloader_idx_N`` suffix for multiple evaluation dataloaders. With ``partial`` given,
+    the training aggregates that cover only part of the epoch (a replay continued it from a checkpoint
+    inside it, which held no aggregate of theirs: :attr:`StoppableEpochLoop.complete`) are left out and
+    their names added to ``partial``.
     """
     results = trainer._results
     if results is None:
         return {}
+    loop = trainer.fit_loop.epoch_loop
+    complete = loop.complete if isinstance(loop, StoppableEpochLoop) and results is loop._results else None
     out: dict[str, Tensor] = {}
-    for metric in list(results.values()):
+    for key, metric in list(results.items()):
         if metric.has_reset or not metric.meta.on_epoch:
+            continue
+        if partial is not None and complete is not None and key not in complete:
+            partial.add(results._forked_name(metric, on_step=False)[1])
             continue
         value = _ResultCollection._get_cache(metric, on_step=False)
         if value is not None:
@@ -317,17 +325,19 @@ class ReplayFitLoop(_FitLoop):
             raise CheckpointError(
                 f"the checkpoint of epoch {epoch} after batch {batch_idx} cannot be continued exactly: {result.reason}"
             )
+        # an aggregate the checkpoint does not hold (new logging) would cover only the batches from here on
+        self.epoch_loop.complete = set() if result.aggregates else set(self.epoch_loop._results.keys())
 
     @override
     def on_advance_end(self) -> None:
         step = self._step
         if step.action == "train" and self.epoch_loop.stopped_early:
-            self.epoch_loop.stop_after = None  # the rest of the epoch belongs to a later step or segment
+            pass  # the rest of the epoch belongs to a later step or segment
         elif step.action == "train":
-            self.epoch_loop.stop_after = None
             super().on_advance_end()
         elif step.end:
             self._restored_epoch_end()
+        self.epoch_loop.stop_after, self.epoch_loop.complete = None, None
         self._next += 1
         self._hooks.on_step_done(self.trainer, step)
 
@@ -803,6 +813,7 @@ class StoppableEpochLoop(_TrainingEpochLoop):
     def __init__(self, trainer: pl.Trainer, min_steps: int | None = None, max_steps: int = -1) -> None:
         super().__init__(trainer, min_steps=min_steps, max_steps=max_steps)
         self.stop_after: int | None = None
+        self.complete: set[str] | None = None  # the aggregates' keys restored inside the epoch (None: from its start)
 
     @property
     def stopped_early(self) -> bool:

@@ -97,8 +97,10 @@ def run_replay(
         if steps is not None:
             raise ReplayError("steps= replays its slice in one segment; pass segments=1 with steps=")
         plan = _split_epoch(plan[0], segments, inside=inside, timings=timings, ckpts=ckpts)
+        notes.append(_divided(plan))
     if retrain:
-        plan, notes = _bridge(plan, inside, ckpts)
+        plan, bridged = _bridge(plan, inside, ckpts)
+        notes += bridged
     if steps is not None:
         plan, more = _slice(plan, steps, retrain=retrain, loc=loc, run_id=rec["run_id"], inside=inside, ckpts=ckpts)
         notes += more
@@ -272,6 +274,16 @@ def _split_epoch(
             marks = [timing["started"], *(r["created"] - r["write_seconds"] for r in rows), timing["ended"]]
             cost = [max(b - a, 0.0) for a, b in itertools.pairwise(marks)]
     return [planner.Segment(i, (s,)) for i, s in enumerate(planner.split_epoch(step, segments, cuts=cuts, cost=cost))]
+
+
+def _divided(plan: list[planner.Segment]) -> str:
+    """Where a one-epoch replay's segments begin, in a sentence."""
+    (first,) = plan[0].steps
+    if first.action == "train":
+        starts = [f"after batch {seg.steps[0].start_inside}" for seg in plan[1:]]
+        return f"epoch {first.epoch} divided at its checkpoints inside {', '.join(starts)}"
+    sizes = [len(seg.steps[0].inside) + seg.steps[0].end for seg in plan]
+    return f"epoch {first.epoch}'s validation points divided {'+'.join(map(str, sizes))}"
 
 
 def _inexact(ckpts: CheckpointStore, row: dict[str, Any]) -> str | None:

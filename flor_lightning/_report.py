@@ -29,8 +29,9 @@ class ReplayReport:
     ``rederived`` counts values that were recorded and logged again; ``matched`` those equal
     bit for bit (NaN matches NaN); ``max_difference`` is the largest absolute difference
     among the mismatched numeric ones. ``new_values`` counts values of names the recording
-    did not have at that point (the hindsight metrics). ``notes`` say where re-training started inside
-    an epoch, or why it could not start there exactly and started at the epoch's start instead.
+    did not have at that point (the hindsight metrics). ``notes`` say how the checkpoints inside epochs
+    were used: where re-training started inside an epoch (or why it could not start there exactly and started
+    at the epoch's start instead), where a one-epoch replay's segments begin.
     """
 
     replay_id: str

@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import closing
 from dataclasses import replace
@@ -217,6 +218,14 @@ class SegmentRunner:
     def on_step_done(self, trainer: pl.Trainer, step: planner.EpochStep) -> None:
         capture = flor_callback(trainer).capture
         capture.muted, capture.steps = False, None
+        if capture.partial:
+            warnings.warn(  # by every rank: each knows only its own segment
+                f"flor: {', '.join(sorted(capture.partial))} of epoch {step.epoch} not stored: replayed from a "
+                "checkpoint inside the epoch, which holds no aggregate of it, it would cover only the batches from "
+                "there; replay that epoch from its start (segments=1, epochs=) for it",
+                stacklevel=2,
+            )
+            capture.partial.clear()
         with closing(store.connect(self.db_path)) as c:
             store.insert(
                 c,

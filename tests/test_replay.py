@@ -638,10 +638,8 @@ def replay_values(project, replay_ids):
     return keyed
 
 
-@pytest.mark.parametrize(
-    ("change", "trains", "batches"), [(VAL_F1, False, [[], []]), (TRAIN_METRIC, True, [range(6), range(6, 12)])]
-)
-def test_one_epoch_replayed_in_two_segments_equals_the_one_segment_replay_bit_for_bit(project, change, trains, batches):
+@pytest.mark.parametrize(("change", "trains"), [(VAL_F1, False), (TRAIN_METRIC, True)])
+def test_one_epoch_replayed_in_two_segments_equals_the_one_segment_replay_bit_for_bit(project, change, trains):
     """A one-epoch run's validation points (restore) or stretches between its checkpoints inside (re-train) are
     divided into 2 segments balanced by recorded time, each from the checkpoint before it: segment=0 and
     segment=1 replayed apart, and segments=2 in one process, store every value of the one-segment replay
@@ -656,7 +654,11 @@ def test_one_epoch_replayed_in_two_segments_equals_the_one_segment_replay_bit_fo
         counter = BatchCounter()
         parts.append(replay(m, max_epochs=1, segments=2, segment=i, trainer={**ONE_EPOCH, "callbacks": [counter]}))
         counted.append(counter.batches)
-    assert counted == [[(0, b) for b in r] for r in batches]
+    if trains:  # divided after batch 2, 5 or 8 (by the recorded time, which varies): each batch runs once
+        cut = len(counted[0])
+        assert cut in (3, 6, 9) and counted == [[(0, b) for b in range(cut)], [(0, b) for b in range(cut, 12)]]
+    else:
+        assert counted == [[], []]
     assert all(p.train is trains and p.rederived > 0 and p.mismatched == 0 for p in parts)
     assert replay_values(project, [p.replay_id for p in parts]) == expected
     both = replay(m, max_epochs=1, segments=2, trainer=ONE_EPOCH)
