@@ -682,3 +682,18 @@ def test_an_epoch_whose_checkpoint_before_is_missing_is_reached_from_the_checkpo
     assert counter.batches == [(1, 2), (1, 3), (2, 0), (2, 1), (2, 2), (2, 3)]
     assert report.epochs_trained == [1, 2] and report.mismatched == 0 and report.matched == report.rederived > 0
     assert set(replayed_rows(run_id)["epoch"]) == {2}  # epoch 1 was trained only to reach epoch 2
+
+
+def test_a_new_epoch_aggregate_is_not_stored_by_a_step_slice_that_starts_inside_the_epoch(project):
+    """The checkpoint inside the epoch holds no aggregate of a metric the recording did not log: from there the
+    aggregate would cover batches 6-11 only, so it is left out with a warning; the recorded ones are re-derived."""
+    run_id = record_validating_inside(project, 1, **ONE_EPOCH)
+    m = edit(
+        project, TRAIN_METRIC[0], TRAIN_METRIC[1].replace("loss.detach() * 2)", "loss.detach() * 2, on_epoch=True)")
+    )
+    with pytest.warns(UserWarning, match="train_loss_x2_epoch of epoch 0 not stored"):
+        report = replay(m, max_epochs=1, steps=range(7, 13), trainer=ONE_EPOCH)
+    assert report.mismatched == 0 and report.matched == report.rederived > 0
+    names = set(replayed_rows(run_id)["name"])
+    assert "train_loss_epoch" in names and "train_loss_x2_step" not in names
+    assert "train_loss_x2" in names and "train_loss_x2_epoch" not in names
