@@ -289,7 +289,7 @@ def _divided(plan: list[planner.Segment]) -> str:
 def _inexact(ckpts: CheckpointStore, row: dict[str, Any]) -> str | None:
     """Why a restart from the checkpoint inside an epoch of ``row`` would not be exact (None: it would be), as
     the recording found its training data (:func:`flor_lightning._midepoch.data_skip`)."""
-    state = ckpts.load(row["path"], row["sha256"])
+    state = ckpts.read_state(row["path"], row["sha256"])
     how = state.get("flor", {}).get("mid_epoch", {}).get("data_skip")
     return None if how in ("stateful", "sampler", "fetch") else str(how)
 
