@@ -312,7 +312,6 @@ class CheckpointStore:
             return BlobStore(fs, root).load(name, sha256=sha256)
         return _load_old(fs, path, where, sha256)
 
-
     def read_state(self, path: str, sha256: str | None) -> dict[str, Any]:
         """The state of a checkpoint without reading its tensors (a manifest's tensors are left out; an old
         ``.ckpt`` file is read whole), e.g. to look at what it says about itself before a replay loads it.

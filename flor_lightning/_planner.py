@@ -273,16 +273,25 @@ def validate_segment_args(segments: object, segment: object) -> None:
 
 
 def estimate_seconds(
-    steps: Sequence[EpochStep], train_s: Mapping[int, float], val_s: Mapping[int, float], load_s: float
+    steps: Sequence[EpochStep],
+    train_s: Mapping[int, float],
+    val_s: Mapping[int, float],
+    load_s: float,
+    batches: int | None = None,
 ) -> float:
     """Expected replay time from the recorded epoch timings (a restore with validation points inside its
-    epoch loads each one's checkpoint, then its own again)."""
+    epoch loads each one's checkpoint, then its own again; a train step that starts or stops inside its epoch
+    of ``batches`` batches takes its share of the epoch's time)."""
     total = 0.0
     for s in steps:
         loads = (s.load is not None or s.start_inside is not None) + (len(s.inside) + 1 if s.inside else 0)
-        total += val_s.get(s.epoch, 0.0) + load_s * loads
+        share = 1.0
+        if s.action == "train" and batches:
+            begin = 0 if s.start_inside is None else s.start_inside + 1
+            share = min(max(((s.stop_after or batches) - begin) / batches, 0.0), 1.0)
+        total += share * val_s.get(s.epoch, 0.0) + load_s * loads
         if s.action == "train":
-            total += train_s.get(s.epoch, 0.0)
+            total += share * train_s.get(s.epoch, 0.0)
     return total
 
 

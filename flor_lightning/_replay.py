@@ -112,7 +112,11 @@ def run_replay(
     if primary:
         _warn_missing(rec, ckpt_rows, missing, ckpts)
         drift.warn_hparams(rec, hyperparameters(model, None, datamodule or train_dataloaders))
-        _announce(rec["run_id"], chosen, segment, segments, retrain, reason, train_s, val_s, ckpt_rows, steps)
+        batches = json.loads(rec["settings"] or "{}").get("num_training_batches")
+        batches = int(batches) if isinstance(batches, (int, float)) and 0 < batches < float("inf") else None
+        _announce(
+            rec["run_id"], chosen, segment, segments, retrain, reason, (train_s, val_s, batches), ckpt_rows, steps
+        )
         _register(trainer, loc, rec, replay_id, chosen, started)
     runner = SegmentRunner(
         db_path=str(loc.db_path),
@@ -402,16 +406,18 @@ def _announce(
     segments: int,
     retrain: bool,
     reason: str,
-    train_s: dict[int, float],
-    val_s: dict[int, float],
+    timing: tuple[dict[int, float], dict[int, float], int | None],
     ckpt_rows: dict[int, dict[str, Any]],
     sliced: range | None = None,
 ) -> None:
+    """Say what the replay does and why, and how long it should take (``timing``: the recorded training and
+    validation seconds per epoch, and the batches per epoch, None when unknown)."""
     steps = [s for seg in chosen for s in seg.steps]
     load_s = max((r["write_seconds"] for r in ckpt_rows.values()), default=0.0)
-    estimate = planner.estimate_seconds(steps, train_s, val_s, load_s)
+    train_s, val_s, batches = timing
+    estimate = planner.estimate_seconds(steps, train_s, val_s, load_s, batches)
     if segments > 1 and segment is None:
-        estimate = max(planner.estimate_seconds(seg.steps, train_s, val_s, load_s) for seg in chosen)
+        estimate = max(planner.estimate_seconds(seg.steps, train_s, val_s, load_s, batches) for seg in chosen)
     full = sum(train_s.values()) + sum(val_s.values())
     which = (
         f" (segment {segment} of {segments})"

@@ -240,3 +240,9 @@ def test_a_stretch_trained_only_to_reach_a_wanted_epoch_starts_from_the_latest_c
     out = bridge(steps, {1: 4, 2: 6})
     assert [(s.epoch, s.load, s.start_inside, s.wanted) for s in out] == [(2, None, 6, False), (3, None, None, True)]
     assert bridge(steps, {}) == steps
+
+
+def test_a_train_step_inside_an_epoch_is_estimated_at_its_share_of_the_epoch():
+    part = EpochStep(0, "train", None, start_inside=5, stop_after=9)  # batches 6-8 of 12
+    assert estimate_seconds([part], {0: 12.0}, {0: 4.0}, 0.5, 12) == pytest.approx(0.5 + 3 / 12 * 16)
+    assert estimate_seconds([part], {0: 12.0}, {0: 4.0}, 0.5) == 16.5  # batches per epoch unknown: all of it
