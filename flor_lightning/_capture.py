@@ -31,10 +31,16 @@ class LogCapture:
 
     Attributes:
         muted: drop what is logged (replay sets it while it trains an epoch another segment stores).
+        steps: keep only what is logged at these global steps (None: every step); replay sets it for a
+            slice of an epoch (``replay(steps=...)``).
+        partial: names of epoch aggregates left out because they covered only part of their epoch (a
+            replay continued it from a checkpoint inside it that held none of theirs).
     """
 
     def __init__(self) -> None:
         self.muted = False
+        self.steps: range | None = None
+        self.partial: set[str] = set()  # epoch aggregates left out: they covered part of their epoch only
         self._writer: LogWriter | None = None
         self._ids: tuple[str, str | None] = ("", None)
         self._context: tuple[Any, ...] = ()
@@ -88,7 +94,7 @@ class LogCapture:
         self._queue_batch()
         stage = _stage(trainer)
         self._epoch_level.clear()
-        if self._writer is None or self.muted or stage is None:
+        if self._writer is None or self._drops(trainer) or stage is None:
             return
         self._context = (*self._ids, stage, "step", trainer.current_epoch, trainer.global_step, batch_idx)
         self._values = []
@@ -96,6 +102,10 @@ class LogCapture:
     def batches_ended(self) -> None:
         """An epoch-level phase begins: what is logged now is its own epoch aggregate."""
         self._queue_batch()
+
+    def _drops(self, trainer: pl.Trainer) -> bool:
+        """Whether what is logged now is dropped (:attr:`muted`, or a global step outside :attr:`steps`)."""
+        return self.muted or (self.steps is not None and trainer.global_step not in self.steps)
 
     def _queue_batch(self) -> None:
         """Hand the values of the batch that just ended to the writer."""
@@ -106,7 +116,7 @@ class LogCapture:
     def _outside_batch(self, pl_module: pl.LightningModule, name: str, value: Any) -> None:
         trainer = pl_module.trainer
         stage = _stage(trainer)
-        if self._writer is None or self.muted or stage is None:
+        if self._writer is None or self._drops(trainer) or stage is None:
             return
         value = _lightning.step_value(value)
         if value is None:
@@ -117,9 +127,9 @@ class LogCapture:
     def epoch_ended(self, trainer: pl.Trainer, stage: str) -> None:
         """Store Lightning's epoch aggregates of what the batches logged, and flush."""
         self._queue_batch()
-        if self._writer is None or self.muted or trainer.sanity_checking:
+        if self._writer is None or self._drops(trainer) or trainer.sanity_checking:
             return
-        for name, value in _lightning.epoch_values(trainer).items():
+        for name, value in _lightning.epoch_values(trainer, partial=self.partial).items():
             if name not in self._epoch_level:  # else logged from an epoch-end hook, stored as logged
                 self._writer.add(
                     (*self._ids, stage, "epoch", trainer.current_epoch, trainer.global_step, None, name, value)

@@ -313,6 +313,20 @@ class CheckpointStore:
             return BlobStore(fs, root).load(name, sha256=sha256)
         return _load_old(fs, path, where, sha256)
 
+    def read_state(self, path: str, sha256: str | None) -> dict[str, Any]:
+        """The state of a checkpoint without reading its tensors (a manifest's tensors are left out; an old
+        ``.ckpt`` file is read whole), e.g. to look at what it says about itself before a replay loads it.
+
+        Raises:
+            CheckpointError: the manifest or file is missing, differs from its checksum, or is no checkpoint.
+        """
+        fs, where = fs_for(path, self.fs)
+        if where.endswith(MANIFEST_SUFFIX):
+            root, name = split(where)
+            state = BlobStore(fs, root).read_manifest(name, sha256=sha256).state
+            return state if isinstance(state, dict) else {}
+        return _load_old(fs, path, where, sha256)
+
 
 class _LiveIndex:
     """The root's blobs as the writer consults them: a pack is checked to exist the first time each write reuses

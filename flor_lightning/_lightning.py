@@ -7,6 +7,7 @@ integration tests; the rest of the package uses public Lightning API only.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -138,18 +139,26 @@ def step_value(value: Any) -> Any:
     return value.detach() if isinstance(value, torch.Tensor) else value
 
 
-def epoch_values(trainer: pl.Trainer) -> dict[str, Tensor]:
+def epoch_values(trainer: pl.Trainer, *, partial: set[str] | None = None) -> dict[str, Tensor]:
     """The epoch-level aggregates of the values logged in the current stage so far.
 
     Names follow Lightning's loggers: ``name_epoch`` where the value was also logged per step,
-    with a ``/dataloader_idx_N`` suffix for multiple evaluation dataloaders.
+    with a ``/dataloader_idx_N`` suffix for multiple evaluation dataloaders. With ``partial`` given,
+    the training aggregates that cover only part of the epoch (a replay continued it from a checkpoint
+    inside it, which held no aggregate of theirs: :attr:`StoppableEpochLoop.complete`) are left out and
+    their names added to ``partial``.
     """
     results = trainer._results
     if results is None:
         return {}
+    loop = trainer.fit_loop.epoch_loop
+    complete = loop.complete if isinstance(loop, StoppableEpochLoop) and results is loop._results else None
     out: dict[str, Tensor] = {}
-    for metric in list(results.values()):
+    for key, metric in list(results.items()):
         if metric.has_reset or not metric.meta.on_epoch:
+            continue
+        if partial is not None and complete is not None and key not in complete:
+            partial.add(results._forked_name(metric, on_step=False)[1])
             continue
         value = _ResultCollection._get_cache(metric, on_step=False)
         if value is not None:
@@ -201,7 +210,7 @@ class ReplayFitLoop(_FitLoop):
     def __init__(self, trainer: pl.Trainer, hooks: ReplayHooks) -> None:
         original = trainer.fit_loop
         super().__init__(trainer, min_epochs=original.min_epochs, max_epochs=original.max_epochs)
-        self.epoch_loop = _TrainingEpochLoop(
+        self.epoch_loop = StoppableEpochLoop(
             trainer, min_steps=original.epoch_loop.min_steps, max_steps=original.epoch_loop.max_steps
         )
         self._hooks = hooks
@@ -233,6 +242,8 @@ class ReplayFitLoop(_FitLoop):
             try:
                 if step.load is not None:
                     self._restore(step.load, step)
+                elif step.start_inside is not None:
+                    self._resume_inside(step.epoch, step.start_inside)
                 break
             except CheckpointError as err:
                 bad = getattr(err, "epoch", None)
@@ -242,6 +253,7 @@ class ReplayFitLoop(_FitLoop):
                 self._steps[self._next :] = self._hooks.replan(bad, self._steps[self._next :])
         self._hooks.on_step_start(self.trainer, step)
         if step.action == "train":
+            self.epoch_loop.stop_after = step.stop_after
             super().on_advance_start()
             return
         self.setup_data()
@@ -252,11 +264,16 @@ class ReplayFitLoop(_FitLoop):
     @override
     def advance(self) -> None:
         if self._step.action == "train":
-            super().advance()
+            with warnings.catch_warnings():
+                if self._step.start_inside is not None:  # resume_mid_epoch put the data back: exact
+                    warnings.filterwarnings("ignore", NOT_RESUMABLE_WARNING)
+                super().advance()
             return
         step = self._step
         for batch_idx in step.inside:  # the validation points inside the epoch, each from its checkpoint
             self._validate_inside(step.epoch, batch_idx)
+        if not step.end:  # a segment of the epoch: its end belongs to a later one
+            return
         if step.inside:
             assert step.load is not None
             self._restore(step.load, step)  # back to the epoch's end
@@ -292,13 +309,35 @@ class ReplayFitLoop(_FitLoop):
         rng.restore(state["flor"]["rng_at_validation"])
         self._validate(stepped=0)  # taken before Lightning counted the batch as stepped
 
+    def _resume_inside(self, epoch: int, batch_idx: int) -> None:
+        """Load the checkpoint inside ``epoch`` after its batch ``batch_idx`` and continue the epoch from there,
+        data position, aggregates, pending gradients and RNGs as recorded (:func:`resume_mid_epoch`).
+
+        Raises:
+            CheckpointError: the restart would not be exact (the planner leaves such checkpoints out).
+        """
+        trainer = self.trainer
+        state = self._hooks.load_inside(epoch, batch_idx)
+        restore_modules(trainer, state, what=f"the checkpoint of epoch {epoch} after batch {batch_idx}")
+        restore_loops_mid_epoch(trainer, state["loops"]["fit_loop"])
+        result = resume_mid_epoch(trainer, state["flor"])
+        if not result.exact:
+            raise CheckpointError(
+                f"the checkpoint of epoch {epoch} after batch {batch_idx} cannot be continued exactly: {result.reason}"
+            )
+        # an aggregate the checkpoint does not hold (new logging) would cover only the batches from here on
+        self.epoch_loop.complete = set() if result.aggregates else set(self.epoch_loop._results.keys())
+
     @override
     def on_advance_end(self) -> None:
         step = self._step
-        if step.action == "train":
+        if step.action == "train" and self.epoch_loop.stopped_early:
+            pass  # the rest of the epoch belongs to a later step or segment
+        elif step.action == "train":
             super().on_advance_end()
-        else:
+        elif step.end:
             self._restored_epoch_end()
+        self.epoch_loop.stop_after, self.epoch_loop.complete = None, None
         self._next += 1
         self._hooks.on_step_done(self.trainer, step)
 
@@ -774,6 +813,7 @@ class StoppableEpochLoop(_TrainingEpochLoop):
     def __init__(self, trainer: pl.Trainer, min_steps: int | None = None, max_steps: int = -1) -> None:
         super().__init__(trainer, min_steps=min_steps, max_steps=max_steps)
         self.stop_after: int | None = None
+        self.complete: set[str] | None = None  # the aggregates' keys restored inside the epoch (None: from its start)
 
     @property
     def stopped_early(self) -> bool:

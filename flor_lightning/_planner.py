@@ -31,6 +31,13 @@ class EpochStep:
             those validation points, each restored and validated in order before the epoch's end.
         validate_end: for such an epoch, whether it validated at its end too (None: as
             ``check_val_every_n_epoch`` says).
+        start_inside: for a train step: the batch index of the checkpoint inside ``epoch`` it starts from
+            (``load`` is None then), continuing the epoch after that batch.
+        stop_after: for a train step: stop the epoch once this many of its batches are done (and their
+            validation, if due), without the epoch's end.
+        keep: store only the values logged at global steps ``keep[0] <= step < keep[1]`` (None: all).
+        end: for a restore: False for a segment of the epoch that validates only its points inside and
+            leaves the epoch's end (its last validation, epoch-end hooks) to a later segment.
     """
 
     epoch: int
@@ -39,6 +46,15 @@ class EpochStep:
     wanted: bool = True
     inside: tuple[int, ...] = ()
     validate_end: bool | None = None
+    start_inside: int | None = None
+    stop_after: int | None = None
+    keep: tuple[int, int] | None = None
+    end: bool = True
+
+
+InsidePoint = tuple[int, int, str]
+"""A checkpoint inside an epoch: its global step, the batch index it was taken after, its moment
+(``"validation_end"`` or ``"train_batch_end"``)."""
 
 
 Points = dict[int, tuple[tuple[int, ...], bool]]
@@ -257,14 +273,173 @@ def validate_segment_args(segments: object, segment: object) -> None:
 
 
 def estimate_seconds(
-    steps: Sequence[EpochStep], train_s: Mapping[int, float], val_s: Mapping[int, float], load_s: float
+    steps: Sequence[EpochStep],
+    train_s: Mapping[int, float],
+    val_s: Mapping[int, float],
+    load_s: float,
+    batches: int | None = None,
 ) -> float:
     """Expected replay time from the recorded epoch timings (a restore with validation points inside its
-    epoch loads each one's checkpoint, then its own again)."""
+    epoch loads each one's checkpoint, then its own again; a train step that starts or stops inside its epoch
+    of ``batches`` batches takes its share of the epoch's time)."""
     total = 0.0
     for s in steps:
-        loads = (s.load is not None) + (len(s.inside) + 1 if s.inside else 0)
-        total += val_s.get(s.epoch, 0.0) + load_s * loads
+        loads = (s.load is not None or s.start_inside is not None) + (len(s.inside) + 1 if s.inside else 0)
+        share = 1.0
+        if s.action == "train" and batches:
+            begin = 0 if s.start_inside is None else s.start_inside + 1
+            share = min(max(((s.stop_after or batches) - begin) / batches, 0.0), 1.0)
+        total += share * val_s.get(s.epoch, 0.0) + load_s * loads
         if s.action == "train":
-            total += train_s.get(s.epoch, 0.0)
+            total += share * train_s.get(s.epoch, 0.0)
     return total
+
+
+def validate_steps(steps: object, epochs: object) -> None:
+    """Check ``steps`` as given to ``replay``: None, or a ``range`` of global steps with step 1, not empty.
+
+    Raises:
+        ReplayError: anything else, or ``epochs`` given too.
+    """
+    if steps is None:
+        return
+    if not isinstance(steps, range) or steps.step != 1 or steps.start < 0 or len(steps) == 0:
+        raise ReplayError(
+            f"steps must be a non-empty range of global steps, e.g. steps=range(1000, 2000); got {steps!r}"
+        )
+    if epochs is not None:
+        raise ReplayError("give epochs= or steps=, not both (steps= selects the epochs it touches)")
+
+
+def epochs_of_steps(steps: range, spans: Mapping[int, tuple[int, int]]) -> list[int]:
+    """The epochs whose recorded values (global steps ``spans[e] = (first, last)``) meet ``steps``.
+
+    Example:
+        >>> epochs_of_steps(range(10, 14), {0: (0, 12), 1: (12, 24)})
+        [0, 1]
+
+    Raises:
+        ReplayError: no recorded epoch meets ``steps`` (the message names the recorded steps).
+    """
+    found = sorted(e for e, (lo, hi) in spans.items() if lo <= steps[-1] and hi >= steps[0])
+    if not found:
+        have = f"{min(lo for lo, _ in spans.values())}-{max(hi for _, hi in spans.values())}" if spans else "(none)"
+        raise ReplayError(
+            f"steps {steps.start}-{steps[-1]} were not recorded; the run logged values at global steps {have}. "
+            "Choose steps within them."
+        )
+    return found
+
+
+def start_inside(first: int, points: Sequence[InsidePoint]) -> InsidePoint | None:
+    """The latest checkpoint inside an epoch from which a restart still logs every value at global step
+    ``first`` and later: one at a validation's end taken at an earlier step (that validation's values,
+    at its own step, precede it), one at a training batch's end at that step or earlier.
+
+    Example:
+        >>> start_inside(7, [(3, 2, "validation_end"), (6, 5, "validation_end"), (9, 8, "validation_end")])
+        (6, 5, 'validation_end')
+        >>> start_inside(6, [(3, 2, "validation_end"), (6, 5, "validation_end")])
+        (3, 2, 'validation_end')
+        >>> start_inside(6, [(6, 5, "train_batch_end")])
+        (6, 5, 'train_batch_end')
+    """
+    usable = [p for p in points if p[0] < first or (p[0] == first and p[2] == "train_batch_end")]
+    return max(usable, default=None)
+
+
+def slice_steps(
+    steps: Sequence[EpochStep],
+    keep: range,
+    *,
+    start: tuple[int, int] | None = None,
+    stop: tuple[int, int] | None = None,
+) -> list[EpochStep]:
+    """``steps`` narrowed to the global steps ``keep``: each stores only values in ``keep``; with ``start``
+    (epoch, batch index of a checkpoint inside it), training of that epoch starts from that checkpoint
+    (what was planned before it is dropped); with ``stop`` (epoch, batches), that epoch's training stops
+    after that many of its batches.
+
+    Example:
+        >>> [(s.epoch, s.load, s.start_inside, s.stop_after, s.keep) for s in slice_steps(
+        ...     [EpochStep(0, "train", -1)], range(7, 9), start=(0, 5), stop=(0, 9))]
+        [(0, None, 5, 9, (7, 9))]
+    """
+    out = list(steps)
+    if start is not None:
+        at = next((i for i, s in enumerate(out) if s.epoch == start[0] and s.action == "train" and s.wanted), None)
+        if at is not None:
+            out = [replace(out[at], load=None, start_inside=start[1]), *out[at + 1 :]]
+    if stop is not None:
+        out = [replace(s, stop_after=stop[1]) if s.action == "train" and s.epoch == stop[0] else s for s in out]
+    return [replace(s, keep=(keep.start, keep.stop)) for s in out]
+
+
+def split_epoch(step: EpochStep, segments: int, *, cuts: Sequence[int], cost: Sequence[float]) -> list[EpochStep]:
+    """Divide the replay of one epoch (``step``) into ``segments`` contiguous segments balanced by ``cost``.
+
+    A restore is divided at its validation points inside (``step.inside``; ``cuts`` is ignored): each segment
+    restores and validates its own, the last one the epoch's end too. A train step is divided at ``cuts``,
+    the batch indices of checkpoints inside the epoch that a restart continues exactly: a segment starts from
+    the checkpoint at its start (the first from ``step.load``) and stops after the batch of the one at its end.
+    ``cost`` has one entry per part (a validation point, then the end; or the stretch before each cut, then
+    the one after the last), e.g. its recorded seconds. Every value is logged by exactly one segment.
+
+    Example:
+        >>> [(s.inside, s.end) for s in split_epoch(EpochStep(0, "restore", 0, inside=(2, 5, 8)), 2, cuts=(),
+        ...                                           cost=[1, 1, 1, 1])]
+        [((2, 5), False), ((8,), True)]
+        >>> [(s.load, s.start_inside, s.stop_after) for s in split_epoch(EpochStep(0, "train", -1), 2,
+        ...                                                               cuts=(2, 5, 8), cost=[3, 3, 3, 3])]
+        [(-1, None, 6), (None, 5, None)]
+
+    Raises:
+        ReplayError: fewer parts than ``segments``.
+    """
+    parts = len(step.inside) + 1 if step.action == "restore" else len(cuts) + 1
+    if not 1 <= segments <= parts:
+        where = "validation points (the epoch's end included)" if step.action == "restore" else "stretches between"
+        where += "" if step.action == "restore" else " its checkpoints inside that a restart continues exactly"
+        raise ReplayError(
+            f"segments must be between 1 and the {parts} {where} of epoch {step.epoch}, got {segments}; "
+            f"replay with segments<={parts}"
+        )
+    groups = split_segments(list(range(parts)), segments, dict(enumerate(cost)))
+    out = []
+    for group in groups:
+        first, last = group[0], group[-1]
+        if step.action == "restore":
+            end = last == parts - 1
+            inside = tuple(step.inside[u] for u in group if u < len(step.inside))
+            out.append(replace(step, inside=inside) if end else replace(step, load=None, inside=inside, end=False))
+        else:
+            out.append(
+                replace(
+                    step,
+                    load=step.load if first == 0 else None,
+                    start_inside=None if first == 0 else cuts[first - 1],
+                    stop_after=None if last == parts - 1 else cuts[last] + 1,
+                )
+            )
+    return out
+
+
+def bridge(steps: Sequence[EpochStep], starts: Mapping[int, int]) -> list[EpochStep]:
+    """``steps`` with each stretch of epochs trained only to reach a wanted one shortened: it starts from the
+    checkpoint inside the latest of those epochs that has one (``starts``: epoch -> batch index of its latest
+    checkpoint inside that a restart continues exactly), not from the checkpoint before the stretch.
+
+    Example:
+        >>> [(s.epoch, s.load, s.start_inside, s.wanted) for s in bridge(
+        ...     [EpochStep(1, "train", 0, wanted=False), EpochStep(2, "train", None)], {1: 3})]
+        [(1, None, 3, False), (2, None, None, True)]
+    """
+    out: list[EpochStep] = []
+    for s in steps:
+        if s.wanted or s.action != "train" or s.epoch not in starts:
+            out.append(s)
+            continue
+        while out and not out[-1].wanted and out[-1].action == "train":  # the stretch before it is not needed
+            out.pop()
+        out.append(replace(s, load=None, start_inside=starts[s.epoch]))
+    return out

@@ -8,6 +8,7 @@ segments, :mod:`._segments` runs this process's segments and keeps their records
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -48,6 +49,7 @@ def run_replay(
     val_dataloaders: Any,
     run: str | None,
     epochs: Sequence[int] | range | None,
+    steps: range | None = None,
     segments: int,
     segment: int | None,
     train: bool | None,
@@ -56,6 +58,7 @@ def run_replay(
 ) -> ReplayReport:
     """See :meth:`flor_lightning.Trainer.replay`; ``clock`` gives the times the replay's records carry."""
     _check_arguments(trainer, epochs, segments, segment, train)
+    planner.validate_steps(steps, epochs)
     loc = locate()
     rec, ckpt_rows, timings = _runs.load_run(loc, run)
     if not rec["checkpoint_root"]:
@@ -64,7 +67,11 @@ def run_replay(
     missing = sorted(e for e, r in ckpt_rows.items() if not ckpts.exists(r["path"]))
     good = {e for e in ckpt_rows if e not in missing}
     recorded_epochs = [t["epoch"] for t in timings] or sorted(e for e in ckpt_rows if e >= 0)
-    wanted = planner.epoch_list(epochs, recorded_epochs)
+    wanted = (
+        planner.epoch_list(epochs, recorded_epochs)
+        if steps is None
+        else planner.epochs_of_steps(steps, _runs.step_spans(loc, rec["run_id"]))
+    )
     inside, points, why = _validations_inside(
         loc, rec, wanted, {e: r for e, r in ckpt_rows.items() if e in good}, ckpts
     )
@@ -80,17 +87,36 @@ def run_replay(
     points = None if retrain else points
     if points is not None and any(batches for batches, _ in points.values()):
         reason += "; each validation point inside an epoch from its checkpoint"
+    within = segments > 1 and len(wanted) == 1  # one epoch: its segments divide it
     plan = planner.plan_segments(
-        wanted, good, train=retrain, segments=segments, cost=cost, scratch=scratch, points=points
+        wanted, good, train=retrain, segments=1 if within else segments, cost=cost, scratch=scratch, points=points
     )
+    inside = {**_checkpoints_inside(loc, rec["run_id"], ckpts), **inside}
+    notes: list[str] = []
+    if within:
+        if steps is not None:
+            raise ReplayError("steps= replays its slice in one segment; pass segments=1 with steps=")
+        plan = _split_epoch(plan[0], segments, inside=inside, timings=timings, ckpts=ckpts)
+        notes.append(_divided(plan))
+    if retrain:
+        plan, bridged = _bridge(plan, inside, ckpts)
+        notes += bridged
+    if steps is not None:
+        plan, more = _slice(plan, steps, retrain=retrain, loc=loc, run_id=rec["run_id"], inside=inside, ckpts=ckpts)
+        notes += more
+    reason += "".join(f"; {note}" for note in notes)
     chosen = plan if segment is None else [plan[segment]]
     replay_id = os.environ.get(REPLAY_ID_ENV) or f"{rec['run_id']}.r{uuid.uuid4().hex[:6]}"
-    report = ReplayReport(replay_id=replay_id, run_id=rec["run_id"], train=retrain, reason=reason)
+    report = ReplayReport(replay_id=replay_id, run_id=rec["run_id"], train=retrain, reason=reason, notes=notes)
     primary, started = trainer.global_rank == 0, clock()
     if primary:
         _warn_missing(rec, ckpt_rows, missing, ckpts)
         drift.warn_hparams(rec, hyperparameters(model, None, datamodule or train_dataloaders))
-        _announce(rec["run_id"], chosen, segment, segments, retrain, reason, train_s, val_s, ckpt_rows)
+        batches = json.loads(rec["settings"] or "{}").get("num_training_batches")
+        batches = int(batches) if isinstance(batches, (int, float)) and 0 < batches < float("inf") else None
+        _announce(
+            rec["run_id"], chosen, segment, segments, retrain, reason, (train_s, val_s, batches), ckpt_rows, steps
+        )
         _register(trainer, loc, rec, replay_id, chosen, started)
     runner = SegmentRunner(
         db_path=str(loc.db_path),
@@ -149,6 +175,127 @@ def _validations_inside(
     if isinstance(found, str):
         return inside, None, f"but {found}"
     return inside, found, None
+
+
+def _checkpoints_inside(loc: Location, run_id: str, ckpts: CheckpointStore) -> dict[tuple[int, int], dict[str, Any]]:
+    """The run's checkpoints inside its epochs whose files are present, by (epoch, batch index)."""
+    return {k: r for k, r in _runs.checkpoints_inside(loc, run_id).items() if ckpts.exists(r["path"])}
+
+
+def _slice(
+    plan: list[planner.Segment],
+    steps: range,
+    *,
+    retrain: bool,
+    loc: Location,
+    run_id: str,
+    inside: dict[tuple[int, int], dict[str, Any]],
+    ckpts: CheckpointStore,
+) -> tuple[list[planner.Segment], list[str]]:
+    """``plan`` narrowed to the global ``steps`` (``replay(steps=...)``): re-training starts from the latest
+    checkpoint inside the first epoch that precedes ``steps`` where a restart from it is exact, and stops once
+    the last batch logging inside ``steps`` is done. Returns the plan and what it says about where training
+    starts (or why not from inside the epoch)."""
+    wanted = [e for seg in plan for e in seg.epochs]
+    start, stop, notes = None, None, []
+    if retrain:
+        first = wanted[0]
+        points = [(r["step"], b, r["moment"]) for (e, b), r in inside.items() if e == first]
+        found = planner.start_inside(steps.start, points)
+        if found is not None:
+            row = inside[(first, found[1])]
+            inexact = _inexact(ckpts, row)
+            where = f"the checkpoint inside epoch {first} after batch {found[1]} (step {found[0]})"
+            if inexact is None:
+                start = (first, found[1])
+                notes.append(f"training starts from {where}")
+            else:
+                notes.append(f"training starts at the epoch's start, not from {where}, which is not exact: {inexact}")
+        last = _runs.last_batch_before(loc, run_id, wanted[-1], steps.stop)
+        stop = (wanted[-1], last + 1) if last is not None else None
+    sliced = [
+        planner.Segment(seg.index, tuple(planner.slice_steps(seg.steps, steps, start=start, stop=stop))) for seg in plan
+    ]
+    return sliced, notes
+
+
+def _bridge(
+    plan: list[planner.Segment], inside: dict[tuple[int, int], dict[str, Any]], ckpts: CheckpointStore
+) -> tuple[list[planner.Segment], list[str]]:
+    """``plan`` with every epoch trained only to reach a wanted one started from its latest checkpoint inside
+    (:func:`planner.bridge`) where a restart from it is exact; and a note for each such epoch."""
+    reached = {s.epoch for seg in plan for s in seg.steps if s.action == "train" and not s.wanted}
+    starts: dict[int, int] = {}
+    notes: dict[int, str] = {}
+    for epoch in sorted(reached):
+        rows = [r for (e, _), r in inside.items() if e == epoch]
+        if not rows:
+            continue
+        row = max(rows, key=lambda r: r["batch_idx"])
+        where = f"the checkpoint inside epoch {epoch} after batch {row['batch_idx']} (step {row['step']})"
+        inexact = _inexact(ckpts, row)
+        if inexact is None:
+            starts[epoch] = row["batch_idx"]
+            notes[epoch] = f"training starts from {where}"
+        else:
+            notes[epoch] = f"training starts at the epoch's start, not from {where}, which is not exact: {inexact}"
+    bridged = [planner.Segment(seg.index, tuple(planner.bridge(seg.steps, starts))) for seg in plan]
+    used = {s.epoch for seg in bridged for s in seg.steps if s.start_inside is not None}
+    return bridged, [note for e, note in notes.items() if e in used or e not in starts]
+
+
+def _split_epoch(
+    seg: planner.Segment,
+    segments: int,
+    *,
+    inside: dict[tuple[int, int], dict[str, Any]],
+    timings: list[dict[str, Any]],
+    ckpts: CheckpointStore,
+) -> list[planner.Segment]:
+    """The replay of one epoch divided into ``segments`` (:func:`planner.split_epoch`), balanced by the recorded
+    time: between its checkpoints inside when it re-trains (each taken at its ``created`` time less its write), by
+    its validation points when it restores."""
+    if len(seg.steps) != 1:
+        raise ReplayError(
+            f"epoch {seg.epochs} is re-trained from an earlier epoch's checkpoint, so it cannot be divided into "
+            f"segments; replay with segments=1"
+        )
+    (step,) = seg.steps
+    cuts: list[int] = []
+    cost: list[float] = [1.0] * (len(step.inside) + 1)
+    if step.action == "train":
+        rows = sorted((r for (e, _), r in inside.items() if e == step.epoch), key=lambda r: r["batch_idx"])
+        inexact = _inexact(ckpts, rows[0]) if rows else None
+        if inexact is not None:
+            raise ReplayError(
+                f"epoch {step.epoch} cannot be divided into segments at its checkpoints inside: a restart from them "
+                f"is not exact ({inexact}); replay with segments=1"
+            )
+        cuts = [r["batch_idx"] for r in rows]
+        timing = next((t for t in timings if t["epoch"] == step.epoch), None)
+        cost = [1.0] * (len(cuts) + 1)  # no time recorded: each stretch alike
+        if timing is not None:
+            marks = [timing["started"], *(r["created"] - r["write_seconds"] for r in rows), timing["ended"]]
+            cost = [max(b - a, 0.0) for a, b in itertools.pairwise(marks)]
+    return [planner.Segment(i, (s,)) for i, s in enumerate(planner.split_epoch(step, segments, cuts=cuts, cost=cost))]
+
+
+def _divided(plan: list[planner.Segment]) -> str:
+    """Where a one-epoch replay's segments begin, in a sentence."""
+    (first,) = plan[0].steps
+    if first.action == "train":
+        starts = [f"after batch {seg.steps[0].start_inside}" for seg in plan[1:]]
+        return f"epoch {first.epoch} divided at its checkpoints inside {', '.join(starts)}"
+    sizes = [len(seg.steps[0].inside) + seg.steps[0].end for seg in plan]
+    return f"epoch {first.epoch}'s validation points divided {'+'.join(map(str, sizes))}"
+
+
+def _inexact(ckpts: CheckpointStore, row: dict[str, Any]) -> str | None:
+    """Why a restart from the checkpoint inside an epoch of ``row`` would not be exact (None: it would be), as
+    the recording found its training data (:func:`flor_lightning._midepoch.data_skip`)."""
+    state = ckpts.read_state(row["path"], row["sha256"])
+    how = state.get("flor", {}).get("mid_epoch", {}).get("data_skip")
+    return None if how in ("stateful", "sampler", "fetch") else str(how)
 
 
 def _decide_training(
@@ -259,23 +406,29 @@ def _announce(
     segments: int,
     retrain: bool,
     reason: str,
-    train_s: dict[int, float],
-    val_s: dict[int, float],
+    timing: tuple[dict[int, float], dict[int, float], int | None],
     ckpt_rows: dict[int, dict[str, Any]],
+    sliced: range | None = None,
 ) -> None:
+    """Say what the replay does and why, and how long it should take (``timing``: the recorded training and
+    validation seconds per epoch, and the batches per epoch, None when unknown)."""
     steps = [s for seg in chosen for s in seg.steps]
     load_s = max((r["write_seconds"] for r in ckpt_rows.values()), default=0.0)
-    estimate = planner.estimate_seconds(steps, train_s, val_s, load_s)
+    train_s, val_s, batches = timing
+    estimate = planner.estimate_seconds(steps, train_s, val_s, load_s, batches)
     if segments > 1 and segment is None:
-        estimate = max(planner.estimate_seconds(seg.steps, train_s, val_s, load_s) for seg in chosen)
+        estimate = max(planner.estimate_seconds(seg.steps, train_s, val_s, load_s, batches) for seg in chosen)
     full = sum(train_s.values()) + sum(val_s.values())
     which = (
         f" (segment {segment} of {segments})"
         if segment is not None
         else (f" in {segments} segments" if segments > 1 else "")
     )
+    epochs = f"epochs {planner.describe(sorted({e for s in chosen for e in s.epochs}))}"
+    if sliced is not None:
+        epochs = f"steps {sliced.start}-{sliced[-1]} ({epochs})"
     rank_zero_info(
-        f"flor: replaying run {run_id} epochs {planner.describe([e for s in chosen for e in s.epochs])}{which}: "
+        f"flor: replaying run {run_id} {epochs}{which}: "
         f"{'re-training' if retrain else 'restoring checkpoints'} because {reason}. "
         f"Estimated {estimate:.1f}s (the recording took {full:.1f}s)."
     )

@@ -29,7 +29,9 @@ class ReplayReport:
     ``rederived`` counts values that were recorded and logged again; ``matched`` those equal
     bit for bit (NaN matches NaN); ``max_difference`` is the largest absolute difference
     among the mismatched numeric ones. ``new_values`` counts values of names the recording
-    did not have at that point (the hindsight metrics).
+    did not have at that point (the hindsight metrics). ``notes`` say how the checkpoints inside epochs
+    were used: where re-training started inside an epoch (or why it could not start there exactly and started
+    at the epoch's start instead), where a one-epoch replay's segments begin.
     """
 
     replay_id: str
@@ -51,6 +53,7 @@ class ReplayReport:
     error: str | None = None
     replaced_values: int = 0
     replaced_replays: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         ended = (
@@ -71,6 +74,7 @@ class ReplayReport:
                 else ""
             ),
         ]
+        lines += [f"  {note}" for note in self.notes]
         if self.bad_checkpoints:
             lines.append(f"  checkpoints that failed their checksum and were worked around: {self.bad_checkpoints}")
         if self.replaced_values:

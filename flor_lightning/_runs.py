@@ -106,6 +106,36 @@ def validations_inside(loc: Location, run_id: str) -> tuple[dict[tuple[int, int]
     return {(r["epoch"], r["batch_idx"]): r for r in rows}, validated
 
 
+def checkpoints_inside(loc: Location, run_id: str) -> dict[tuple[int, int], dict[str, Any]]:
+    """The run's checkpoints inside its epochs (at validation points and training batch ends), by
+    ``(epoch, batch index)``."""
+    with closing(store.connect(loc.db_path)) as conn:
+        rows = store.fetch(conn, "SELECT * FROM checkpoints WHERE run_id = ? AND batch_idx IS NOT NULL", [run_id])
+    return {(r["epoch"], r["batch_idx"]): r for r in rows}
+
+
+def step_spans(loc: Location, run_id: str) -> dict[int, tuple[int, int]]:
+    """Per epoch, the first and last global step the recording logged a value at."""
+    with closing(store.connect(loc.db_path)) as conn:
+        rows = conn.execute(
+            "SELECT epoch, MIN(step), MAX(step) FROM logs WHERE run_id = ? AND replay_id IS NULL GROUP BY epoch",
+            [run_id],
+        ).fetchall()
+    return {int(e): (int(lo), int(hi)) for e, lo, hi in rows}
+
+
+def last_batch_before(loc: Location, run_id: str, epoch: int, stop: int) -> int | None:
+    """The last training batch index of ``epoch`` whose values the recording logged at a global step below
+    ``stop`` (None: it logged none there)."""
+    with closing(store.connect(loc.db_path)) as conn:
+        (found,) = conn.execute(
+            "SELECT MAX(batch_idx) FROM logs WHERE run_id = ? AND replay_id IS NULL AND stage = 'train' "
+            "AND epoch = ? AND step < ?",
+            [run_id, epoch, stop],
+        ).fetchone()
+    return None if found is None else int(found)
+
+
 def pid_alive(pid: int | None, host: str | None, this_host: str | None = None) -> bool:
     """Whether process ``pid`` on ``host`` may still run (a process on another host is assumed alive)."""
     if pid is None or host != (this_host or socket.gethostname()):

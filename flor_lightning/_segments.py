@@ -10,8 +10,10 @@ import json
 import os
 import socket
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import closing
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -113,7 +115,7 @@ class SegmentRunner:
             trainer.callbacks = callbacks  # type: ignore[attr-defined]
             trainer.loggers = own_loggers
             _lightning.replay_data_unsharded(trainer, sampler)
-            flor.replay_id, flor.capture.muted = None, False
+            flor.replay_id, flor.capture.muted, flor.capture.steps = None, False, None
             if launched_env is None:
                 os.environ.pop(REPLAY_ID_ENV, None)
 
@@ -193,7 +195,8 @@ class SegmentRunner:
             row = {"replay_id": self.replay_id, "epoch": bad_epoch}
             store.insert(c, "replay_bad_checkpoints", row, replace=False)
         steps = planner.steps_for([s.epoch for s in remaining if s.wanted], self.good, train=self.retrain)
-        return planner.with_points(steps, self.points)
+        keep = remaining[0].keep if remaining else None
+        return [replace(s, keep=keep) for s in planner.with_points(steps, self.points)]
 
     def on_start(self, trainer: pl.Trainer) -> None:
         drift.check_like_recording(
@@ -208,10 +211,21 @@ class SegmentRunner:
 
     def on_step_start(self, trainer: pl.Trainer, step: planner.EpochStep) -> None:
         # An epoch trained only to reach a wanted one belongs to another segment: do not store it twice.
-        flor_callback(trainer).capture.muted = not step.wanted
+        capture = flor_callback(trainer).capture
+        capture.muted = not step.wanted
+        capture.steps = range(*step.keep) if step.keep is not None else None  # replay(steps=...): a slice
 
     def on_step_done(self, trainer: pl.Trainer, step: planner.EpochStep) -> None:
-        flor_callback(trainer).capture.muted = False
+        capture = flor_callback(trainer).capture
+        capture.muted, capture.steps = False, None
+        if capture.partial:
+            warnings.warn(  # by every rank: each knows only its own segment
+                f"flor: {', '.join(sorted(capture.partial))} of epoch {step.epoch} not stored: replayed from a "
+                "checkpoint inside the epoch, which holds no aggregate of it, it would cover only the batches from "
+                "there; replay that epoch from its start (segments=1, epochs=) for it",
+                stacklevel=2,
+            )
+            capture.partial.clear()
         with closing(store.connect(self.db_path)) as c:
             store.insert(
                 c,

@@ -54,6 +54,7 @@ class Trainer(pl.Trainer):
         *,
         run: str | None = None,
         epochs: Sequence[int] | range | None = None,
+        steps: range | None = None,
         segments: int = 1,
         segment: int | None = None,
         train: bool | None = None,
@@ -76,6 +77,10 @@ class Trainer(pl.Trainer):
             datamodule: the datamodule, as for ``fit``.
             run: the run id (default: the latest recorded run of this script).
             epochs: the recorded epochs to replay (default: all).
+            steps: instead of ``epochs``, a slice of global (optimizer) steps to replay, e.g.
+                ``range(1000, 2000)`` of a long epoch: only values logged at those steps are stored;
+                re-training starts from the latest checkpoint inside the epoch before the slice (when a
+                restart from it is exact, else from the epoch's start) and stops after the slice.
             segments: split the epochs into this many contiguous segments, balanced by the
                 recorded epoch times; in one process they run one after another. Under
                 ``strategy="ddp"`` or ``"ddp_fork"`` it must equal the world size, and rank r
@@ -115,6 +120,7 @@ class Trainer(pl.Trainer):
             val_dataloaders=val_dataloaders,
             run=run,
             epochs=epochs,
+            steps=steps,
             segments=segments,
             segment=segment,
             train=train,

@@ -78,6 +78,19 @@ def test_save_then_load_round_trips_as_data(ckpts: CheckpointStore) -> None:
     assert (loaded["epoch"], loaded["name"], loaded["flags"]) == (3, "run", (True, None, b"raw"))
 
 
+def test_read_state_gives_the_plain_data_without_reading_a_tensor(ckpts: CheckpointStore) -> None:
+    info = save(ckpts, sample_state())
+    for pack in info.packs:  # not even the packs are needed
+        ckpts.fs.rm(f"{ckpts.root}/{pack}")
+
+    state = ckpts.read_state(info.path, info.sha256)
+
+    assert (state["epoch"], state["name"], state["flags"]) == (3, "run", (True, None, b"raw"))
+    assert state["optimizer_states"][0]["param_groups"] == [{"lr": 0.1, "params": [0]}]
+    with pytest.raises(CheckpointError, match="corrupt"):
+        ckpts.read_state(info.path, "0" * 64)
+
+
 def test_writer_counts_what_it_wrote(ckpts: CheckpointStore) -> None:
     first, second = save(ckpts, sample_state(), epoch=0), save(ckpts, sample_state(), epoch=1)
 

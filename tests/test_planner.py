@@ -7,14 +7,20 @@ import pytest
 from flor_lightning._errors import ReplayError
 from flor_lightning._planner import (
     EpochStep,
+    bridge,
     describe,
     epoch_list,
+    epochs_of_steps,
     estimate_seconds,
     plan_segments,
+    slice_steps,
+    split_epoch,
     split_segments,
+    start_inside,
     steps_for,
     validate_epochs,
     validate_segment_args,
+    validate_steps,
     validation_points,
     with_points,
 )
@@ -181,3 +187,62 @@ def test_a_restore_with_validation_points_inside_counts_their_loads() -> None:
     plain, inside = EpochStep(0, "restore", 0), EpochStep(0, "restore", 0, inside=(2, 5), validate_end=True)
     assert estimate_seconds([plain], {0: 9.0}, {0: 1.0}, 0.5) == 1.5
     assert estimate_seconds([inside], {0: 9.0}, {0: 1.0}, 0.5) == 1.0 + 4 * 0.5  # its own, two inside, its own again
+
+
+# ---- inside an epoch: step slices, segments of one epoch, bridging a missing epoch checkpoint ----------------
+
+POINTS = [(3, 2, "validation_end"), (6, 5, "validation_end"), (8, 7, "train_batch_end"), (9, 8, "validation_end")]
+
+
+def test_a_slice_starts_from_the_latest_checkpoint_whose_restart_logs_every_value_of_it():
+    assert start_inside(7, POINTS) == (6, 5, "validation_end")
+    assert start_inside(6, POINTS) == (3, 2, "validation_end")  # the validation at step 6 precedes its checkpoint
+    assert start_inside(8, POINTS) == (8, 7, "train_batch_end")  # the batch at step 8 follows its checkpoint
+    assert start_inside(3, POINTS) is None  # from the epoch's start
+
+
+def test_a_slice_narrows_the_plan_to_its_steps_and_epochs():
+    assert epochs_of_steps(range(11, 13), {0: (0, 12), 1: (12, 24), 2: (24, 36)}) == [0, 1]
+    with pytest.raises(ReplayError, match="steps 40-41 were not recorded; the run logged values at global steps 0-36"):
+        epochs_of_steps(range(40, 42), {0: (0, 12), 1: (12, 24), 2: (24, 36)})
+    steps = [EpochStep(0, "train", -1, wanted=False), EpochStep(1, "train", None), EpochStep(2, "train", None)]
+    out = slice_steps(steps, range(20, 30), start=(1, 5), stop=(2, 4))
+    assert [(s.epoch, s.load, s.start_inside, s.stop_after, s.keep) for s in out] == [
+        (1, None, 5, None, (20, 30)),
+        (2, None, None, 4, (20, 30)),
+    ]
+
+
+def test_steps_must_be_a_non_empty_range_and_not_given_with_epochs():
+    validate_steps(None, [1])
+    validate_steps(range(3, 5), None)
+    for bad in ([3, 4], range(5, 5), range(0, 10, 2), range(-1, 3), 7):
+        with pytest.raises(ReplayError, match="steps must be a non-empty range"):
+            validate_steps(bad, None)
+    with pytest.raises(ReplayError, match="not both"):
+        validate_steps(range(3), [0])
+
+
+def test_one_epoch_is_divided_into_segments_balanced_by_cost_each_value_once():
+    restore = EpochStep(0, "restore", 0, inside=(2, 5, 8))
+    parts = split_epoch(restore, 3, cuts=(), cost=[1, 1, 1, 1])  # the points after batches 2, 5, 8, then the end
+    assert [(p.load, p.inside, p.end) for p in parts] == [(None, (2,), False), (None, (5, 8), False), (0, (), True)]
+    train = EpochStep(0, "train", -1)
+    parts = split_epoch(train, 2, cuts=(2, 5, 8), cost=[10, 1, 1, 1])  # the first stretch is the slow one
+    assert [(p.load, p.start_inside, p.stop_after) for p in parts] == [(-1, None, 3), (None, 2, None)]
+    with pytest.raises(ReplayError, match="segments must be between 1 and the 4 stretches"):
+        split_epoch(train, 5, cuts=(2, 5, 8), cost=[1, 1, 1, 1])
+
+
+def test_a_stretch_trained_only_to_reach_a_wanted_epoch_starts_from_the_latest_checkpoint_inside_it():
+    steps = steps_for([3], {0}, train=True)
+    assert [(s.epoch, s.load, s.wanted) for s in steps] == [(1, 0, False), (2, None, False), (3, None, True)]
+    out = bridge(steps, {1: 4, 2: 6})
+    assert [(s.epoch, s.load, s.start_inside, s.wanted) for s in out] == [(2, None, 6, False), (3, None, None, True)]
+    assert bridge(steps, {}) == steps
+
+
+def test_a_train_step_inside_an_epoch_is_estimated_at_its_share_of_the_epoch():
+    part = EpochStep(0, "train", None, start_inside=5, stop_after=9)  # batches 6-8 of 12
+    assert estimate_seconds([part], {0: 12.0}, {0: 4.0}, 0.5, 12) == pytest.approx(0.5 + 3 / 12 * 16)
+    assert estimate_seconds([part], {0: 12.0}, {0: 4.0}, 0.5) == 16.5  # batches per epoch unknown: all of it

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import logging
 import sqlite3
 import sys
 from contextlib import closing
@@ -497,3 +498,202 @@ def test_a_training_metric_re_trains_an_epoch_that_validated_inside_bit_for_bit(
     report = replay(edit(project, *TRAIN_METRIC), max_epochs=1, trainer=ONE_EPOCH)
     assert report.train is True and report.epochs_trained == [0]
     assert report.rederived > 0 and report.matched == report.rederived and report.mismatched == 0
+
+
+class BatchCounter(L.Callback):
+    """The (epoch, batch index) of every training batch a fit runs."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, int]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append((trainer.current_epoch, batch_idx))
+
+
+def replayed_rows(run_id):
+    df = flor.records(run=run_id)
+    return df[df["replay_id"].notna()]
+
+
+@pytest.mark.parametrize(
+    ("steps", "start", "trained", "epoch_end"),
+    [
+        (range(7, 13), "after batch 5 (step 6)", range(6, 12), True),
+        (range(4, 9), "after batch 2 (step 3)", range(3, 9), False),
+    ],
+)
+def test_a_step_slice_re_trains_from_the_checkpoint_inside_the_epoch_before_it_bit_for_bit(
+    project, steps, start, trained, epoch_end
+):
+    """One epoch of 12 shuffled batches with dropout, checkpointed at its validation points (steps 3, 6, 9):
+    a training metric replayed for a slice of steps re-trains from the checkpoint before the slice, only the
+    batches up to its end, and stores only the values at its steps, on the recorded rows, re-derived exactly."""
+    run_id = record_validating_inside(project, 1, **ONE_EPOCH)
+    counter = BatchCounter()
+    report = replay(
+        edit(project, *TRAIN_METRIC), max_epochs=1, steps=steps, trainer={**ONE_EPOCH, "callbacks": [counter]}
+    )
+    assert report.train is True and report.epochs_trained == [0]
+    assert report.notes == [f"training starts from the checkpoint inside epoch 0 {start}"]
+    assert counter.batches == [(0, b) for b in trained]
+    assert report.rederived > 0 and report.matched == report.rederived and report.mismatched == 0
+    rows_ = replayed_rows(run_id)
+    assert set(rows_["step"]) == set(steps) and (rows_["epoch"] == 0).all()
+    new = rows_[rows_["name"] == "train_loss_x2"]
+    assert sorted(new["batch_idx"]) == [b for b in trained if b in steps]  # batch b starts at step b
+    df = flor.query("train_loss", "train_loss_x2", run=run_id).dropna(subset=["train_loss_x2"])
+    assert list(df["step"]) == [b for b in trained if b in steps]
+    assert (df["train_loss_x2"] == 2 * df["train_loss"]).all()  # the new value beside the recorded one
+    aggregates = rows_[rows_["name"] == "train_loss_epoch"]
+    assert len(aggregates) == int(epoch_end)  # re-derived from the aggregates restored with the checkpoint
+
+
+def test_a_step_slice_re_trains_across_gradients_accumulated_over_its_checkpoint(project):
+    """With accumulate_grad_batches=2 the validation after batch 2 (a checkpoint at step 1) falls between the two
+    batches of an optimizer step: the replay resumes with batch 2's gradients and re-derives exactly."""
+    settings = {**ONE_EPOCH, "accumulate_grad_batches": 2}
+    run_id = record_validating_inside(project, 1, **settings)
+    counter = BatchCounter()
+    report = replay(
+        edit(project, *TRAIN_METRIC), max_epochs=1, steps=range(2, 7), trainer={**settings, "callbacks": [counter]}
+    )
+    assert report.notes == ["training starts from the checkpoint inside epoch 0 after batch 2 (step 1)"]
+    assert counter.batches == [(0, b) for b in range(3, 12)]
+    assert report.rederived > 0 and report.matched == report.rederived and report.mismatched == 0
+    rows_ = replayed_rows(run_id)
+    assert set(rows_["step"]) == {2, 3, 4, 5, 6}
+    assert sorted(rows_[rows_["name"] == "train_loss_x2"]["batch_idx"]) == list(range(4, 12))
+
+
+def test_steps_must_be_a_range_of_recorded_steps(project):
+    record_validating_inside(project, 1, **ONE_EPOCH)
+    m = load_module(project)
+    with pytest.raises(ReplayError, match="steps must be a non-empty range of global steps"):
+        replay(m, max_epochs=1, steps=[3, 4], trainer=ONE_EPOCH)
+    with pytest.raises(ReplayError, match="give epochs= or steps=, not both"):
+        replay(m, max_epochs=1, steps=range(3, 4), epochs=[0], trainer=ONE_EPOCH)
+    with pytest.raises(ReplayError, match=r"steps 40-49 were not recorded; the run logged values at global steps 0-12"):
+        replay(m, max_epochs=1, steps=range(40, 50), trainer=ONE_EPOCH)
+
+
+STREAM_DATA = '''
+
+class StreamData(DigitsData):
+    """The digits as an IterableDataset in a random order, with no state_dict: no position inside an epoch."""
+
+    def train_dataloader(self):
+        return DataLoader(_Stream(self.train_set), batch_size=32)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __iter__(self):
+        for i in torch.randperm(len(self.dataset)).tolist():
+            yield self.dataset[i]
+'''
+
+
+def test_a_step_slice_of_an_unstateful_iterable_dataset_re_trains_from_the_epoch_start_and_says_so(project, caplog):
+    """Its position inside the epoch cannot be restored: the replay says so before it starts and in its report,
+    and re-trains from the epoch's start instead of refusing; still exact."""
+    (project / "model.py").write_text(MODEL_SOURCE + STREAM_DATA)
+    git(project, "add", "model.py")
+    git(project, "commit", "-q", "-m", "model")
+    m = load_module(project)
+    L.seed_everything(7)
+    trainer = flor.Trainer(**trainer_kwargs(max_epochs=1, **ONE_EPOCH))
+    trainer.fit(m.DigitsClassifier(), datamodule=m.StreamData())
+    run_id = trainer.flor.run_id
+    m = edit(project, *TRAIN_METRIC)
+    counter = BatchCounter()
+    L.seed_everything(7)
+    trainer = flor.Trainer(**trainer_kwargs(max_epochs=1, **ONE_EPOCH, callbacks=[counter]))
+    with caplog.at_level(logging.INFO):
+        report = trainer.replay(m.DigitsClassifier(), datamodule=m.StreamData(), steps=range(7, 13))
+    why = (
+        "training starts at the epoch's start, not from the checkpoint inside epoch 0 after batch 5 (step 6), which "
+        "is not exact: the training data is an IterableDataset without state_dict/load_state_dict"
+    )
+    assert len(report.notes) == 1 and report.notes[0].startswith(why)
+    announced = next(r.getMessage() for r in caplog.records if "replaying run" in r.getMessage())
+    assert why in announced and why in str(report)
+    assert counter.batches == [(0, b) for b in range(12)]
+    assert report.rederived > 0 and report.matched == report.rederived and report.mismatched == 0
+    assert set(replayed_rows(run_id)["step"]) == set(range(7, 13))
+
+
+def replay_values(project, replay_ids):
+    """The values the replays stored, keyed by where they were logged (a key twice fails)."""
+    db = project / ".flor" / "flor.db"
+    marks = ",".join("?" * len(replay_ids))
+    found = rows(
+        db,
+        f"SELECT stage, level, epoch, step, batch_idx, name, value FROM logs WHERE replay_id IN ({marks})",
+        tuple(replay_ids),
+    )
+    keyed = {tuple(r[k] for k in ("stage", "level", "epoch", "step", "batch_idx", "name")): r["value"] for r in found}
+    assert len(keyed) == len(found), "a value was stored twice"
+    return keyed
+
+
+@pytest.mark.parametrize(("change", "trains"), [(VAL_F1, False), (TRAIN_METRIC, True)])
+def test_one_epoch_replayed_in_two_segments_equals_the_one_segment_replay_bit_for_bit(project, change, trains):
+    """A one-epoch run's validation points (restore) or stretches between its checkpoints inside (re-train) are
+    divided into 2 segments balanced by recorded time, each from the checkpoint before it: segment=0 and
+    segment=1 replayed apart, and segments=2 in one process, store every value of the one-segment replay
+    exactly once, bit for bit."""
+    run_id = record_validating_inside(project, 1, **ONE_EPOCH)
+    m = edit(project, *change)
+    whole = replay(m, max_epochs=1, trainer=ONE_EPOCH)
+    assert whole.train is trains and whole.mismatched == 0
+    expected = replay_values(project, [whole.replay_id])
+    parts, counted = [], []
+    for i in (0, 1):
+        counter = BatchCounter()
+        parts.append(replay(m, max_epochs=1, segments=2, segment=i, trainer={**ONE_EPOCH, "callbacks": [counter]}))
+        counted.append(counter.batches)
+    if trains:  # divided after batch 2, 5 or 8 (by the recorded time, which varies): each batch runs once
+        cut = len(counted[0])
+        assert cut in (3, 6, 9) and counted == [[(0, b) for b in range(cut)], [(0, b) for b in range(cut, 12)]]
+    else:
+        assert counted == [[], []]
+    assert all(p.train is trains and p.rederived > 0 and p.mismatched == 0 for p in parts)
+    assert replay_values(project, [p.replay_id for p in parts]) == expected
+    both = replay(m, max_epochs=1, segments=2, trainer=ONE_EPOCH)
+    assert both.mismatched == 0 and replay_values(project, [both.replay_id]) == expected
+    new = "val_conf" if not trains else "train_loss_x2"
+    level = "step" if trains else "epoch"  # train_loss_x2 per training batch, val_conf per validation point
+    assert sum(k[5] == new and k[1] == level for k in expected) == (12 if trains else 4)
+    assert flor.query(new, run=run_id)[new].notna().sum() == (4 if not trains else 12)
+
+
+def test_an_epoch_whose_checkpoint_before_is_missing_is_reached_from_the_checkpoint_inside_the_epoch_before(project):
+    """Epoch 1's end checkpoint is gone (as checkpoint_every="auto" may skip it): re-training epoch 2 starts
+    from the checkpoint inside epoch 1 (after its batch 1), not from epoch 0's end; exactly."""
+    settings = {"val_check_interval": 0.5}
+    run_id = record_validating_inside(project, 3, **settings)
+    with closing(sqlite3.connect(project / ".flor" / "flor.db")) as c, c:
+        c.execute("DELETE FROM checkpoints WHERE epoch = 1 AND batch_idx IS NULL")
+    counter = BatchCounter()
+    report = replay(edit(project, *TRAIN_METRIC), epochs=[2], trainer={**settings, "callbacks": [counter]})
+    assert report.notes == ["training starts from the checkpoint inside epoch 1 after batch 1 (step 6)"]
+    assert counter.batches == [(1, 2), (1, 3), (2, 0), (2, 1), (2, 2), (2, 3)]
+    assert report.epochs_trained == [1, 2] and report.mismatched == 0 and report.matched == report.rederived > 0
+    assert set(replayed_rows(run_id)["epoch"]) == {2}  # epoch 1 was trained only to reach epoch 2
+
+
+def test_a_new_epoch_aggregate_is_not_stored_by_a_step_slice_that_starts_inside_the_epoch(project):
+    """The checkpoint inside the epoch holds no aggregate of a metric the recording did not log: from there the
+    aggregate would cover batches 6-11 only, so it is left out with a warning; the recorded ones are re-derived."""
+    run_id = record_validating_inside(project, 1, **ONE_EPOCH)
+    m = edit(
+        project, TRAIN_METRIC[0], TRAIN_METRIC[1].replace("loss.detach() * 2)", "loss.detach() * 2, on_epoch=True)")
+    )
+    with pytest.warns(UserWarning, match="train_loss_x2_epoch of epoch 0 not stored"):
+        report = replay(m, max_epochs=1, steps=range(7, 13), trainer=ONE_EPOCH)
+    assert report.mismatched == 0 and report.matched == report.rederived > 0
+    names = set(replayed_rows(run_id)["name"])
+    assert "train_loss_epoch" in names and "train_loss_x2_step" not in names
+    assert "train_loss_x2" in names and "train_loss_x2_epoch" not in names

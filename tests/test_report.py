@@ -228,3 +228,14 @@ def test_the_report_text_says_what_a_failed_replay_did_before_it_failed():
 def test_cause_names_the_error_and_an_interrupt():
     assert cause(RuntimeError("boom")) == "RuntimeError: boom"
     assert cause(SystemExit(1)) == "interrupted: SystemExit(1), as Lightning exits on Ctrl-C"
+
+
+def test_the_notes_on_checkpoints_inside_epochs_are_printed_and_stored(db):
+    note = "training starts from the checkpoint inside epoch 0 after batch 5 (step 6)"
+    with closing(store.connect(db)) as conn:
+        add_replay(conn, "r", "running")
+    report = ReplayReport(replay_id="r", run_id=RUN, train=True, reason="test", notes=[note])
+    assert str(report).splitlines()[-1] == f"  {note}"
+    store_report(db, report, primary=True, clock=lambda: 1.0)
+    [row] = rows(db, "SELECT report FROM replays WHERE replay_id = 'r'")
+    assert json.loads(row["report"])["notes"] == [note]

@@ -41,7 +41,7 @@ class WithBatchNorm(DigitsClassifier):
 mode, devices, segments = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 segment = int(sys.argv[4]) if len(sys.argv) > 4 else None
 L.seed_everything(7)
-kw = trainer_kwargs(max_epochs=int(os.environ.get("EPOCHS", "4")))
+kw = trainer_kwargs(max_epochs=int(os.environ.get("EPOCHS", "4")), **json.loads(os.environ.get("TRAINER", "{}")))
 if devices > 1:
     kw.update(devices=devices, strategy=os.environ.get("STRATEGY", "ddp"))
 trainer = flor.Trainer(**kw)
@@ -290,3 +290,25 @@ def test_the_florcallback_is_found_on_flor_trainer_and_on_a_plain_trainer(projec
 def test_a_trainer_without_a_florcallback_cannot_replay(project):
     with pytest.raises(ReplayError, match=r"no FlorCallback, so it cannot replay; use flor.Trainer or Trainer\("):
         _segments.flor_callback(L.Trainer(logger=False))
+
+
+@pytest.mark.integration
+def test_one_epoch_re_trained_on_two_ranks_in_two_segments_equals_one_segment(script):
+    """A one-epoch run validating every 3 of its 12 batches, divided at its checkpoints inside: rank 1 starts
+    from the checkpoint inside the epoch, and the two ranks store what one segment stores, bit for bit (but for
+    the epoch aggregate of the new metric, which rank 1 cannot have)."""
+    env = {"EPOCHS": "1", "TRAINER": json.dumps({"limit_train_batches": 12, "val_check_interval": 3})}
+    run(script, "record", "1", "1", env=env)
+    edit(script, *TRAIN_METRIC)
+    one = report_of(run(script, "replay", "1", "1", env=env)[1])
+    _, output = run(script, "replay", "2", "2", env=env | {"STRATEGY": "ddp_fork"})
+    two = report_of(output)
+    assert two["epochs_trained"] == [0] and two["mismatched"] == 0
+    assert two["matched"] == two["rederived"] == one["rederived"] > 0
+    # the new train_x2's epoch aggregate: rank 1 trained from the checkpoint inside the epoch, which holds none
+    # of it, so it would cover the epoch's second half only: not stored, and said
+    assert "train_x2_epoch of epoch 0 not stored" in output
+    assert replayed(two["replay_id"]) == [v for v in replayed(one["replay_id"]) if "train_x2_epoch" not in v]
+    [plan] = rows(script / ".flor" / "flor.db", "SELECT plan FROM replays WHERE replay_id = ?", (two["replay_id"],))
+    starts = [[s["start_inside"] for s in seg] for seg in json.loads(plan["plan"])]
+    assert starts[0] == [None] and starts[1][0] is not None  # rank 1 from a checkpoint inside the epoch
