@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from flor_lightning import _codecheck as codecheck
 from flor_lightning import _codeversion as codeversion
 from flor_lightning import _drift as drift
-from flor_lightning import _lightning, _runs
+from flor_lightning import _lightning, _nodes, _runs
 from flor_lightning import _planner as planner
 from flor_lightning import _shadow as shadow
 from flor_lightning import _store as store
@@ -57,6 +57,9 @@ def run_replay(
     """See :meth:`flor_lightning.Trainer.replay`; ``clock`` gives the times the replay's records carry."""
     _check_arguments(trainer, epochs, segments, segment, train)
     loc = locate()
+    data = {"datamodule": datamodule, "train_dataloaders": train_dataloaders, "val_dataloaders": val_dataloaders}
+    if trainer.world_size > 1 and trainer.node_rank > 0:
+        return _replay_on_another_node(trainer, model, loc, data, segments, clock)
     rec, ckpt_rows, timings = _runs.load_run(loc, run)
     if not rec["checkpoint_root"]:
         raise ReplayError(f"run {rec['run_id']} has no checkpoint location recorded; it cannot be replayed")
@@ -109,11 +112,10 @@ def run_replay(
     )
     report.status = "failed"
     try:
-        runner.run(
-            trainer, model, datamodule=datamodule, train_dataloaders=train_dataloaders, val_dataloaders=val_dataloaders
-        )
+        runner.run(trainer, model, **data)
         if primary and trainer.world_size > 1:
-            wait_for_segments(str(loc.db_path), replay_id, segments)
+            nodes = _nodes.folder(rec["checkpoint_root"], rec["run_id"], replay_id) if trainer.num_nodes > 1 else None
+            wait_for_segments(str(loc.db_path), replay_id, segments, run_id=rec["run_id"], nodes=nodes)
         report.status = "finished"
     except BaseException as err:
         report.error = cause(err)
@@ -122,6 +124,46 @@ def run_replay(
         report.seconds = clock() - started
         store_report(loc.db_path, report, primary=primary, clock=clock)
     rank_zero_info(str(report))
+    return report
+
+
+def _replay_on_another_node(
+    trainer: pl.Trainer,
+    model: pl.LightningModule,
+    loc: Location,
+    data: dict[str, Any],
+    segments: int,
+    clock: Callable[[], float],
+) -> ReplayReport:
+    """A rank on a node other than the launching one: its log store holds none of the run's records, so
+    rank 0's plan reaches it as the ranks come up (:meth:`SegmentRunner.adopt`), and its records go to a
+    node store that the launching rank merges (:mod:`._nodes`)."""
+    runner = SegmentRunner(
+        db_path=str(loc.db_path),
+        replay_id="",
+        run={"run_id": "", "settings": None},
+        segments=[],
+        total_segments=segments,
+        checkpoint_root="",
+        checkpoints={},
+        good=set(),
+        retrain=False,
+        loggers=False,
+        clock=clock,
+    )
+    report = ReplayReport(replay_id="", run_id="", train=False, reason="planned by rank 0", status="failed")
+    started = clock()
+    try:
+        runner.run(trainer, model, **data)
+        report.status = "finished"
+    except BaseException as err:
+        report.error = cause(err)
+        raise
+    finally:
+        report.replay_id, report.run_id, report.train = runner.replay_id, runner.run_id, runner.retrain
+        report.seconds = clock() - started
+        if runner.node_store is not None:
+            store_report(runner.db_path, report, primary=False, clock=clock)
     return report
 
 
@@ -244,6 +286,11 @@ def _check_arguments(
             f"replay runs one segment per rank: pass segments={world}"
         )
     planner.validate_epochs(epochs)
+    if trainer.num_nodes > 1 and _lightning.forks_ranks(trainer):
+        raise ReplayError(
+            f"replay on {trainer.num_nodes} nodes runs with strategy='ddp' (each node launched from its environment: "
+            "NODE_RANK, MASTER_ADDR, MASTER_PORT, or srun / torchrun), not 'ddp_fork'"
+        )
     if world > 1 and _lightning.spawns_ranks(trainer):
         raise ReplayError(
             "multi-process replay runs with strategy='ddp' (each rank re-runs your script) or 'ddp_fork' (ranks "

@@ -21,6 +21,7 @@ from helpers import git, rows
 from models import DigitsClassifier, trainer_kwargs
 
 import flor_lightning as flor
+from flor_lightning import _cli as cli
 from flor_lightning import _segments
 from flor_lightning import _store as store
 from flor_lightning._errors import ReplayError
@@ -44,6 +45,8 @@ L.seed_everything(7)
 kw = trainer_kwargs(max_epochs=int(os.environ.get("EPOCHS", "4")))
 if devices > 1:
     kw.update(devices=devices, strategy=os.environ.get("STRATEGY", "ddp"))
+if os.environ.get("NUM_NODES"):  # this process is one node: NODE_RANK, MASTER_ADDR and MASTER_PORT say which
+    kw.update(num_nodes=int(os.environ["NUM_NODES"]), devices=1, strategy="ddp")
 trainer = flor.Trainer(**kw)
 model = WithBatchNorm() if os.environ.get("BATCHNORM") else DigitsClassifier()
 if mode == "record":
@@ -199,6 +202,88 @@ def test_spawning_strategies_are_refused_with_what_to_use(project):
         trainer.replay(DigitsClassifier(), segments=2)
 
 
+# ---- two nodes, each with its own log store and working copy --------------------------------------
+
+
+def free_port() -> int:
+    with closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def two_nodes(node0: Path, node1: Path, tmp_path: Path, env1: dict[str, str] | None = None) -> list[tuple[int, str]]:
+    """Replay in two segments as two nodes of one process each, launched as a cluster launches them: node 0
+    in the project (its store holds the run), node 1 in another working copy with a store of its own; both
+    read the checkpoints from the one FLOR_HOME."""
+    common = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "NUM_NODES": "2"}
+    envs = [
+        {**common, "NODE_RANK": "0", "FLOR_DB": str(node0 / ".flor" / "flor.db")},
+        {**common, "NODE_RANK": "1", "FLOR_DB": str(tmp_path / "node1-store" / "flor.db"), **(env1 or {})},
+    ]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "replay_me.py", "replay", "1", "2"],
+            cwd=root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for root, env in zip((node0, node1), envs, strict=True)
+    ]
+    return [(p.wait(timeout=300), p.communicate()[0]) for p in procs]
+
+
+def node_copy(script: Path, tmp_path: Path) -> Path:
+    """Node 1's working copy: a clone of the project with the same uncommitted edit."""
+    other = tmp_path / "node1"
+    git(tmp_path, "clone", "-q", str(script), str(other))
+    (other / "model.py").write_text((script / "model.py").read_text())
+    return other
+
+
+@pytest.mark.integration
+def test_two_nodes_with_stores_of_their_own_merge_into_what_one_process_replays(script, tmp_path, capsys):
+    run(script, "record", "1", "1")
+    edit(script, *VAL_METRIC)
+    one = report_of(run(script, "replay", "1", "1")[1])
+    (code0, out0), (code1, out1) = two_nodes(script, node_copy(script, tmp_path), tmp_path)
+
+    assert code0 == 0 and code1 == 0, out0[-3000:] + out1[-3000:]
+    two = report_of(out0)
+    assert two["epochs_restored"] == [0, 1, 2, 3] and two["mismatched"] == 0
+    assert two["matched"] == two["rederived"] == one["rederived"] > 0
+    assert replayed(two["replay_id"]) == replayed(one["replay_id"])  # node 1's values merged, bit for bit
+    db = script / ".flor" / "flor.db"
+    segs = rows(db, "SELECT segment, rank, status FROM replay_segments WHERE replay_id = ?", (two["replay_id"],))
+    assert sorted((r["segment"], r["rank"], r["status"]) for r in segs) == [(0, 0, "finished"), (1, 1, "finished")]
+    node_store = tmp_path / "node1-store" / "replays" / two["replay_id"] / "node-1.rank-1.sqlite"
+    assert rows(node_store, "SELECT count(*) AS n FROM logs")[0]["n"] > 0  # node 1 kept its own copy
+    count = "SELECT count(*) AS n FROM logs WHERE replay_id = ?"
+    before = rows(db, count, (two["replay_id"],))[0]["n"]
+
+    assert cli.main(["merge", two["replay_id"]]) == 0  # by hand, after the replay merged it
+    assert rows(db, count, (two["replay_id"],))[0]["n"] == before  # nothing added twice
+    assert "0 rows added" in capsys.readouterr().out
+
+
+@pytest.mark.integration
+def test_a_failed_node_fails_the_replay_and_is_named_with_the_command_that_re_runs_it(script, tmp_path):
+    run_id = run(script, "record", "1", "1")[1].split("RUN ")[1].split()[0]
+    edit(script, *VAL_METRIC)
+    (code0, out0), (code1, _) = two_nodes(script, node_copy(script, tmp_path), tmp_path, env1={"FAIL_RANK": "1"})
+
+    assert code0 != 0 and code1 != 0
+    assert "segment 1 (rank 1, node 1): RuntimeError: rank failure injected by the test" in out0, out0[-3000:]
+    assert f"trainer.replay(..., run={run_id!r}, segment=<i>, segments=2)" in out0
+    assert "for i in [1]" in out0
+    db = script / ".flor" / "flor.db"
+    [replay] = rows(db, "SELECT replay_id, status FROM replays WHERE replay_id != ''")
+    assert replay["status"] == "failed"
+    kept = rows(db, "SELECT DISTINCT epoch FROM logs WHERE replay_id = ? AND name = 'val_conf'", (replay["replay_id"],))
+    assert [r["epoch"] for r in kept] == [0, 1, 2]  # node 0's segment, and node 1's values up to its failure
+
+
 # ---- the launching rank waits for the others as long as they live ------------------------------
 
 
@@ -272,6 +357,43 @@ def test_a_failed_segment_is_named_with_its_rank_and_error(tmp_path):
         _segments.wait_for_segments(str(db), "r", 3, start_timeout=10.0, clock=clock, sleep=clock.sleep)
 
     assert clock.sleeps == 0  # at once, without waiting for segment 1
+
+
+def _node_status(url: Path, status: str, beat: int) -> None:
+    url.mkdir(parents=True, exist_ok=True)
+    row = {"segment": 2, "segments": 3, "rank": 2, "node": 1, "status": status, "error": None, "beat": beat}
+    (url / "node-1.rank-2.json").write_text(json.dumps({**row, "store": "node-b:/data/flor.db"}))
+
+
+def test_a_node_is_waited_for_while_its_heartbeat_goes_on(tmp_path):
+    db, url = tmp_path / "flor.db", tmp_path / "shared" / "replays" / "r"
+    _segment_rows(db, {0: "finished", 1: "finished"})
+    _node_status(url, "running", 0)
+    actions = {n: (lambda n=n: _node_status(url, "running", n)) for n in range(1, 5)}
+    clock = _Clock({**actions, 5: lambda: _node_status(url, "finished", 5)})
+
+    _segments.wait_for_segments(str(db), "r", 3, nodes=str(url), stale=10.0, clock=clock, sleep=clock.sleep)
+
+    assert clock.sleeps == 5  # 1000 s between polls, far past `stale`, but each poll heard a new beat
+
+
+def test_a_node_whose_heartbeat_stopped_is_named_with_the_command_that_re_runs_its_segment(tmp_path):
+    db, url = tmp_path / "flor.db", tmp_path / "shared" / "replays" / "r"
+    _segment_rows(db, {0: "finished", 1: "finished"})
+    _node_status(url, "running", 7)
+    clock = _Clock({})
+
+    with pytest.raises(ReplayError) as info:
+        _segments.wait_for_segments(
+            str(db), "r", 3, run_id="run1", nodes=str(url), stale=10.0, clock=clock, sleep=clock.sleep
+        )
+
+    assert "segment 2 (rank 2, node 1): node 1 sent no heartbeat for 10s: its process or the node died" in str(
+        info.value
+    )
+    assert "(its values so far are in node-b:/data/flor.db)" in str(info.value)
+    assert "trainer.replay(..., run='run1', segment=<i>, segments=3) on one device" in str(info.value)
+    assert "for i in [2]" in str(info.value) and clock.sleeps == 1
 
 
 # ---- the replay's FlorCallback is found among the Trainer's callbacks --------------------------------
