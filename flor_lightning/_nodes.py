@@ -146,10 +146,12 @@ def merge(db_path: Path | str, url: str, replay_id: str, *, clock: Callable[[], 
     with closing(store.connect(db_path)) as conn:
         for path in remote:
             source = posixpath.basename(path)
-            with tempfile.TemporaryDirectory() as tmp:
-                local = os.path.join(tmp, source)
-                fs.get_file(path, local)
-                added = _merge_one(conn, local, replay_id, source, clock())
+            added = None
+            if not _merged(conn, replay_id, source):  # not downloaded again at each poll of the wait
+                with tempfile.TemporaryDirectory() as tmp:
+                    local = os.path.join(tmp, source)
+                    fs.get_file(path, local)
+                    added = _merge_one(conn, local, replay_id, source, clock())
             if added is None:
                 result.already.append(source)
             else:
@@ -167,8 +169,7 @@ def _merge_one(conn: sqlite3.Connection, local: str, replay_id: str, source: str
         raise StoreError(f"cannot read the node store {source} of replay {replay_id}: {err}") from err
     try:
         with store.immediate(conn):
-            done = "SELECT 1 FROM replay_merges WHERE replay_id = ? AND source = ?"
-            if conn.execute(done, [replay_id, source]).fetchone():
+            if _merged(conn, replay_id, source):  # by another merge since the check before the download
                 return None
             added = 0
             for table in TABLES:
@@ -183,6 +184,11 @@ def _merge_one(conn: sqlite3.Connection, local: str, replay_id: str, source: str
         return added
     finally:
         conn.execute("DETACH DATABASE node")
+
+
+def _merged(conn: sqlite3.Connection, replay_id: str, source: str) -> bool:
+    done = "SELECT 1 FROM replay_merges WHERE replay_id = ? AND source = ?"
+    return conn.execute(done, [replay_id, source]).fetchone() is not None
 
 
 def replay_folder(db_path: Path | str, replay_id: str) -> str:

@@ -353,3 +353,18 @@ def test_a_reader_that_leaves_early_is_not_an_error(
     monkeypatch.setattr(sys, "stdout", _ClosedPipe())
     assert cli.main(["query", "val_loss"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_merge_of_a_one_node_replay_finds_no_node_store_and_of_an_unknown_one_names_the_latest(
+    recorded: tuple[Path, str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, _, run_b = recorded
+    [replay] = rows(root / ".flor" / "flor.db", "SELECT replay_id FROM replays WHERE run_id = ?", (run_b,))
+    code, _, err = flor_in_process(capsys, "merge", replay["replay_id"])
+    assert code == 1 and f"replay {replay['replay_id']} has no node store under " in err
+    assert f"/{run_b}/replays/{replay['replay_id']}" in err
+
+    done = flor_cmd("merge", "nope", cwd=root)  # as its own process
+    assert done.returncode == 1 and "holds no replay 'nope'; the latest are [" in done.stderr
+    probe = "import sys, flor_lightning._nodes; print('torch' in sys.modules)"  # what merge adds to the CLI
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"
