@@ -25,7 +25,7 @@ import socket
 import sqlite3
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,14 +33,34 @@ from typing import Any
 
 from flor_lightning import _store as store
 from flor_lightning._atomic import atomic
-from flor_lightning._errors import ReplayError, StoreError
+from flor_lightning._errors import ConfigError, ReplayError, StoreError
 from flor_lightning._locate import open_fs
 
+HEARTBEAT_ENV = "FLOR_HEARTBEAT_S"
 HEARTBEAT_S = 10.0
-"""How often a node's rank rewrites its status while its segment runs."""
+"""How often a node's rank rewrites its status while its segment runs (unless ``FLOR_HEARTBEAT_S`` says)."""
 
-STALE_S = 12 * HEARTBEAT_S
-"""How long the launching rank waits for a running node's next heartbeat before it takes the node for dead."""
+STALE_BEATS = 12
+"""Heartbeats the launching rank waits for in vain before it takes a running node for dead."""
+
+
+def heartbeat_seconds(env: Mapping[str, str] | None = None) -> float:
+    """The heartbeat period: ``FLOR_HEARTBEAT_S`` (set it alike on every node), else :data:`HEARTBEAT_S`.
+
+    Raises:
+        ConfigError: it is not a positive number.
+    """
+    text = (os.environ if env is None else env).get(HEARTBEAT_ENV)
+    if not text:
+        return HEARTBEAT_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ConfigError(f"{HEARTBEAT_ENV}={text!r} must be a number of seconds above 0 (default {HEARTBEAT_S:g})")
+    return seconds
+
 
 TABLES = ("logs", "replay_segments", "replay_epochs", "replay_bad_checkpoints")
 """The tables a node store fills, each keyed by ``replay_id``."""
@@ -70,8 +90,10 @@ class NodeStore:
         self._beating: threading.Event | None = None
         self._thread: threading.Thread | None = None
 
-    def running(self, row: dict[str, Any], *, interval: float = HEARTBEAT_S) -> None:
-        """Publish the segment's ``replay_segments`` row as running and keep it beating until :meth:`ended`."""
+    def running(self, row: dict[str, Any], *, interval: float | None = None) -> None:
+        """Publish the segment's ``replay_segments`` row as running and keep it beating until :meth:`ended`
+        (every ``interval`` seconds: :func:`heartbeat_seconds` unless given)."""
+        interval = heartbeat_seconds() if interval is None else interval
         self._status = {**row, "beat": 0, "store": f"{socket.gethostname()}:{self.path}"}
         self._publish_status()
         self._beating = stop = threading.Event()

@@ -286,11 +286,13 @@ def _check_arguments(
             f"replay runs one segment per rank: pass segments={world}"
         )
     planner.validate_epochs(epochs)
-    if trainer.num_nodes > 1 and _lightning.forks_ranks(trainer):
-        raise ReplayError(
-            f"replay on {trainer.num_nodes} nodes runs with strategy='ddp' (each node launched from its environment: "
-            "NODE_RANK, MASTER_ADDR, MASTER_PORT, or srun / torchrun), not 'ddp_fork'"
-        )
+    if trainer.num_nodes > 1:
+        _nodes.heartbeat_seconds()  # a bad FLOR_HEARTBEAT_S fails here, before anything runs
+        if _lightning.forks_ranks(trainer):
+            raise ReplayError(
+                f"replay on {trainer.num_nodes} nodes runs with strategy='ddp' (each node launched from its "
+                "environment: NODE_RANK, MASTER_ADDR, MASTER_PORT, or srun / torchrun), not 'ddp_fork'"
+            )
     if world > 1 and _lightning.spawns_ranks(trainer):
         raise ReplayError(
             "multi-process replay runs with strategy='ddp' (each rank re-runs your script) or 'ddp_fork' (ranks "

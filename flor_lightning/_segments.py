@@ -309,7 +309,7 @@ def wait_for_segments(
     *,
     run_id: str | None = None,
     nodes: str | None = None,
-    stale: float = _nodes.STALE_S,
+    stale: float | None = None,
     poll: float = 0.5,
     start_timeout: float = 600.0,
     clock: Callable[[], float] = time.monotonic,
@@ -322,8 +322,9 @@ def wait_for_segments(
     reach the replay. With ``nodes`` (:func:`._nodes.folder`), segments run on other nodes are read
     from the statuses they publish there, and each node store is merged into ``db_path`` as it
     appears; such a segment lives while its heartbeat goes on, and reads as dead after ``stale``
-    seconds without one.
+    seconds without one (:data:`._nodes.STALE_BEATS` heartbeats unless given).
     """
+    stale = _nodes.STALE_BEATS * _nodes.heartbeat_seconds() if stale is None else stale
     deadline = clock() + start_timeout
     host = socket.gethostname()
     beats: dict[int, tuple[int, float]] = {}  # segment -> (its last heartbeat, when it was first seen)

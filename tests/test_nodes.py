@@ -14,7 +14,7 @@ from helpers import rows
 
 from flor_lightning import _nodes as nodes
 from flor_lightning import _store as store
-from flor_lightning._errors import StoreError
+from flor_lightning._errors import ConfigError, StoreError
 
 REPLAY = "run1.r000001"
 
@@ -123,3 +123,11 @@ def test_a_status_being_replaced_is_read_at_the_next_poll(tmp_path):
     (Path(url) / "node-2.rank-2.json").write_text(json.dumps({**segment_row("running"), "segment": 2}))
 
     assert list(nodes.statuses(url)) == [2]
+
+
+def test_the_heartbeat_period_comes_from_the_environment_and_a_bad_one_says_what_it_must_be():
+    assert nodes.heartbeat_seconds({}) == nodes.HEARTBEAT_S
+    assert nodes.heartbeat_seconds({"FLOR_HEARTBEAT_S": "0.5"}) == 0.5
+    for bad in ("0", "-1", "soon", "nan"):
+        with pytest.raises(ConfigError, match=r"FLOR_HEARTBEAT_S=.* must be a number of seconds above 0"):
+            nodes.heartbeat_seconds({"FLOR_HEARTBEAT_S": bad})

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from contextlib import closing
 from pathlib import Path
 
@@ -63,7 +65,9 @@ VAL_METRIC = (
     'self.log(f"{prefix}_acc", (logits.argmax(1) == y).float().mean())\n'
     '        self.log(f"{prefix}_conf", logits.softmax(1).max(1).values.mean(), sync_dist=True)\n'
     '        if __import__("os").environ.get("FAIL_RANK") == str(self.global_rank) and self.current_epoch >= 2:\n'
-    '            raise RuntimeError("rank failure injected by the test")',
+    '            raise RuntimeError("rank failure injected by the test")\n'
+    '        if __import__("os").environ.get("STALL_RANK") == str(self.global_rank) and self.current_epoch >= 2:\n'
+    '            __import__("time").sleep(300)  # until the test kills it',
 )
 TRAIN_METRIC = (
     'self.log("train_loss", loss, on_step=True, on_epoch=True)',
@@ -211,16 +215,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def two_nodes(node0: Path, node1: Path, tmp_path: Path, env1: dict[str, str] | None = None) -> list[tuple[int, str]]:
+def start_nodes(
+    node0: Path, node1: Path, tmp_path: Path, env: dict[str, str], env1: dict[str, str]
+) -> list[subprocess.Popen[str]]:
     """Replay in two segments as two nodes of one process each, launched as a cluster launches them: node 0
     in the project (its store holds the run), node 1 in another working copy with a store of its own; both
     read the checkpoints from the one FLOR_HOME."""
-    common = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "NUM_NODES": "2"}
+    common = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "NUM_NODES": "2", **env}
     envs = [
         {**common, "NODE_RANK": "0", "FLOR_DB": str(node0 / ".flor" / "flor.db")},
-        {**common, "NODE_RANK": "1", "FLOR_DB": str(tmp_path / "node1-store" / "flor.db"), **(env1 or {})},
+        {**common, "NODE_RANK": "1", "FLOR_DB": str(tmp_path / "node1-store" / "flor.db"), **env1},
     ]
-    procs = [
+    return [
         subprocess.Popen(
             [sys.executable, "replay_me.py", "replay", "1", "2"],
             cwd=root,
@@ -231,6 +237,11 @@ def two_nodes(node0: Path, node1: Path, tmp_path: Path, env1: dict[str, str] | N
         )
         for root, env in zip((node0, node1), envs, strict=True)
     ]
+
+
+def two_nodes(node0: Path, node1: Path, tmp_path: Path, env1: dict[str, str] | None = None) -> list[tuple[int, str]]:
+    """:func:`start_nodes`, each node's exit status and output once both ended."""
+    procs = start_nodes(node0, node1, tmp_path, {}, env1 or {})
     return [(p.wait(timeout=300), p.communicate()[0]) for p in procs]
 
 
@@ -281,7 +292,37 @@ def test_a_failed_node_fails_the_replay_and_is_named_with_the_command_that_re_ru
     [replay] = rows(db, "SELECT replay_id, status FROM replays WHERE replay_id != ''")
     assert replay["status"] == "failed"
     kept = rows(db, "SELECT DISTINCT epoch FROM logs WHERE replay_id = ? AND name = 'val_conf'", (replay["replay_id"],))
-    assert [r["epoch"] for r in kept] == [0, 1, 2]  # node 0's segment, and node 1's values up to its failure
+    segs = rows(
+        db, "SELECT segment, epochs FROM replay_segments WHERE replay_id = ? ORDER BY segment", (replay["replay_id"],)
+    )
+    first, second = (json.loads(r["epochs"]) for r in segs)  # split by the recorded epoch times
+    failed_in = max(2, second[0])  # the model raises in the first validation of an epoch >= 2
+    # node 0's segment, and node 1's values up to its failure
+    assert [r["epoch"] for r in kept] == [*first, *(e for e in second if e <= failed_in)]
+
+
+@pytest.mark.integration
+def test_a_node_killed_in_its_segment_is_named_once_its_heartbeat_stops(script, tmp_path):
+    run_id = run(script, "record", "1", "1")[1].split("RUN ")[1].split()[0]
+    edit(script, *VAL_METRIC)
+    beat = {"FLOR_HEARTBEAT_S": "0.2"}  # on both nodes: node 0 takes 12 missed beats (2.4 s) for death
+    node0, node1 = start_nodes(script, node_copy(script, tmp_path), tmp_path, beat, {"STALL_RANK": "1"})
+    deadline = time.monotonic() + 240
+    status: list[Path] = []
+    while not status and time.monotonic() < deadline and node1.poll() is None:
+        status = list(tmp_path.glob("flor-home/*/*/replays/*/node-1.rank-1.json"))
+        time.sleep(0.1)
+    assert status, node1.communicate()[0][-3000:]
+    time.sleep(1.0)  # beats have been heard
+    node1.send_signal(signal.SIGKILL)
+    node1.wait(timeout=60)
+    out0 = node0.communicate(timeout=300)[0]
+
+    assert node0.returncode != 0
+    died = "segment 1 (rank 1, node 1): node 1 sent no heartbeat for 2s: its process or the node died"
+    assert died in out0, out0[-3000:]
+    assert f"trainer.replay(..., run={run_id!r}, segment=<i>, segments=2)" in out0 and "for i in [1]" in out0
+    assert "node-1.rank-1.sqlite)" in out0  # where node 1's values so far are
 
 
 # ---- the launching rank waits for the others as long as they live ------------------------------
