@@ -121,6 +121,7 @@ def run_replay(
         report.error = cause(err)
         raise
     finally:
+        report.replay_id = runner.replay_id  # rank 0's (a rank other than 0 took it over as the ranks came up)
         report.seconds = clock() - started
         store_report(loc.db_path, report, primary=primary, clock=clock)
     rank_zero_info(str(report))

@@ -26,7 +26,7 @@ from flor_lightning import _replay_loggers as replay_loggers
 from flor_lightning import _store as store
 from flor_lightning._callback import FlorCallback
 from flor_lightning._checkpoints import CheckpointStore
-from flor_lightning._errors import BadCheckpoint, CheckpointError, ReplayError
+from flor_lightning._errors import BadCheckpoint, CheckpointError, FlorError, ReplayError
 from flor_lightning._nodes import NodeStore
 
 if TYPE_CHECKING:
@@ -119,6 +119,19 @@ class SegmentRunner:
                 self.db_path, url, replay_id=self.replay_id, node=trainer.node_rank, rank=trainer.global_rank
             )
             self.node_store, self.db_path, flor.db_path = node, str(node.path), node.path
+
+    def unreachable(self) -> str | None:
+        """Why this rank cannot read the run's checkpoints (None: it can, or the run has none left to read):
+        a node that does not share the launching node's storage."""
+        good = [self.checkpoints[e]["path"] for e in sorted(self.good) if e in self.checkpoints]
+        if not good:
+            return None
+        try:
+            if CheckpointStore(self.checkpoint_root).exists(good[0]):
+                return None
+        except (OSError, FlorError) as err:
+            return f"{type(err).__name__}: {err}"
+        return f"{good[0]} is not there"
 
     def run(self, trainer: pl.Trainer, model: pl.LightningModule, **data: Any) -> None:
         flor = flor_callback(trainer)
@@ -300,6 +313,15 @@ class _SharePlan(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         mine = {key: getattr(self.runner, key) for key in SHARED}
         self.runner.adopt(trainer, trainer.strategy.broadcast(mine, src=0))
+        # while the ranks can still answer each other: one that cannot read the checkpoints stops them all
+        why = self.runner.unreachable() if trainer.node_rank > 0 else None
+        if not trainer.strategy.reduce_boolean_decision(why is None, all=True):
+            where = f"node {trainer.node_rank} cannot ({why})" if why else "a rank on another node cannot"
+            raise ReplayError(
+                f"replay {self.runner.replay_id}: {where} read the checkpoints of run {self.runner.run_id} at "
+                f"{self.runner.checkpoint_root}; put them where every node reads them (shared storage, or "
+                "FlorCallback(checkpoint_dir='s3://bucket/flor') with that fsspec package) and replay again"
+            )
 
 
 def wait_for_segments(

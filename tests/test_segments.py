@@ -216,7 +216,7 @@ def free_port() -> int:
 
 
 def start_nodes(
-    node0: Path, node1: Path, tmp_path: Path, env: dict[str, str], env1: dict[str, str]
+    node0: Path, node1: Path, tmp_path: Path, env: dict[str, str], env1: dict[str, str], wrap1: tuple[str, ...] = ()
 ) -> list[subprocess.Popen[str]]:
     """Replay in two segments as two nodes of one process each, launched as a cluster launches them: node 0
     in the project (its store holds the run), node 1 in another working copy with a store of its own; both
@@ -228,14 +228,14 @@ def start_nodes(
     ]
     return [
         subprocess.Popen(
-            [sys.executable, "replay_me.py", "replay", "1", "2"],
+            [*wrap, sys.executable, "replay_me.py", "replay", "1", "2"],
             cwd=root,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for root, env in zip((node0, node1), envs, strict=True)
+        for root, env, wrap in zip((node0, node1), envs, ((), wrap1), strict=True)
     ]
 
 
@@ -323,6 +323,28 @@ def test_a_node_killed_in_its_segment_is_named_once_its_heartbeat_stops(script, 
     assert died in out0, out0[-3000:]
     assert f"trainer.replay(..., run={run_id!r}, segment=<i>, segments=2)" in out0 and "for i in [1]" in out0
     assert "node-1.rank-1.sqlite)" in out0  # where node 1's values so far are
+
+
+def _can_unshare() -> bool:
+    done = subprocess.run(["unshare", "--mount", "true"], capture_output=True)  # needs CAP_SYS_ADMIN (root)
+    return done.returncode == 0
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(sys.platform != "linux" or not _can_unshare(), reason="needs `unshare --mount` (root on Linux)")
+def test_a_node_that_cannot_read_the_checkpoints_stops_every_rank_with_where_they_must_be(script, tmp_path):
+    run(script, "record", "1", "1")
+    edit(script, *VAL_METRIC)
+    home = tmp_path / "flor-home"
+    # node 1 sees its own, empty FLOR_HOME folder, as a node that does not share the launching node's disk
+    hide = ("unshare", "--mount", "sh", "-c", f'mount -t tmpfs none {home} && exec "$@"', "node1")
+    procs = start_nodes(script, node_copy(script, tmp_path), tmp_path, {}, {}, wrap1=hide)
+    (code0, out0), (code1, out1) = [(p.wait(timeout=300), p.communicate()[0]) for p in procs]
+
+    assert code0 != 0 and code1 != 0
+    assert "a rank on another node cannot read the checkpoints of run" in out0, out0[-3000:]
+    assert "put them where every node reads them (shared storage, or FlorCallback(checkpoint_dir=" in out0
+    assert "node 1 cannot (" in out1 and "is not there)" in out1, out1[-3000:]
 
 
 # ---- the launching rank waits for the others as long as they live ------------------------------
