@@ -34,9 +34,10 @@ def segment_row(status: str, error: str | None = None) -> dict:
     }
 
 
-def node_with_values(tmp_path: Path, values: int = 3) -> nodes.NodeStore:
-    """Node 1's store with ``values`` logged values and its segment running, as a replaying rank leaves it."""
-    url = nodes.folder(str(tmp_path / "shared"), "run1", REPLAY)
+def node_with_values(tmp_path: Path, values: int = 3, shared: str | None = None) -> nodes.NodeStore:
+    """Node 1's store with ``values`` logged values and its segment running, as a replaying rank leaves it;
+    ``shared`` is the checkpoint root both nodes reach (default: a local folder)."""
+    url = nodes.folder(shared or str(tmp_path / "shared"), "run1", REPLAY)
     node = nodes.NodeStore(tmp_path / "node1" / "flor.db", url, replay_id=REPLAY, node=1, rank=1)
     with closing(store.connect(node.path)) as c:
         store.insert(c, "replay_segments", {**segment_row("running"), "started": 1.0})
@@ -58,8 +59,10 @@ def count(db: Path, table: str) -> int:
     return int(rows(db, f"SELECT count(*) AS n FROM {table}")[0]["n"])
 
 
-def test_a_node_store_is_published_and_merged_exactly_once(tmp_path):
-    node = node_with_values(tmp_path)
+@pytest.mark.parametrize("where", ["folder", "memory"])
+def test_a_node_store_is_published_and_merged_exactly_once(tmp_path, where):
+    shared = f"memory://{tmp_path.name}/shared" if where == "memory" else None  # another fsspec filesystem
+    node = node_with_values(tmp_path, shared=shared)
     node.running(segment_row("running"))
     assert nodes.statuses(node.url)[1]["status"] == "running"
     end(node, "finished")
