@@ -3,7 +3,9 @@
 This module puts the steps in order; each lives in a module of its own: :mod:`._runs` chooses the
 run, :mod:`._codecheck` decides whether to re-train, :mod:`._planner` splits the epochs into
 segments, :mod:`._segments` runs this process's segments and keeps their records, and
-:mod:`._report` compares the replayed values with the recorded ones and stores the report.
+:mod:`._report` compares the replayed values with the recorded ones and stores the report. On a
+node other than the launching one nothing is planned: rank 0's plan arrives as the ranks come up,
+and the rank's records go to a node store (:mod:`._nodes`).
 """
 
 from __future__ import annotations
