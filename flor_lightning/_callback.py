@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
@@ -177,6 +177,7 @@ class FlorCallback(Callback):
         self._clock = clock
         self.run_id: str | None = None
         self.replay_id: str | None = None  # set by replay: values then land beside the recording
+        self.db_path: Path | None = None  # set by replay on a rank off the launching node: its node store
         self.capture = LogCapture()
         self.location: Location | None = None
         self._session: RunSession | None = None
@@ -218,7 +219,8 @@ class FlorCallback(Callback):
             self._session = self._open(trainer, pl_module, fitting=False)
 
     def _open(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, fitting: bool) -> RunSession:
-        self.location = loc = locate()
+        loc = locate()
+        self.location = loc = loc if self.db_path is None else replace(loc, db_path=self.db_path)
         checkpoints = None
         if fitting:
             self._seconds = dict.fromkeys(self._seconds, 0.0)

@@ -1,4 +1,4 @@
-"""The ``flor`` command line: runs, query, show, diff, replay, export, gc, push and plot.
+"""The ``flor`` command line: runs, query, show, diff, replay, merge, export, gc, push and plot.
 
 Every command takes ``--db PATH`` (default: ``.flor/flor.db`` of the project around the working
 directory, or ``FLOR_DB``). Tabular output is a terminal table by default; ``--format csv|json``
@@ -18,6 +18,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from contextlib import closing
@@ -28,6 +29,7 @@ from typing import Any
 import pandas as pd
 
 from flor_lightning import _housekeeping as housekeeping
+from flor_lightning import _nodes as nodes
 from flor_lightning import _planner as planner
 from flor_lightning import _runs
 from flor_lightning import _store as store
@@ -413,6 +415,23 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0 if results and all(r.status == "replayed" for r in results) else 1
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Merge the node stores of a replay run on several nodes into this log store, each exactly once."""
+    db = store_path(args.db)
+    url = nodes.replay_folder(db, args.replay)
+    result = nodes.merge(db, url, args.replay, clock=time.time)
+    if not result.merged and not result.already:
+        raise CommandProblem(
+            f"replay {args.replay} has no node store under {url}: it ran on one node, or its other nodes never "
+            "ended their segments (the replay's error names each, and how to re-run it)"
+        )
+    before = f"; merged before: {', '.join(result.already)}" if result.already else ""
+    print(
+        f"merged {len(result.merged)} node stores of replay {args.replay} from {url}: {result.rows} rows added{before}"
+    )
+    return 0
+
+
 @contextlib.contextmanager
 def _workers(workers: str | None, parallel: int) -> Iterator[tuple[int, Executor | None]]:
     """``flor replay --workers``: a count is that many local processes (as ``--parallel``); a dask
@@ -498,6 +517,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--train", action=argparse.BooleanOptionalAction, default=None, help="force re-training or restoring"
     )
+    p = sub.add_parser("merge", help="merge a multi-node replay's node stores", description=cmd_merge.__doc__)
+    p.add_argument("--db", help="the log store (default: .flor/flor.db of this project, or FLOR_DB)")
+    p.add_argument("replay", help="the replay id")
+    p.set_defaults(func=cmd_merge)
     p = _add(sub, "export", cmd_export, "send runs' values to TensorBoard event files or an MLflow tracking URI")
     p.add_argument("--tensorboard", metavar="DIR", help="write a TensorBoard run folder per run under DIR")
     p.add_argument("--mlflow", metavar="URI", help="write an MLflow run per run there, e.g. sqlite:///mlflow.db")

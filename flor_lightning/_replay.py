@@ -3,7 +3,9 @@
 This module puts the steps in order; each lives in a module of its own: :mod:`._runs` chooses the
 run, :mod:`._codecheck` decides whether to re-train, :mod:`._planner` splits the epochs into
 segments, :mod:`._segments` runs this process's segments and keeps their records, and
-:mod:`._report` compares the replayed values with the recorded ones and stores the report.
+:mod:`._report` compares the replayed values with the recorded ones and stores the report. On a
+node other than the launching one nothing is planned: rank 0's plan arrives as the ranks come up,
+and the rank's records go to a node store (:mod:`._nodes`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from flor_lightning import _codecheck as codecheck
 from flor_lightning import _codeversion as codeversion
 from flor_lightning import _drift as drift
-from flor_lightning import _lightning, _runs
+from flor_lightning import _lightning, _nodes, _runs
 from flor_lightning import _planner as planner
 from flor_lightning import _shadow as shadow
 from flor_lightning import _store as store
@@ -60,6 +62,9 @@ def run_replay(
     _check_arguments(trainer, epochs, segments, segment, train)
     planner.validate_steps(steps, epochs)
     loc = locate()
+    data = {"datamodule": datamodule, "train_dataloaders": train_dataloaders, "val_dataloaders": val_dataloaders}
+    if trainer.world_size > 1 and trainer.node_rank > 0:
+        return _replay_on_another_node(trainer, model, loc, data, segments, clock)
     rec, ckpt_rows, timings = _runs.load_run(loc, run)
     if not rec["checkpoint_root"]:
         raise ReplayError(f"run {rec['run_id']} has no checkpoint location recorded; it cannot be replayed")
@@ -92,18 +97,7 @@ def run_replay(
         wanted, good, train=retrain, segments=1 if within else segments, cost=cost, scratch=scratch, points=points
     )
     inside = {**_checkpoints_inside(loc, rec["run_id"], ckpts), **inside}
-    notes: list[str] = []
-    if within:
-        if steps is not None:
-            raise ReplayError("steps= replays its slice in one segment; pass segments=1 with steps=")
-        plan = _split_epoch(plan[0], segments, inside=inside, timings=timings, ckpts=ckpts)
-        notes.append(_divided(plan))
-    if retrain:
-        plan, bridged = _bridge(plan, inside, ckpts)
-        notes += bridged
-    if steps is not None:
-        plan, more = _slice(plan, steps, retrain=retrain, loc=loc, run_id=rec["run_id"], inside=inside, ckpts=ckpts)
-        notes += more
+    plan, notes = _inside_epochs(plan, within, segments, steps, retrain, loc, rec, inside, timings, ckpts)
     reason += "".join(f"; {note}" for note in notes)
     chosen = plan if segment is None else [plan[segment]]
     replay_id = os.environ.get(REPLAY_ID_ENV) or f"{rec['run_id']}.r{uuid.uuid4().hex[:6]}"
@@ -135,19 +129,59 @@ def run_replay(
     )
     report.status = "failed"
     try:
-        runner.run(
-            trainer, model, datamodule=datamodule, train_dataloaders=train_dataloaders, val_dataloaders=val_dataloaders
-        )
+        runner.run(trainer, model, **data)
         if primary and trainer.world_size > 1:
-            wait_for_segments(str(loc.db_path), replay_id, segments)
+            nodes = _nodes.folder(rec["checkpoint_root"], rec["run_id"], replay_id) if trainer.num_nodes > 1 else None
+            wait_for_segments(str(loc.db_path), replay_id, segments, run_id=rec["run_id"], nodes=nodes)
         report.status = "finished"
     except BaseException as err:
         report.error = cause(err)
         raise
     finally:
+        report.replay_id = runner.replay_id  # rank 0's (a rank other than 0 took it over as the ranks came up)
         report.seconds = clock() - started
         store_report(loc.db_path, report, primary=primary, clock=clock)
     rank_zero_info(str(report))
+    return report
+
+
+def _replay_on_another_node(
+    trainer: pl.Trainer,
+    model: pl.LightningModule,
+    loc: Location,
+    data: dict[str, Any],
+    segments: int,
+    clock: Callable[[], float],
+) -> ReplayReport:
+    """A rank on a node other than the launching one: its log store holds none of the run's records, so
+    rank 0's plan reaches it as the ranks come up (:meth:`SegmentRunner.adopt`), and its records go to a
+    node store that the launching rank merges (:mod:`._nodes`)."""
+    runner = SegmentRunner(
+        db_path=str(loc.db_path),
+        replay_id="",
+        run={"run_id": "", "settings": None},
+        segments=[],
+        total_segments=segments,
+        checkpoint_root="",
+        checkpoints={},
+        good=set(),
+        retrain=False,
+        loggers=False,
+        clock=clock,
+    )
+    report = ReplayReport(replay_id="", run_id="", train=False, reason="planned by rank 0", status="failed")
+    started = clock()
+    try:
+        runner.run(trainer, model, **data)
+        report.status = "finished"
+    except BaseException as err:
+        report.error = cause(err)
+        raise
+    finally:
+        report.replay_id, report.run_id, report.train = runner.replay_id, runner.run_id, runner.retrain
+        report.seconds = clock() - started
+        if runner.node_store is not None:
+            store_report(runner.db_path, report, primary=False, clock=clock)
     return report
 
 
@@ -371,6 +405,35 @@ def _warn_missing(
     )
 
 
+def _inside_epochs(
+    plan: list[planner.Segment],
+    within: bool,
+    segments: int,
+    steps: range | None,
+    retrain: bool,
+    loc: Location,
+    rec: dict[str, Any],
+    inside: dict[tuple[int, int], dict[str, Any]],
+    timings: list[dict[str, Any]],
+    ckpts: CheckpointStore,
+) -> tuple[list[planner.Segment], list[str]]:
+    """``plan`` refined at the checkpoints inside epochs: one epoch divided into ``segments`` (``within``), epochs
+    reached from a checkpoint inside the epoch before (re-training), a ``steps`` slice; with the notes saying so."""
+    notes: list[str] = []
+    if within:
+        if steps is not None:
+            raise ReplayError("steps= replays its slice in one segment; pass segments=1 with steps=")
+        plan = _split_epoch(plan[0], segments, inside=inside, timings=timings, ckpts=ckpts)
+        notes.append(_divided(plan))
+    if retrain:
+        plan, bridged = _bridge(plan, inside, ckpts)
+        notes += bridged
+    if steps is not None:
+        plan, more = _slice(plan, steps, retrain=retrain, loc=loc, run_id=rec["run_id"], inside=inside, ckpts=ckpts)
+        notes += more
+    return plan, notes
+
+
 def _check_arguments(
     trainer: pl.Trainer, epochs: object, segments: int, segment: int | None, train: bool | None
 ) -> None:
@@ -391,6 +454,13 @@ def _check_arguments(
             f"replay runs one segment per rank: pass segments={world}"
         )
     planner.validate_epochs(epochs)
+    if trainer.num_nodes > 1:
+        _nodes.heartbeat_seconds()  # a bad FLOR_HEARTBEAT_S fails here, before anything runs
+        if _lightning.forks_ranks(trainer):
+            raise ReplayError(
+                f"replay on {trainer.num_nodes} nodes runs with strategy='ddp' (each node launched from its "
+                "environment: NODE_RANK, MASTER_ADDR, MASTER_PORT, or srun / torchrun), not 'ddp_fork'"
+            )
     if world > 1 and _lightning.spawns_ranks(trainer):
         raise ReplayError(
             "multi-process replay runs with strategy='ddp' (each rank re-runs your script) or 'ddp_fork' (ranks "

@@ -1,7 +1,8 @@
 """A replay's segments: running this process's (:class:`SegmentRunner`), and the records they leave.
 
 Each segment's status goes to ``replay_segments`` and each epoch it replayed to ``replay_epochs``;
-:func:`wait_for_segments` reads them in the process that launched the ranks.
+:func:`wait_for_segments` reads them in the process that launched the ranks. A rank on another node
+keeps them in a node store of its own (:mod:`._nodes`), which the launching rank merges as it waits.
 """
 
 from __future__ import annotations
@@ -17,22 +18,37 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.callbacks import Callback, Checkpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
 from flor_lightning import _drift as drift
-from flor_lightning import _lightning, _runs
+from flor_lightning import _lightning, _nodes, _runs
 from flor_lightning import _planner as planner
 from flor_lightning import _replay_loggers as replay_loggers
 from flor_lightning import _store as store
 from flor_lightning._callback import FlorCallback
 from flor_lightning._checkpoints import CheckpointStore
-from flor_lightning._errors import BadCheckpoint, CheckpointError, ReplayError
+from flor_lightning._errors import BadCheckpoint, CheckpointError, FlorError, ReplayError
+from flor_lightning._nodes import NodeStore
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 REPLAY_ID_ENV = "FLOR_REPLAY_ID"  # set while a replay runs: ranks the launcher starts join it
+
+SHARED = (
+    "replay_id",
+    "run_id",
+    "settings",
+    "segments",
+    "checkpoint_root",
+    "checkpoints",
+    "good",
+    "retrain",
+    "inside",
+    "points",
+)
+"""What rank 0 decided and read from the project's store, handed to every rank as the ranks come up."""
 
 
 def flor_callback(trainer: pl.Trainer) -> FlorCallback:
@@ -89,6 +105,35 @@ class SegmentRunner:
         self._store: CheckpointStore | None = None
         self._unusable: dict[int, str] = {}  # epoch -> why its checkpoint could not be loaded
         self._segment: planner.Segment | None = None
+        self.node_store: NodeStore | None = None  # a rank on another node: where its records go (set by adopt)
+
+    def adopt(self, trainer: pl.Trainer, plan: dict[str, Any]) -> None:
+        """Take rank 0's plan (:data:`SHARED`): its replay id, the run's records and its decisions, which
+        a rank on another node could not read from a store of its own; such a rank then records into a
+        :class:`NodeStore` (its FlorCallback too)."""
+        for key in SHARED:
+            setattr(self, key, plan[key])
+        flor = flor_callback(trainer)
+        flor.run_id, flor.replay_id = self.run_id, self.replay_id
+        if trainer.node_rank > 0:
+            url = _nodes.folder(self.checkpoint_root, self.run_id, self.replay_id)
+            node = NodeStore(
+                self.db_path, url, replay_id=self.replay_id, node=trainer.node_rank, rank=trainer.global_rank
+            )
+            self.node_store, self.db_path, flor.db_path = node, str(node.path), node.path
+
+    def unreachable(self) -> str | None:
+        """Why this rank cannot read the run's checkpoints (None: it can, or the run has none left to read):
+        a node that does not share the launching node's storage."""
+        good = [self.checkpoints[e]["path"] for e in sorted(self.good) if e in self.checkpoints]
+        if not good:
+            return None
+        try:
+            if CheckpointStore(self.checkpoint_root).exists(good[0]):
+                return None
+        except (OSError, FlorError) as err:
+            return f"{type(err).__name__}: {err}"
+        return f"{good[0]} is not there"
 
     def run(self, trainer: pl.Trainer, model: pl.LightningModule, **data: Any) -> None:
         flor = flor_callback(trainer)
@@ -98,11 +143,18 @@ class SegmentRunner:
         # Replay re-derives values, not models: Lightning's checkpoint callbacks would write (and could
         # overwrite) model files the recording already made.
         trainer.callbacks = [cb for cb in callbacks if not isinstance(cb, Checkpoint)]  # type: ignore[attr-defined]
+        if trainer.world_size > 1:  # first of all as the ranks come up: before FlorCallback opens its session
+            trainer.callbacks = [_SharePlan(self), *trainer.callbacks]  # type: ignore[attr-defined]
         sampler = _lightning.replay_data_unsharded(trainer, False)
         launched_env = os.environ.get(REPLAY_ID_ENV)
-        os.environ[REPLAY_ID_ENV] = self.replay_id  # ranks started by the launcher join this replay
+        if self.replay_id:  # ranks started by the launcher join this replay
+            os.environ[REPLAY_ID_ENV] = self.replay_id
         own_loggers = replay_loggers.point_at_recording(
-            trainer, db_path=self.db_path, run_id=self.run_id, replay_id=self.replay_id, enabled=self.loggers
+            trainer,
+            db_path=self.db_path,
+            run_id=self.run_id,
+            replay_id=self.replay_id,
+            enabled=self.loggers and trainer.node_rank == 0,  # Lightning's loggers write from rank 0 only
         )
         try:
             if trainer.world_size > 1:
@@ -115,7 +167,7 @@ class SegmentRunner:
             trainer.callbacks = callbacks  # type: ignore[attr-defined]
             trainer.loggers = own_loggers
             _lightning.replay_data_unsharded(trainer, sampler)
-            flor.replay_id, flor.capture.muted, flor.capture.steps = None, False, None
+            flor.replay_id, flor.capture.muted, flor.capture.steps, flor.db_path = None, False, None, None
             if launched_env is None:
                 os.environ.pop(REPLAY_ID_ENV, None)
 
@@ -158,7 +210,7 @@ class SegmentRunner:
                 c, "SELECT * FROM replay_segments WHERE replay_id = ? AND status = 'failed'", [self.replay_id]
             )
         if failed and isinstance(err, Exception):
-            raise segments_failed(self.replay_id, failed, self.total_segments) from err
+            raise segments_failed(self.replay_id, failed, self.total_segments, run_id=self.run_id) from err
 
     # ---- ReplayHooks ------------------------------------------------------------------------
 
@@ -242,6 +294,7 @@ class SegmentRunner:
                 "segment": seg.index,
                 "segments": self.total_segments,
                 "rank": trainer.global_rank,
+                "node": trainer.node_rank if trainer.num_nodes > 1 else None,
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
                 "status": status,
@@ -257,6 +310,32 @@ class SegmentRunner:
                     {"replay_id": self.replay_id, "segment": seg.index},
                     {"status": status, "ended": self.clock(), "error": error},
                 )
+        if self.node_store is not None:
+            if status == "running":
+                self.node_store.running(row)
+            else:
+                self.node_store.ended(row)
+
+
+class _SharePlan(Callback):
+    """Hands rank 0's plan to every rank in the first setup hook, when the process group is up and
+    before FlorCallback opens its session with the replay id (:meth:`SegmentRunner.adopt`)."""
+
+    def __init__(self, runner: SegmentRunner) -> None:
+        self.runner = runner
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        mine = {key: getattr(self.runner, key) for key in SHARED}
+        self.runner.adopt(trainer, trainer.strategy.broadcast(mine, src=0))
+        # while the ranks can still answer each other: one that cannot read the checkpoints stops them all
+        why = self.runner.unreachable() if trainer.node_rank > 0 else None
+        if not trainer.strategy.reduce_boolean_decision(why is None, all=True):
+            where = f"node {trainer.node_rank} cannot ({why})" if why else "a rank on another node cannot"
+            raise ReplayError(
+                f"replay {self.runner.replay_id}: {where} read the checkpoints of run {self.runner.run_id} at "
+                f"{self.runner.checkpoint_root}; put them where every node reads them (shared storage, or "
+                "FlorCallback(checkpoint_dir='s3://bucket/flor') with that fsspec package) and replay again"
+            )
 
 
 def wait_for_segments(
@@ -264,6 +343,9 @@ def wait_for_segments(
     replay_id: str,
     segments: int,
     *,
+    run_id: str | None = None,
+    nodes: str | None = None,
+    stale: float | None = None,
     poll: float = 0.5,
     start_timeout: float = 600.0,
     clock: Callable[[], float] = time.monotonic,
@@ -271,27 +353,57 @@ def wait_for_segments(
 ) -> None:
     """Block until every segment of ``replay_id`` finished; raise naming any that failed or died.
 
-    A started segment is waited for as long as its process lives (on another host it is taken
-    to live: only its row can say it ended), however long its epochs take. A segment with no row
-    ``start_timeout`` seconds into the wait never started: its process did not reach the replay.
+    A started segment is waited for as long as its process lives, however long its epochs take. A
+    segment with no row ``start_timeout`` seconds into the wait never started: its process did not
+    reach the replay. With ``nodes`` (:func:`._nodes.folder`), segments run on other nodes are read
+    from the statuses they publish there, and each node store is merged into ``db_path`` as it
+    appears; such a segment lives while its heartbeat goes on, and reads as dead after ``stale``
+    seconds without one (:data:`._nodes.STALE_BEATS` heartbeats unless given).
     """
+    stale = _nodes.STALE_BEATS * _nodes.heartbeat_seconds() if stale is None else stale
     deadline = clock() + start_timeout
     host = socket.gethostname()
+    beats: dict[int, tuple[int, float]] = {}  # segment -> (its last heartbeat, when it was first seen)
     while True:
+        remote = _nodes.statuses(nodes) if nodes else {}  # before the merge: a final status means its rows are up
+        if nodes:
+            _nodes.merge(db_path, nodes, replay_id, clock=time.time)
         with closing(store.connect(db_path)) as c:
             rows = {
                 r["segment"]: r
                 for r in store.fetch(c, "SELECT * FROM replay_segments WHERE replay_id = ?", [replay_id])
             }
+        now = clock()
+        for segment, row in remote.items():
+            if segment not in rows:
+                rows[segment] = _heard(row, beats, now, stale)
         failed = [r for r in rows.values() if _runs.status(r, host) in ("failed", "crashed")]
         if failed:
-            raise segments_failed(replay_id, failed, segments)
+            raise segments_failed(replay_id, failed, segments, run_id=run_id)
         if len(rows) == segments and all(r["status"] == "finished" for r in rows.values()):
             return
         missing = sorted(set(range(segments)) - set(rows))
-        if missing and clock() > deadline:
+        if missing and now > deadline:
             raise never_started(replay_id, missing, rows, segments, start_timeout)
         sleep(poll)
+
+
+def _heard(row: dict[str, Any], beats: dict[int, tuple[int, float]], now: float, stale: float) -> dict[str, Any]:
+    """A segment's published status as a ``replay_segments`` row: failed once its heartbeat stopped for
+    ``stale`` seconds (its process on another host cannot be asked)."""
+    row = {**row, "pid": None, "host": None}  # another host's process: only its heartbeat says it lives
+    if row["status"] != "running":
+        return row
+    seen = beats.get(row["segment"])
+    if seen is None or seen[0] != row["beat"]:
+        beats[row["segment"]] = (row["beat"], now)
+    elif now - seen[1] > stale:
+        row["status"] = "failed"
+        row["error"] = (
+            f"node {row['node']} sent no heartbeat for {stale:.0f}s: its process or the node died "
+            f"(its values so far are in {row['store']})"
+        )
+    return row
 
 
 def never_started(
@@ -310,13 +422,20 @@ def never_started(
     )
 
 
-def segments_failed(replay_id: str, failed: list[dict[str, Any]], segments: int) -> ReplayError:
-    """The error naming the failed segments (``replay_segments`` rows) and how to re-run one."""
+def segments_failed(
+    replay_id: str, failed: list[dict[str, Any]], segments: int, *, run_id: str | None = None
+) -> ReplayError:
+    """The error naming the failed segments (``replay_segments`` rows) and how to re-run them alone."""
+    failed = sorted(failed, key=lambda r: r["segment"])
     detail = "; ".join(
-        f"segment {r['segment']} (rank {r['rank']}): {r['error'] or 'its process died'}"
-        for r in sorted(failed, key=lambda r: r["segment"])
+        f"segment {r['segment']} (rank {r['rank']}"
+        + (f", node {r['node']}" if r.get("node") is not None else "")
+        + f"): {r['error'] or 'its process died'}"
+        for r in failed
     )
+    run = f"run={run_id!r}" if run_id else "run=..."
     return ReplayError(
-        f"replay {replay_id}: {detail}. Its values so far are kept; re-run it alone with "
-        f"trainer.replay(..., run=..., segment=<i>, segments={segments}) on one device."
+        f"replay {replay_id}: {detail}. Its values so far are kept; re-run each alone with "
+        f"trainer.replay(..., {run}, segment=<i>, segments={segments}) on one device where the project's log "
+        f"store is, for i in {[r['segment'] for r in failed]}."
     )

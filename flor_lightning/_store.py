@@ -201,6 +201,22 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         CREATE UNIQUE INDEX checkpoints_at ON checkpoints (run_id, epoch, ifnull(batch_idx, -1));
         """,
     ),
+    (
+        # a replay on several nodes: the node each segment ran on (NULL on one node), and the node stores
+        # (flor_lightning._nodes) merged into this one, each once: a merge adds a store's rows and its row
+        # here in one transaction, so a merge run again (or after a kill) adds nothing twice
+        "0011_replay_nodes",
+        """
+        ALTER TABLE replay_segments ADD COLUMN node INTEGER;
+        CREATE TABLE replay_merges (
+            replay_id TEXT NOT NULL,
+            source TEXT NOT NULL,
+            rows INTEGER NOT NULL,
+            merged REAL NOT NULL,
+            PRIMARY KEY (replay_id, source)
+        );
+        """,
+    ),
 )
 
 LOG_COLUMNS = ("run_id", "replay_id", "stage", "level", "epoch", "step", "batch_idx", "name", "value", "text")

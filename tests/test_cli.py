@@ -374,3 +374,18 @@ def test_show_json_is_strict_json_with_infinite_hparams(tmp_path: Path, capsys: 
 
     info = json.loads(out, parse_constant=refuse)
     assert info["hparams"] == {"max_norm": "inf", "floor": "-inf", "decay": None, "lr": 0.1}
+
+
+def test_merge_of_a_one_node_replay_finds_no_node_store_and_of_an_unknown_one_names_the_latest(
+    recorded: tuple[Path, str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, _, run_b = recorded
+    [replay] = rows(root / ".flor" / "flor.db", "SELECT replay_id FROM replays WHERE run_id = ?", (run_b,))
+    code, _, err = flor_in_process(capsys, "merge", replay["replay_id"])
+    assert code == 1 and f"replay {replay['replay_id']} has no node store under " in err
+    assert f"/{run_b}/replays/{replay['replay_id']}" in err
+
+    done = flor_cmd("merge", "nope", cwd=root)  # as its own process
+    assert done.returncode == 1 and "holds no replay 'nope'; the latest are [" in done.stderr
+    probe = "import sys, flor_lightning._nodes; print('torch' in sys.modules)"  # what merge adds to the CLI
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"
