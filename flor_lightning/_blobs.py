@@ -67,12 +67,12 @@ from torch.autograd.graph import increment_version
 
 from flor_lightning._atomic import atomic
 from flor_lightning._errors import BlobError, CheckpointError, ConfigError
+from flor_lightning._locate import PACKS
 from flor_lightning._packfile import write_direct
 
 log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIX = ".manifest"
-PACKS = "packs"  # the folder of pack files under the root
 FORMAT = "flor-manifest/1"
 HASH = "xxh3-128"
 _PACK_METADATA = {"format": "flor-pack/1", "hash": HASH}

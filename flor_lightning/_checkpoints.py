@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import posixpath
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -53,7 +52,7 @@ from flor_lightning._blobs import (
     watch_untracked_writes,
 )
 from flor_lightning._errors import CheckpointError
-from flor_lightning._locate import check_writable, fs_for, open_fs
+from flor_lightning._locate import check_writable, fs_for, open_fs, split
 
 log = logging.getLogger(__name__)
 
@@ -132,14 +131,6 @@ def write_old(fs: AbstractFileSystem, path: str, state: Any) -> tuple[str, int]:
         writer = _HashingWriter(f)
         torch.save(state, writer)  # type: ignore[arg-type]  # a binary file-like object
     return writer.sha256.hexdigest(), writer.size
-
-
-def split(path: str) -> tuple[str, str]:
-    """A checkpoint's path as (its root, its name under the root): ``/r/run/epoch=00001.manifest`` ->
-    ``("/r", "run/epoch=00001.manifest")``. Packs lie in ``<root>/packs``, beside the manifest's run folder."""
-    run_dir, file = posixpath.split(path.rstrip("/"))
-    root, run = posixpath.split(run_dir)
-    return root, f"{run}/{file}"
 
 
 class CheckpointStore:

@@ -54,10 +54,8 @@ from fsspec.implementations.local import LocalFileSystem
 from flor_lightning import _runs
 from flor_lightning import _store as store
 from flor_lightning._atomic import TEMPORARY, atomic
-from flor_lightning._blobs import PACKS
-from flor_lightning._checkpoints import split
 from flor_lightning._errors import CheckpointError, ConfigError
-from flor_lightning._locate import check_writable, fs_for, open_fs, process_local, protocol
+from flor_lightning._locate import PACKS, check_writable, fs_for, open_fs, process_local, protocol, split
 from flor_lightning._query import open_store
 
 _CHUNK = 8 * 1024 * 1024

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import posixpath
 import sys
 import uuid
 from collections.abc import Mapping, Sequence
@@ -141,3 +142,14 @@ def check_writable(fs: AbstractFileSystem, folder: str, *, what: str, hint: str)
         fs.rm(probe)
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot {what} {folder!r}: {err}. {hint}") from err
+
+
+PACKS = "packs"  # the folder of checkpoint pack files under a checkpoint root
+
+
+def split(path: str) -> tuple[str, str]:
+    """A checkpoint's path as (its root, its name under the root): ``/r/run/epoch=00001.manifest`` ->
+    ``("/r", "run/epoch=00001.manifest")``. Packs lie in ``<root>/packs``, beside the manifest's run folder."""
+    run_dir, file = posixpath.split(path.rstrip("/"))
+    root, run = posixpath.split(run_dir)
+    return root, f"{run}/{file}"

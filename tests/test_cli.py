@@ -389,3 +389,11 @@ def test_merge_of_a_one_node_replay_finds_no_node_store_and_of_an_unknown_one_na
     assert done.returncode == 1 and "holds no replay 'nope'; the latest are [" in done.stderr
     probe = "import sys, flor_lightning._nodes; print('torch' in sys.modules)"  # what merge adds to the CLI
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_the_command_line_starts_without_torch() -> None:
+    """runs/query/show/diff/merge/gc/push import neither torch nor Lightning (the README says so): _housekeeping
+    took torch in through _blobs and _checkpoints for a folder name and a path split, now in _locate."""
+    probe = "import sys, flor_lightning._cli; print('torch' in sys.modules, 'lightning' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.stdout.split() == ["False", "False"], done.stderr
