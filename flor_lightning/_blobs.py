@@ -68,7 +68,7 @@ from torch.autograd.graph import increment_version
 from flor_lightning._atomic import atomic
 from flor_lightning._errors import BlobError, CheckpointError, ConfigError
 from flor_lightning._locate import PACKS
-from flor_lightning._packfile import write_direct
+from flor_lightning._packfile import DTYPE_NAMES, write_direct
 
 log = logging.getLogger(__name__)
 
@@ -89,15 +89,9 @@ BASES: tuple[tuple[type, Callable[[Any], Any]], ...] = (
     (str, str.__str__),  # not str(): a subclass may override __str__ (enum members do)
     (bytes, bytes),
 )
+
 # What safetensors stores; other tensors (complex128, quantized, sparse) stay inline in the manifest.
-_PACKABLE = frozenset(
-    getattr(torch, name)
-    for name in (
-        *("bool", "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64"),
-        *("float16", "bfloat16", "float32", "float64", "complex64", "float8_e4m3fn", "float8_e5m2"),
-    )
-    if hasattr(torch, name)
-)
+_PACKABLE = frozenset(DTYPE_NAMES)
 
 
 class BlobIndex(Protocol):

@@ -26,8 +26,8 @@ import torch
 _BLOCK = 4096  # O_DIRECT: buffer address, write size and file offset are multiples of the logical block size
 _CHUNK = 8 << 20  # the staging buffer
 
-# safetensors' dtype names (its format's specification)
-_NAMES = {
+# the dtypes safetensors stores, by their names in its format's specification; other tensors stay in the manifest
+DTYPE_NAMES = {
     getattr(torch, name): code
     for name, code in (
         *(("bool", "BOOL"), ("uint8", "U8"), ("int8", "I8"), ("int16", "I16"), ("int32", "I32"), ("int64", "I64")),
@@ -46,7 +46,7 @@ def write_direct(path: str, tensors: Mapping[str, torch.Tensor], metadata: Mappi
     safetensors name; other errors (disk full) are raised. The file is not fsynced here (its bytes are on the
     device once each write returns, its size and blocks are metadata that the caller's fsync makes durable).
     """
-    if not hasattr(os, "O_DIRECT") or any(t.dtype not in _NAMES for t in tensors.values()):
+    if not hasattr(os, "O_DIRECT") or any(t.dtype not in DTYPE_NAMES for t in tensors.values()):
         return False
     order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
     header: dict[str, object] = {"__metadata__": dict(metadata)}
@@ -54,7 +54,7 @@ def write_direct(path: str, tensors: Mapping[str, torch.Tensor], metadata: Mappi
     for key in order:
         t = tensors[key]
         size = t.numel() * t.element_size()
-        header[key] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [end, end + size]}
+        header[key] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [end, end + size]}
         end += size
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors' own writer leaves it

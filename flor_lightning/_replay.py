@@ -237,14 +237,9 @@ def _slice(
         points = [(r["step"], b, r["moment"]) for (e, b), r in inside.items() if e == first]
         found = planner.start_inside(steps.start, points)
         if found is not None:
-            row = inside[(first, found[1])]
-            inexact = _inexact(ckpts, row)
-            where = f"the checkpoint inside epoch {first} after batch {found[1]} (step {found[0]})"
-            if inexact is None:
-                start = (first, found[1])
-                notes.append(f"training starts from {where}")
-            else:
-                notes.append(f"training starts at the epoch's start, not from {where}, which is not exact: {inexact}")
+            exact, note = _start_note(ckpts, first, inside[(first, found[1])])
+            start = (first, found[1]) if exact else None
+            notes.append(note)
         last = _runs.last_batch_before(loc, run_id, wanted[-1], steps.stop)
         stop = (wanted[-1], last + 1) if last is not None else None
     sliced = [
@@ -266,13 +261,9 @@ def _bridge(
         if not rows:
             continue
         row = max(rows, key=lambda r: r["batch_idx"])
-        where = f"the checkpoint inside epoch {epoch} after batch {row['batch_idx']} (step {row['step']})"
-        inexact = _inexact(ckpts, row)
-        if inexact is None:
+        exact, notes[epoch] = _start_note(ckpts, epoch, row)
+        if exact:
             starts[epoch] = row["batch_idx"]
-            notes[epoch] = f"training starts from {where}"
-        else:
-            notes[epoch] = f"training starts at the epoch's start, not from {where}, which is not exact: {inexact}"
     bridged = [planner.Segment(seg.index, tuple(planner.bridge(seg.steps, starts))) for seg in plan]
     used = {s.epoch for seg in bridged for s in seg.steps if s.start_inside is not None}
     return bridged, [note for e, note in notes.items() if e in used or e not in starts]
@@ -322,6 +313,16 @@ def _divided(plan: list[planner.Segment]) -> str:
         return f"epoch {first.epoch} divided at its checkpoints inside {', '.join(starts)}"
     sizes = [len(seg.steps[0].inside) + seg.steps[0].end for seg in plan]
     return f"epoch {first.epoch}'s validation points divided {'+'.join(map(str, sizes))}"
+
+
+def _start_note(ckpts: CheckpointStore, epoch: int, row: dict[str, Any]) -> tuple[bool, str]:
+    """Whether re-training can start from the checkpoint inside ``epoch`` of ``row`` exactly, and the note saying
+    where it starts."""
+    where = f"the checkpoint inside epoch {epoch} after batch {row['batch_idx']} (step {row['step']})"
+    inexact = _inexact(ckpts, row)
+    if inexact is None:
+        return True, f"training starts from {where}"
+    return False, f"training starts at the epoch's start, not from {where}, which is not exact: {inexact}"
 
 
 def _inexact(ckpts: CheckpointStore, row: dict[str, Any]) -> str | None:
